@@ -1,0 +1,340 @@
+"""The one botocore client behind the ObjectStore interface (the only botocore importer).
+
+One client is shared by worker threads (botocore clients are thread-safe, sessions are not);
+every call runs through `trio.to_thread.run_sync` under one CapacityLimiter sized to the
+connection pool. Retries happen inside the worker thread ("standard" mode, `max_attempts`
+tries with exponential backoff), timeouts are short so shutdown stays prompt, and every
+botocore exception leaves this module as an `errors.StoreError` carrying an errno.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import logging
+import zlib
+
+import botocore.config
+import botocore.exceptions
+import botocore.session
+import trio
+
+from .config import StoreConfig
+from .errors import (
+    AccessDenied,
+    FsError,
+    IntegrityError,
+    NoSuchBucket,
+    NoSuchUpload,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    Unreachable,
+)
+from .object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
+
+log = logging.getLogger(__name__)
+
+_CLIENT_ERRORS: dict[str, type[StoreError]] = {
+    "NoSuchKey": NotFound,
+    "404": NotFound,
+    "NotFound": NotFound,
+    "NoSuchBucket": NoSuchBucket,
+    "AccessDenied": AccessDenied,
+    "403": AccessDenied,
+    "InvalidAccessKeyId": AccessDenied,
+    "SignatureDoesNotMatch": AccessDenied,
+    "ExpiredToken": AccessDenied,
+    "PreconditionFailed": PreconditionFailed,
+    "412": PreconditionFailed,
+    "NoSuchUpload": NoSuchUpload,
+    "BadDigest": IntegrityError,
+    "InvalidDigest": IntegrityError,
+    "XAmzContentChecksumMismatch": IntegrityError,
+}
+
+
+def crc32_base64(data: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def md5_base64(data: bytes | bytearray | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _translate(exc: Exception, what: str) -> FsError:
+    """One botocore exception → one of our errors with a one-line message (no URLs signed)."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = error.get("Message") or code
+        cls = _CLIENT_ERRORS.get(code) or _CLIENT_ERRORS.get(str(status)) or StoreError
+        if code in ("EntityTooLarge",):
+            return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
+        if code in ("InvalidRange",):
+            return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
+        return cls(f"{what}: {code or status}: {message}")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
+                            "AWS_SECRET_ACCESS_KEY, a profile, or instance credentials)")
+    if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
+                        botocore.exceptions.ConnectTimeoutError,
+                        botocore.exceptions.ReadTimeoutError,
+                        botocore.exceptions.ConnectionClosedError,
+                        botocore.exceptions.HTTPClientError)):
+        return Unreachable(f"{what}: endpoint unreachable after retries: {exc}")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return StoreError(f"{what}: {exc}")
+    raise exc
+
+
+class BotocoreStore:
+    """ObjectStore over one botocore S3 client."""
+
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self.bucket = config.bucket
+        session = botocore.session.Session(profile=config.profile)
+        region = config.region or session.get_config_variable("region")
+        if not region:
+            region = "us-east-1"
+        client_config = botocore.config.Config(
+            max_pool_connections=config.max_connections,
+            connect_timeout=config.connect_timeout,
+            read_timeout=config.read_timeout,
+            retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+            s3={"addressing_style": "path" if config.force_path_style else "auto"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = session.create_client(
+            "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
+        self.limiter = trio.CapacityLimiter(config.max_connections)
+
+    async def _call(self, what: str, fn, /, **kwargs):
+        def run():
+            try:
+                return fn(**kwargs)
+            except Exception as exc:  # translated here, in the worker thread
+                raise _translate(exc, what) from None
+
+        return await trio.to_thread.run_sync(run, limiter=self.limiter)
+
+    def _where(self, op: str, key: str = "") -> str:
+        return f"{op} s3://{self.bucket}/{key}"
+
+    def _put_args(self, options: PutOptions) -> dict:
+        args: dict = {"Metadata": dict(options.metadata)}
+        if options.content_type:
+            args["ContentType"] = options.content_type
+        if self.config.storage_class:
+            args["StorageClass"] = self.config.storage_class
+        if self.config.sse:
+            args["ServerSideEncryption"] = self.config.sse
+            if self.config.sse_kms_key_id:
+                args["SSEKMSKeyId"] = self.config.sse_kms_key_id
+        if self.config.acl:
+            args["ACL"] = self.config.acl
+        return args
+
+    def _checksum_args(self, data) -> dict:
+        if self.config.checksum == "crc32":
+            return {"ChecksumCRC32": crc32_base64(data)}
+        if self.config.checksum == "md5":
+            return {"ContentMD5": md5_base64(data)}
+        return {}
+
+    def _verify(self, what: str, sent: dict, response: dict) -> None:
+        expected = sent.get("ChecksumCRC32")
+        returned = response.get("ChecksumCRC32")
+        if expected and returned and expected != returned:
+            raise IntegrityError(f"{what}: server stored CRC32 {returned}, we sent {expected}")
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def check_bucket(self) -> None:
+        await self._call(self._where("HeadBucket"), self._client.head_bucket, Bucket=self.bucket)
+
+    async def head(self, key: str) -> ObjectInfo:
+        r = await self._call(self._where("HeadObject", key), self._client.head_object,
+                             Bucket=self.bucket, Key=key)
+        return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
+                          last_modified=r["LastModified"].timestamp(),
+                          metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()})
+
+    async def get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
+        what = self._where("GetObject", key)
+
+        def fetch() -> bytes:
+            args = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+            if etag:
+                args["IfMatch"] = etag
+            for attempt in range(3):
+                try:
+                    r = self._client.get_object(**args)
+                    body = r["Body"]
+                    try:
+                        data = body.read()
+                    finally:
+                        body.close()
+                except Exception as exc:
+                    translated = _translate(exc, what)
+                    # a body cut off mid-read surfaces here as a connection error: retry it
+                    if isinstance(translated, Unreachable) and attempt < 2:
+                        continue
+                    raise translated from None
+                if len(data) == end - start:
+                    return data
+                log.warning("%s: short body (%d of %d bytes), retrying", what, len(data),
+                            end - start)
+            raise IntegrityError(f"{what}: server kept returning short bodies for "
+                                 f"bytes {start}-{end - 1}")
+
+        return await trio.to_thread.run_sync(fetch, limiter=self.limiter)
+
+    async def list_page(self, prefix: str, delimiter: str | None = "/",
+                        token: str | None = None, max_keys: int = 1000) -> ListPage:
+        args = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        if token:
+            args["ContinuationToken"] = token
+        r = await self._call(self._where("ListObjectsV2", prefix), self._client.list_objects_v2,
+                             **args)
+        objects = [ObjectInfo(key=o["Key"], size=o["Size"], etag=o.get("ETag", ""),
+                              last_modified=o["LastModified"].timestamp(), has_metadata=False)
+                   for o in r.get("Contents", [])]
+        prefixes = [p["Prefix"] for p in r.get("CommonPrefixes", [])]
+        next_token = r.get("NextContinuationToken") if r.get("IsTruncated") else None
+        return ListPage(objects, prefixes, next_token)
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def put(self, key: str, data, options: PutOptions) -> str:
+        what = self._where("PutObject", key)
+        checks = self._checksum_args(data)
+        r = await self._call(what, self._client.put_object, Bucket=self.bucket, Key=key,
+                             Body=bytes(data), **checks, **self._put_args(options))
+        self._verify(what, checks, r)
+        return r.get("ETag", "")
+
+    async def create_upload(self, key: str, options: PutOptions) -> str:
+        args = self._put_args(options)
+        if self.config.checksum == "crc32":
+            args["ChecksumAlgorithm"] = "CRC32"
+        r = await self._call(self._where("CreateMultipartUpload", key),
+                             self._client.create_multipart_upload,
+                             Bucket=self.bucket, Key=key, **args)
+        return r["UploadId"]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, data) -> UploadedPart:
+        what = self._where(f"UploadPart {number}", key)
+        body = data if isinstance(data, bytes | bytearray) else bytes(data)
+        checks = self._checksum_args(body)
+        r = await self._call(what, self._client.upload_part, Bucket=self.bucket, Key=key,
+                             UploadId=upload_id, PartNumber=number, Body=body, **checks)
+        self._verify(what, checks, r)
+        return UploadedPart(number, r["ETag"], len(body),
+                            r.get("ChecksumCRC32") or checks.get("ChecksumCRC32"))
+
+    async def upload_part_copy(self, key: str, upload_id: str, number: int, source_key: str,
+                               start: int, end: int, source_etag: str | None) -> UploadedPart:
+        args = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id, "PartNumber": number,
+                "CopySource": {"Bucket": self.bucket, "Key": source_key},
+                "CopySourceRange": f"bytes={start}-{end - 1}"}
+        if source_etag:
+            args["CopySourceIfMatch"] = source_etag
+        r = await self._call(self._where(f"UploadPartCopy {number}", key),
+                             self._client.upload_part_copy, **args)
+        result = r.get("CopyPartResult", {})
+        return UploadedPart(number, result.get("ETag", ""), end - start,
+                            result.get("ChecksumCRC32"))
+
+    async def complete(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
+        listed = []
+        for part in sorted(parts, key=lambda p: p.number):
+            entry = {"PartNumber": part.number, "ETag": part.etag}
+            if self.config.checksum == "crc32" and part.checksum:
+                entry["ChecksumCRC32"] = part.checksum
+            listed.append(entry)
+        r = await self._call(self._where("CompleteMultipartUpload", key),
+                             self._client.complete_multipart_upload, Bucket=self.bucket,
+                             Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
+        return r.get("ETag", "")
+
+    async def abort(self, key: str, upload_id: str) -> None:
+        try:
+            await self._call(self._where("AbortMultipartUpload", key),
+                             self._client.abort_multipart_upload, Bucket=self.bucket, Key=key,
+                             UploadId=upload_id)
+        except NoSuchUpload:
+            pass
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]:
+        parts: list[UploadedPart] = []
+        marker = 0
+        while True:
+            r = await self._call(self._where("ListParts", key), self._client.list_parts,
+                                 Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                 PartNumberMarker=marker)
+            parts += [UploadedPart(p["PartNumber"], p["ETag"], p["Size"], p.get("ChecksumCRC32"))
+                      for p in r.get("Parts", [])]
+            if not r.get("IsTruncated"):
+                return parts
+            marker = r["NextPartNumberMarker"]
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        uploads: list[PendingUpload] = []
+        args = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            r = await self._call(self._where("ListMultipartUploads", prefix),
+                                 self._client.list_multipart_uploads, **args)
+            uploads += [PendingUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp())
+                        for u in r.get("Uploads", [])]
+            if not r.get("IsTruncated"):
+                return uploads
+            args["KeyMarker"] = r["NextKeyMarker"]
+            args["UploadIdMarker"] = r["NextUploadIdMarker"]
+
+    async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
+                   size: int) -> str:
+        if size > 5 * 1024**3:
+            return await self._multipart_copy(source_key, dest_key, options, size)
+        args = {"Bucket": self.bucket, "Key": dest_key,
+                "CopySource": {"Bucket": self.bucket, "Key": source_key}}
+        if options is not None:
+            args.update(self._put_args(options), MetadataDirective="REPLACE")
+        r = await self._call(self._where("CopyObject", dest_key), self._client.copy_object,
+                             **args)
+        return r.get("CopyObjectResult", {}).get("ETag", "")
+
+    async def _multipart_copy(self, source_key: str, dest_key: str,
+                              options: PutOptions | None, size: int) -> str:
+        """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel."""
+        if options is None:
+            head = await self.head(source_key)
+            options = PutOptions(metadata=head.metadata)
+        upload_id = await self.create_upload(dest_key, options)
+        step = 512 * 1024 * 1024
+        ranges = [(i + 1, start, min(start + step, size))
+                  for i, start in enumerate(range(0, size, step))]
+        parts: list[UploadedPart] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                for number, start, end in ranges:
+                    async def copy_one(number=number, start=start, end=end):
+                        parts.append(await self.upload_part_copy(
+                            dest_key, upload_id, number, source_key, start, end, None))
+                    nursery.start_soon(copy_one)
+            return await self.complete(dest_key, upload_id, parts)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.abort(dest_key, upload_id)
+            raise
+
+    async def delete(self, key: str) -> None:
+        await self._call(self._where("DeleteObject", key), self._client.delete_object,
+                         Bucket=self.bucket, Key=key)
+

@@ -1,0 +1,60 @@
+"""Frozen configuration, built once by the CLI from argv and -o options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    bucket: str
+    prefix: str = ""  # "" or ends with "/"
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    force_path_style: bool = False
+    max_connections: int = 16
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 5  # botocore "standard" retry mode, exponential backoff
+    checksum: str = "crc32"  # crc32 | md5 | off
+    storage_class: str | None = None
+    sse: str | None = None  # AES256 | aws:kms
+    sse_kms_key_id: str | None = None
+    acl: str | None = None
+
+
+@dataclass(frozen=True)
+class FsConfig:
+    uid: int = 0
+    gid: int = 0
+    file_mode: int = 0o644
+    dir_mode: int = 0o755
+    read_only: bool = False
+    part_size: int = 8 * MiB
+    max_memory: int = 64 * MiB
+    upload_concurrency: int = 4
+    memory_wait: float = 30.0  # seconds a write waits for budget before ENOMEM
+    read_ahead_initial: int = 1 * MiB
+    read_ahead_max: int = 32 * MiB
+    read_concurrency: int = 4
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    negative_timeout: float = 1.0
+    content_type: str = "auto"  # auto (guess from extension) | none | a fixed MIME type
+    writeback_cache: bool = True
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    store: StoreConfig
+    fs: FsConfig = field(default_factory=FsConfig)
+    mountpoint: str = ""
+    foreground: bool = False
+    allow_other: bool = False
+    log_level: str = "info"
+    log_file: str | None = None
+    fake: bool = False
+    verbose: bool = False

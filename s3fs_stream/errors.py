@@ -1,0 +1,71 @@
+"""Errors that carry the errno the file system answers with.
+
+Every failure is raised with its errno at the place that knows what went wrong; the FUSE
+adapter only converts. `message` is one line for the log that says what happened and what to
+do; it must never contain credentials or signed URLs.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class FsError(Exception):
+    """A failure with the errno the calling program should see."""
+
+    errno: int = _errno.EIO
+
+    def __init__(self, message: str = "", errno: int | None = None):
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class StoreError(FsError):
+    """The object store failed (after botocore's retries)."""
+
+
+class NotFound(StoreError):
+    errno = _errno.ENOENT
+
+
+class AccessDenied(StoreError):
+    errno = _errno.EACCES
+
+
+class NoSuchBucket(StoreError):
+    errno = _errno.ENOENT
+
+
+class PreconditionFailed(StoreError):
+    """The object changed since it was opened (If-Match failed)."""
+
+    errno = _errno.ESTALE
+
+
+class NoSuchUpload(StoreError):
+    errno = _errno.EIO
+
+
+class Unreachable(StoreError):
+    """The endpoint could not be reached within the retry budget."""
+
+    errno = _errno.EIO
+
+
+class IntegrityError(StoreError):
+    """The server's checksum or length disagrees with what we sent or expected."""
+
+    errno = _errno.EIO
+
+
+class QuietError(Exception):
+    """An error the user should read as one line, with the exit code to use."""
+
+    def __init__(self, message: str, exitcode: int = 1):
+        super().__init__(message)
+        self.exitcode = exitcode

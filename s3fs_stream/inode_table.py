@@ -1,0 +1,126 @@
+"""Inode numbers ↔ paths, the kernel's lookup counts, and attribute freshness.
+
+Paths are keys relative to the mount's prefix, without a trailing slash ("" is the root).
+An inode lives while the kernel holds lookups on it or a handle is open; its number is never
+reused for another path during the mount.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from dataclasses import dataclass
+
+ROOT_INODE = 1
+
+
+@dataclass
+class Node:
+    inode: int
+    path: str
+    is_dir: bool
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    etag: str = ""
+    has_metadata: bool = False  # False: attributes came from a listing, HEAD for the rest
+    expires: float = 0.0  # monotonic time until which the attributes are fresh
+    lookups: int = 0
+    open_handles: int = 0
+    cached_etag: str | None = None  # ETag whose data the kernel page cache may hold
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+    @property
+    def fresh(self) -> bool:
+        return time.monotonic() < self.expires
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+class InodeTable:
+    def __init__(self, uid: int, gid: int, dir_mode: int):
+        self._next = ROOT_INODE + 1
+        root = Node(ROOT_INODE, "", True, stat.S_IFDIR | dir_mode, uid, gid, time.time_ns())
+        root.lookups = 1
+        self._by_inode: dict[int, Node] = {ROOT_INODE: root}
+        self._by_path: dict[str, Node] = {"": root}
+
+    def __getitem__(self, inode: int) -> Node:
+        return self._by_inode[inode]
+
+    def get(self, inode: int) -> Node | None:
+        return self._by_inode.get(inode)
+
+    def by_path(self, path: str) -> Node | None:
+        return self._by_path.get(path)
+
+    def upsert(self, path: str, is_dir: bool, **attrs) -> Node:
+        """The node for `path`, created or updated with fresh attributes."""
+        node = self._by_path.get(path)
+        if node is None or node.is_dir != is_dir:
+            if node is not None:
+                self._unlink_path(node)
+            node = Node(self._next, path, is_dir, **attrs)
+            self._next += 1
+            self._by_inode[node.inode] = node
+            self._by_path[path] = node
+        else:
+            for name, value in attrs.items():
+                setattr(node, name, value)
+        return node
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self._by_inode.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self._maybe_drop(node)
+
+    def closed(self, node: Node) -> None:
+        node.open_handles -= 1
+        self._maybe_drop(node)
+
+    def remove_path(self, path: str) -> None:
+        """The path is gone (unlink, rename): open handles keep the node, lookups miss it."""
+        node = self._by_path.get(path)
+        if node is not None:
+            self._unlink_path(node)
+
+    def move(self, old: str, new: str) -> None:
+        self.remove_path(new)
+        node = self._by_path.pop(old, None)
+        if node is not None:
+            node.path = new
+            self._by_path[new] = node
+            node.expires = 0.0
+
+    def invalidate_subtree(self, path: str) -> None:
+        prefix = path + "/"
+        for key in [k for k in self._by_path if k.startswith(prefix)]:
+            self._unlink_path(self._by_path[key])
+
+    def _unlink_path(self, node: Node) -> None:
+        if self._by_path.get(node.path) is node:
+            del self._by_path[node.path]
+        node.path = f"\0unlinked/{node.inode}"
+        self._maybe_drop(node)
+
+    def _maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.open_handles == 0 and node.inode != ROOT_INODE:
+            self._by_inode.pop(node.inode, None)
+            if self._by_path.get(node.path) is node:
+                del self._by_path[node.path]
+
+    def __len__(self) -> int:
+        return len(self._by_inode)

@@ -1,0 +1,104 @@
+"""The mount's lifetime: one nursery owns the upload workers, the read-ahead fetches and the
+FUSE session; unmount (fusermount3 -u, umount, SIGINT, SIGTERM) lets open files' uploads stay
+recoverable and closes the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from .botocore_store import BotocoreStore
+from .config import MountConfig
+from .errors import AccessDenied, NoSuchBucket, NotFound, QuietError, StoreError, Unreachable
+from .filesystem import FileSystem
+from .fuse_adapter import FuseOperations
+from .memory_budget import MemoryBudget
+from .upload_pool import UploadPool
+
+log = logging.getLogger(__name__)
+
+MOUNT_FAILURE = 32  # mount(8)'s exit code for "mount failure"
+
+
+async def check_access(store: BotocoreStore, prefix: str) -> None:
+    """Fail with one line naming the cause if the bucket is not usable."""
+    where = f"s3://{store.bucket}/{prefix}"
+    try:
+        await store.check_bucket()
+        await store.list_page(prefix, "/", max_keys=1)
+    except (NoSuchBucket, NotFound):
+        raise QuietError(f"no such bucket: {store.bucket}", MOUNT_FAILURE) from None
+    except AccessDenied as exc:
+        raise QuietError(f"access denied to {where}: check the credentials ({exc})",
+                         MOUNT_FAILURE) from None
+    except Unreachable as exc:
+        endpoint = store.config.endpoint_url or "the AWS S3 endpoint"
+        raise QuietError(f"endpoint unreachable: {endpoint} ({exc})", MOUNT_FAILURE) from None
+    except StoreError as exc:
+        raise QuietError(f"cannot use {where}: {exc}", MOUNT_FAILURE) from None
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise QuietError(f"mount point {path} does not exist or is not a directory",
+                         MOUNT_FAILURE)
+    if os.path.ismount(path):
+        raise QuietError(f"mount point {path} is already a mount point", MOUNT_FAILURE)
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = {f"fsname=s3stream:{config.store.bucket}", "subtype=s3stream",
+               "default_permissions", "noatime"}
+    if config.allow_other:
+        options.add("allow_other")
+    if config.fs.read_only:
+        options.add("ro")
+    return options
+
+
+async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: None) -> None:
+    """Check access, mount, serve until unmounted; `ready` is called once the mount works."""
+    store = BotocoreStore(config.store)
+    await check_access(store, config.store.prefix)
+    check_mountpoint(config.mountpoint)
+    if config.fake:
+        ready()
+        return
+    budget = MemoryBudget(config.fs.max_memory)
+    async with trio.open_nursery() as nursery:
+        pool = UploadPool(nursery, config.fs.upload_concurrency)
+        fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget)
+        operations = FuseOperations(fs, config.fs.writeback_cache)
+        try:
+            pyfuse3.init(operations, config.mountpoint, fuse_options(config))
+        except RuntimeError as exc:
+            raise QuietError(f"cannot mount on {config.mountpoint}: {exc}",
+                             MOUNT_FAILURE) from None
+        log.info("mounted s3://%s/%s on %s (max object size %d GiB at max_memory=%d MiB)",
+                 config.store.bucket, config.store.prefix, config.mountpoint,
+                 fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
+        nursery.start_soon(_terminate_on_signals)
+        ready()
+        try:
+            await pyfuse3.main()
+        finally:
+            with trio.move_on_after(60, shield=True):
+                await fs.shutdown()
+                await pool.close()
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", config.mountpoint)
+            nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

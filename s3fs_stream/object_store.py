@@ -1,0 +1,89 @@
+"""The object store interface the file system is written against, and its value types.
+
+Keys here are full S3 keys (the mount's prefix included). Implementations raise the errors in
+`errors.py`; nothing above this layer sees a botocore type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    last_modified: float  # seconds since the epoch
+    metadata: dict[str, str] = field(default_factory=dict)  # x-amz-meta-*, names lower case
+    has_metadata: bool = True  # False when it came from a listing (no x-amz-meta-* there)
+
+
+@dataclass(frozen=True)
+class ListPage:
+    objects: list[ObjectInfo]
+    prefixes: list[str]  # common prefixes, each ending in the delimiter
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    number: int
+    etag: str
+    size: int
+    checksum: str | None = None  # base64 CRC32 as S3 returns it, when used
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    key: str
+    upload_id: str
+    initiated: float
+
+
+@dataclass(frozen=True)
+class PutOptions:
+    """What every new object carries: metadata, content type and the mount's storage options."""
+
+    metadata: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+
+
+class ObjectStore(Protocol):
+    bucket: str
+
+    async def check_bucket(self) -> None: ...
+
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    async def get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
+        """Bytes [start, end) of the object; raises PreconditionFailed if the ETag changed."""
+
+    async def list_page(self, prefix: str, delimiter: str | None = "/",
+                        token: str | None = None, max_keys: int = 1000) -> ListPage: ...
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview,
+                  options: PutOptions) -> str: ...
+
+    async def create_upload(self, key: str, options: PutOptions) -> str: ...
+
+    async def upload_part(self, key: str, upload_id: str, number: int,
+                          data: bytes | bytearray | memoryview) -> UploadedPart: ...
+
+    async def upload_part_copy(self, key: str, upload_id: str, number: int, source_key: str,
+                               start: int, end: int, source_etag: str | None) -> UploadedPart: ...
+
+    async def complete(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str: ...
+
+    async def abort(self, key: str, upload_id: str) -> None: ...
+
+    async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]: ...
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]: ...
+
+    async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
+                   size: int) -> str:
+        """Server-side copy; options=None keeps the metadata, otherwise replaces it."""
+
+    async def delete(self, key: str) -> None: ...

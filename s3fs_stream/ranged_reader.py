@@ -1,0 +1,191 @@
+"""Reads of one open object: ranged GETs with a read-ahead window that grows while reads are
+sequential.
+
+The window starts at `initial` bytes and doubles each time the reader consumes a segment,
+up to `maximum`; it is fetched as segments of up to SEGMENT_MAX bytes, several GETs in
+flight. Reads that land inside the window (the kernel's async reads arrive slightly out of
+order) keep the stream; a jump far outside it resets the window, and such random reads fetch
+only what they need plus a little. Read-ahead memory comes from the shared budget and is
+only taken when free; demand reads never wait for it.
+
+Every GET carries If-Match with the ETag seen at open, so an object replaced under an open
+handle gives ESTALE instead of mixed bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import FsError
+from .memory_budget import MemoryBudget
+from .object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+SEGMENT_MAX = 8 * 1024 * 1024
+RANDOM_MIN = 128 * 1024  # a random read fetches at least this much
+KEEP_BEHIND = 2 * 1024 * 1024  # bytes kept before the read position for backward jumps
+
+
+@dataclass
+class Segment:
+    start: int
+    end: int
+    reserved: int = 0
+    data: bytes | None = None
+    error: FsError | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    dropped: bool = False
+
+
+class RangedReader:
+    def __init__(self, store: ObjectStore, key: str, name: str, size: int, etag: str,
+                 budget: MemoryBudget, nursery: trio.Nursery, initial: int, maximum: int,
+                 concurrency: int):
+        self._store = store
+        self._key = key
+        self._name = name
+        self.size = size
+        self.etag = etag
+        self._budget = budget
+        self._nursery = nursery
+        self._initial = initial
+        self._maximum = max(initial, maximum)
+        self._concurrency = max(1, concurrency)
+        self.window = initial
+        self._segments: list[Segment] = []  # contiguous, sorted by start
+        self.requests = 0  # GETs issued (for tests and statistics)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(offset + length, self.size)
+        if self._in_stream(offset):
+            self._trim(offset)
+            self._extend(end)
+        else:
+            far = not self._near_stream(offset)
+            if far:
+                self._drop_all()
+                self.window = self._initial
+            if not self._segments:
+                # a new stream (or a random read): fetch what is needed plus a little
+                self._add(offset, min(self.size, max(end, offset + RANDOM_MIN)), demand=True)
+            else:
+                return await self._fetch_direct(offset, end)
+        return await self._collect(offset, end)
+
+    def close(self) -> None:
+        self._drop_all()
+
+    # -- the window ----------------------------------------------------------------------
+
+    @property
+    def _stream_end(self) -> int:
+        return self._segments[-1].end if self._segments else 0
+
+    def _in_stream(self, offset: int) -> bool:
+        return bool(self._segments) and self._segments[0].start <= offset <= self._stream_end
+
+    def _near_stream(self, offset: int) -> bool:
+        if not self._segments:
+            return False
+        return self._segments[0].start - KEEP_BEHIND <= offset <= self._stream_end + self.window
+
+    def _extend(self, end: int) -> None:
+        """Make sure [.., end) is requested and the read-ahead window beyond it is in flight."""
+        if end > self._stream_end:
+            self._add(self._stream_end, end, demand=True)
+        target = min(self.size, end + self.window)
+        in_flight = sum(1 for s in self._segments if not s.done.is_set())
+        while self._stream_end < target and in_flight < self._concurrency:
+            start = self._stream_end
+            stop = min(target, start + min(self.window, SEGMENT_MAX))
+            if not self._add(start, stop, demand=False):
+                break  # no memory free for read-ahead right now
+            in_flight += 1
+
+    def _trim(self, offset: int) -> None:
+        """Drop segments consumed long ago; each consumed segment grows the window."""
+        while self._segments and self._segments[0].end <= offset - KEEP_BEHIND:
+            segment = self._segments.pop(0)
+            self._drop(segment)
+            self.window = min(self.window * 2, self._maximum)
+
+    def _add(self, start: int, end: int, demand: bool) -> bool:
+        size = end - start
+        reserved = 0
+        if not demand:
+            if not self._budget.try_acquire(size):
+                return False
+            reserved = size
+        segment = Segment(start, end, reserved)
+        self._segments.append(segment)
+        self.requests += 1
+        self._nursery.start_soon(self._fetch, segment)
+        return True
+
+    async def _fetch(self, segment: Segment) -> None:
+        try:
+            segment.data = await self._store.get_range(self._key, segment.start, segment.end,
+                                                       self.etag)
+        except FsError as exc:
+            segment.error = exc
+        except Exception as exc:  # never let a fetch take the mount down
+            log.exception("%s: unexpected error reading bytes %d-%d", self._name,
+                          segment.start, segment.end)
+            segment.error = FsError(f"{self._name}: read failed: {exc!r}")
+        finally:
+            segment.done.set()
+            if segment.dropped:
+                self._release(segment)
+
+    async def _collect(self, offset: int, end: int) -> bytes:
+        pieces = []
+        for segment in list(self._segments):
+            if segment.end <= offset or segment.start >= end:
+                continue
+            await segment.done.wait()
+            if segment.error is not None:
+                self._forget(segment)
+                raise segment.error
+            if segment.data is None:  # dropped by a concurrent jump while we waited
+                return await self._fetch_direct(offset, end)
+            pieces.append(segment.data[max(offset, segment.start) - segment.start:
+                                       min(end, segment.end) - segment.start])
+        data = b"".join(pieces)
+        if len(data) != end - offset:  # the window changed under us: read it directly
+            return await self._fetch_direct(offset, end)
+        return data
+
+    async def _fetch_direct(self, offset: int, end: int) -> bytes:
+        self.requests += 1
+        return await self._store.get_range(self._key, offset, end, self.etag)
+
+    # -- memory ---------------------------------------------------------------------------
+
+    def _forget(self, segment: Segment) -> None:
+        """A failed segment leaves the window so that a later read tries again."""
+        index = self._segments.index(segment) if segment in self._segments else -1
+        if index >= 0:
+            for dropped in self._segments[index:]:
+                self._drop(dropped)
+            del self._segments[index:]
+
+    def _drop_all(self) -> None:
+        for segment in self._segments:
+            self._drop(segment)
+        self._segments.clear()
+
+    def _drop(self, segment: Segment) -> None:
+        segment.dropped = True
+        if segment.done.is_set():
+            self._release(segment)
+
+    def _release(self, segment: Segment) -> None:
+        self._budget.release(segment.reserved)
+        segment.reserved = 0
+        segment.data = None
