@@ -36,6 +36,7 @@ from .upload_pool import UploadPool
 log = logging.getLogger(__name__)
 
 GROW_STEP = 1024 * 1024  # buffers reserve budget in steps of this many bytes
+SMALL_FILE = 1024 * 1024  # files up to this size borrow memory without admission
 ZERO_CHUNK = bytes(1024 * 1024)
 
 
@@ -44,7 +45,8 @@ class Part:
     number: int
     capacity: int  # full size by the schedule
     buf: bytearray = field(default_factory=bytearray)
-    reserved: int = 0
+    reserved: int = 0  # budget bytes behind `buf`: `own` from the writer's working set, the
+    own: int = 0       # rest borrowed from the shared budget
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload runs
     uploaded_len: int = -1  # length of the last successful upload of this buffer, -1: none
     dirty: bool = True
@@ -124,6 +126,8 @@ class StreamingWriter:
         self._completed_etag: str | None = None
         self._completed_multipart = False
         self._upload_started = 0.0
+        self._working_set = 0  # admitted: budget reserved for part 1 plus one filling part
+        self._working_free = 0
 
     # -- public API (each under the lock) ----------------------------------------------
 
@@ -286,14 +290,51 @@ class StreamingWriter:
             await self._seal_filling()
 
     async def _reserve(self, part: Part, needed: int) -> None:
+        """Memory for `part` to hold `needed` bytes, without deadlock.
+
+        Small files borrow from the shared budget when it is free. A larger file is admitted
+        once: it reserves a working set of part 1 plus one filling part (waiting up to
+        `memory_wait`, then ENOMEM). Admitted writers never wait on each other: extra parts
+        in flight borrow shared memory when free, otherwise the writer waits for its own
+        uploads to hand memory back to its working set.
+        """
         if needed <= part.reserved:
             return
         amount = min(part.capacity, max(needed, part.reserved + GROW_STEP)) - part.reserved
-        try:
-            await self._budget.acquire(amount, self._memory_wait, self.name)
-        except FsError as exc:
-            log.error("%s", exc)
-            raise
+        working_set = 2 * self._schedule.first
+        # borrowing never leaves less than one working set free, so one admission can
+        # always proceed
+        if (not self._working_set and needed <= SMALL_FILE
+                and self._budget.free - amount >= working_set):
+            self._budget.try_acquire(amount)
+            part.reserved += amount
+            return
+        if not self._working_set:
+            borrowed = sum(p.reserved for p in self._parts.values())
+            try:
+                await self._budget.acquire(working_set - borrowed, self._memory_wait, self.name)
+            except FsError as exc:
+                log.error("%s", exc)
+                raise
+            for held in self._parts.values():
+                held.own = held.reserved
+            self._working_set = working_set
+            self._working_free = working_set - borrowed
+        while True:
+            own = min(amount, self._working_free)
+            if own == amount or self._budget.try_acquire(amount - own):
+                break
+            in_flight = [p for p in self._parts.values() if p.uploading]
+            if not in_flight:  # a bigger part than the working set: wait for the budget
+                try:
+                    await self._budget.acquire(amount - own, self._memory_wait, self.name)
+                except FsError as exc:
+                    log.error("%s", exc)
+                    raise
+                break
+            await in_flight[0].idle.wait()
+        self._working_free -= own
+        part.own += own
         part.reserved += amount
 
     async def _fill_zeros(self, target: int) -> None:
@@ -479,14 +520,17 @@ class StreamingWriter:
             raise FsError(f"{self.name}: an earlier upload failed: {self.error}", errno.EIO)
 
     def _free(self, part: Part) -> None:
-        self._budget.release(part.reserved)
-        part.reserved = 0
+        self._working_free += part.own
+        self._budget.release(part.reserved - part.own)
+        part.reserved = part.own = 0
         part.buf = bytearray()
         self._parts.pop(part.number, None)
 
     def _free_all(self) -> None:
         for part in list(self._parts.values()):
             self._free(part)
+        self._budget.release(self._working_free)
+        self._working_set = self._working_free = 0
 
     @property
     def held_bytes(self) -> int:

