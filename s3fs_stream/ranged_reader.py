@@ -99,6 +99,8 @@ class RangedReader:
         """Make sure [.., end) is requested and the read-ahead window beyond it is in flight."""
         if end > self._stream_end:
             self._add(self._stream_end, end, demand=True)
+        if self._stream_end - end >= self.window // 2 or self._stream_end >= self.size:
+            return  # enough is ahead already: top up in big steps, not read-sized ones
         target = min(self.size, end + self.window)
         in_flight = sum(1 for s in self._segments if not s.done.is_set())
         while self._stream_end < target and in_flight < self._concurrency:

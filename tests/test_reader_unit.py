@@ -1,0 +1,71 @@
+"""The ranged reader against an in-memory store: window growth, random reads, ESTALE."""
+
+import errno
+import os
+import random
+
+import pytest
+
+from s3fs_stream.errors import FsError
+from s3fs_stream.memory_budget import MemoryBudget
+from s3fs_stream.ranged_reader import RangedReader
+from tests.memory_store import MemoryStore
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def setup(nursery):
+    store = MemoryStore()
+    data = os.urandom(24 * MiB)
+    etag = store._store("obj", data, {})
+    budget = MemoryBudget(64 * MiB)
+
+    def make():
+        return RangedReader(store, "obj", "obj", len(data), etag, budget, nursery,
+                            MiB, 8 * MiB, 4)
+
+    return store, data, budget, make
+
+
+async def test_sequential_read_grows_window_and_is_exact(setup):
+    store, data, budget, make = setup
+    reader = make()
+    out = bytearray()
+    for offset in range(0, len(data), 128 * 1024):
+        out += await reader.read(offset, 128 * 1024)
+    assert out == data
+    assert reader.window == 8 * MiB
+    gets = [c for c in store.calls if c[0] == "get_range"]
+    assert len(gets) < 30  # large ranges, not one GET per read
+    reader.close()
+    assert await reader.read(len(data), 10) == b""
+
+
+async def test_random_reads_fetch_small_ranges(setup):
+    store, data, budget, make = setup
+    reader = make()
+    rng = random.Random(1)
+    for _ in range(50):
+        offset = rng.randrange(len(data) - 4096)
+        assert await reader.read(offset, 4096) == data[offset:offset + 4096]
+    sizes = [c[3] - c[2] for c in store.calls if c[0] == "get_range"]
+    assert max(sizes) <= 2 * MiB
+
+
+async def test_small_jumps_keep_the_stream(setup):
+    store, data, budget, make = setup
+    reader = make()
+    for offset in (0, 262144, 131072, 393216, 524288, 458752):  # out of order, as async reads
+        assert await reader.read(offset, 131072) == data[offset:offset + 131072]
+    assert reader.window >= MiB
+
+
+async def test_replaced_object_gives_estale(setup):
+    store, data, budget, make = setup
+    reader = make()
+    await reader.read(0, 4096)
+    store._store("obj", os.urandom(len(data)), {})
+    with pytest.raises(FsError) as info:
+        await reader.read(20 * MiB, 4096)
+    assert info.value.errno == errno.ESTALE
