@@ -104,7 +104,10 @@ def _split_options(values: list[str]) -> list[tuple[str, str | None]]:
         for item in value.split(","):
             if item:
                 name, sep, arg = item.partition("=")
-                pairs.append((name.strip().replace("-", "_"), arg if sep else None))
+                name = name.strip()
+                if not name.startswith(("x-", "_")):
+                    name = name.replace("-", "_")
+                pairs.append((name, arg if sep else None))
     return pairs
 
 
