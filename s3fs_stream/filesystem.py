@@ -451,6 +451,7 @@ class FileSystem:
             return self._add_handle(node, writer)
         if writer is not None:
             return self._add_handle(node, writer)  # served from held data where possible
+        node.expires = 0.0  # close-to-open consistency: see the object as it is now
         await self.getattr(inode)
         reader = RangedReader(self.store, self.key(node.path), node.path, node.size, node.etag,
                               self.budget, self._nursery, self.config.read_ahead_initial,
@@ -465,7 +466,13 @@ class FileSystem:
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self._handles[fh]
         if handle.reader is not None:
-            return await handle.reader.read(offset, length)
+            try:
+                return await handle.reader.read(offset, length)
+            except FsError as exc:
+                if exc.errno == errno.ESTALE:
+                    handle.node.expires = 0.0  # the next open sees the new object
+                    handle.node.cached_etag = None
+                raise
         if handle.writer is not None:
             return await handle.writer.read_held(offset, length)
         raise FsError("", errno.EBADF)

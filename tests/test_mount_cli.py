@@ -1,0 +1,178 @@
+"""The mount.s3stream command as users and mount(8) run it: exit codes, messages, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+from conftest import VENV_BIN, fuse_available, new_bucket, require
+
+from s3fs_stream.local_server import free_port
+
+MOUNT = str(VENV_BIN / "mount.s3stream")
+
+
+@pytest.fixture
+def mountpoint(tmp_path):
+    require(fuse_available(), "/dev/fuse and fusermount3")
+    path = tmp_path / f"mnt-{uuid.uuid4().hex[:10]}"
+    path.mkdir()
+    yield path
+    if os.path.ismount(path):
+        subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+
+
+def opts(server, *extra: str) -> str:
+    return ",".join([f"endpoint_url={server.endpoint_url}", "force_path_style", *extra])
+
+
+def run_cli(args: list[str], env: dict, mountpoint=None, timeout: float = 90):
+    result = subprocess.run([MOUNT, *args], env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=timeout)
+    if mountpoint is not None and os.path.ismount(mountpoint):
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stdout, result.stdout
+    return result
+
+
+def daemon_pids(mountpoint) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", str(mountpoint)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+def assert_one_line_failure(result, *words: str) -> None:
+    assert result.returncode != 0, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    text = lines[0].lower()
+    assert any(w in text for w in words), f"{words} not in {lines[0]!r}"
+
+
+def test_no_such_bucket(seaweed, mountpoint):
+    bucket = f"missing-{uuid.uuid4().hex[:10]}"
+    result = run_cli([bucket, str(mountpoint), "-o", opts(seaweed)], seaweed.env(), mountpoint)
+    assert_one_line_failure(result, "no such bucket")
+    assert not os.path.ismount(mountpoint)
+
+
+def test_bad_credentials(seaweed, mountpoint):
+    bucket = new_bucket(seaweed)
+    env = seaweed.env()
+    env["AWS_SECRET_ACCESS_KEY"] = "definitely-wrong-secret"
+    result = run_cli([bucket, str(mountpoint), "-o", opts(seaweed)], env, mountpoint)
+    assert_one_line_failure(result, "access denied")
+    assert not os.path.ismount(mountpoint)
+
+
+def test_unreachable_endpoint(seaweed, mountpoint):
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run_cli(["bucket", str(mountpoint), "-o",
+                      f"endpoint_url={url},force_path_style,retries=1"], seaweed.env(),
+                     mountpoint, timeout=60)
+    assert_one_line_failure(result, "unreachable")
+    assert time.monotonic() - started < 45
+    assert not os.path.ismount(mountpoint)
+
+
+def test_missing_mountpoint(seaweed, tmp_path):
+    bucket = new_bucket(seaweed)
+    missing = tmp_path / "does-not-exist"
+    result = run_cli([bucket, str(missing), "-o", opts(seaweed)], seaweed.env())
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not missing.exists() or not os.path.ismount(missing)
+
+
+def test_unknown_option_is_usage_error(seaweed, mountpoint):
+    bucket = new_bucket(seaweed)
+    result = run_cli([bucket, str(mountpoint), "-o", opts(seaweed, "bogus_option=1")],
+                     seaweed.env(), mountpoint)
+    assert result.returncode == 2, result
+    assert "bogus_option" in result.stderr
+    for valid in ("endpoint_url", "region", "log_file", "uid"):
+        assert valid in result.stderr, result.stderr
+    assert not os.path.ismount(mountpoint)
+
+
+def test_generic_mount8_options_with_fake(seaweed, mountpoint):
+    bucket = new_bucket(seaweed)
+    result = run_cli([bucket, str(mountpoint), "-f", "-o",
+                      opts(seaweed, "rw", "_netdev", "nofail", "defaults",
+                           "x-systemd.automount")], seaweed.env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.ismount(mountpoint)
+    assert daemon_pids(mountpoint) == []
+
+
+def test_daemon_mode_ready_then_unmount_leaves_no_process(seaweed, mountpoint, tmp_path):
+    bucket = new_bucket(seaweed)
+    seaweed.client().put_object(Bucket=bucket, Key="hello", Body=b"hi")
+    log_file = tmp_path / "daemon.log"
+    result = subprocess.run([MOUNT, bucket, str(mountpoint), "-o",
+                             opts(seaweed, f"log_file={log_file}")], env=seaweed.env(),
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=60)
+    pids = daemon_pids(mountpoint)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        # ready at once, no polling
+        assert os.path.ismount(mountpoint)
+        assert os.listdir(mountpoint) == ["hello"]
+        assert (mountpoint / "hello").read_bytes() == b"hi"
+        assert len(pids) == 1, pids
+        unmount = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                                 text=True)
+        assert unmount.returncode == 0, unmount.stderr
+        deadline = time.monotonic() + 15
+        while daemon_pids(mountpoint) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert daemon_pids(mountpoint) == [], "daemon still running after unmount"
+        assert not os.path.ismount(mountpoint)
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+        assert "Traceback" not in text, text[-3000:]
+    finally:
+        for pid in daemon_pids(mountpoint):
+            if pid in pids:  # only the daemon this test started
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_foreground_sigterm_exits_zero_and_unmounts(seaweed, mountpoint):
+    bucket = new_bucket(seaweed)
+    process = subprocess.Popen([MOUNT, bucket, str(mountpoint), "--foreground", "-o",
+                                opts(seaweed)], env=seaweed.env(), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "not mounted within 30 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0, err
+        assert "Traceback" not in err and "Traceback" not in out, err
+        assert not os.path.ismount(mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_bucket_prefix_mounts_only_the_prefix(seaweed, mount_factory):
+    bucket = new_bucket(seaweed)
+    client = seaweed.client()
+    for key in ("pre/a", "pre/sub/b", "other/c", "top", "prefix-lookalike/d"):
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    m = mount_factory(seaweed, bucket=bucket, source=f"{bucket}:pre")
+    assert sorted(os.listdir(m.path)) == ["a", "sub"]
+    assert (m.path / "a").read_bytes() == b"pre/a"
+    assert os.listdir(m.path / "sub") == ["b"]
+    assert (m.path / "sub/b").read_bytes() == b"pre/sub/b"
+    assert not (m.path / "other").exists()
