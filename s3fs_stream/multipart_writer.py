@@ -179,9 +179,9 @@ class StreamingWriter:
                 return
             self._check_failed()
             await self._ensure_upload()
+            await self._wait_uploads()
             for part in sorted(self._parts.values(), key=lambda p: p.number):
-                if part.buf and (part.dirty or part.uploaded_len != len(part.buf)):
-                    await self._start_upload(part)
+                await self._start_upload(part)
             await self._wait_uploads()
             self._check_failed()
 
@@ -314,7 +314,8 @@ class StreamingWriter:
             try:
                 await self._budget.acquire(working_set - borrowed, self._memory_wait, self.name)
             except FsError as exc:
-                log.error("%s", exc)
+                # sticky: the kernel's writeback would otherwise retry page after page
+                self._fail(exc)
                 raise
             for held in self._parts.values():
                 held.own = held.reserved
@@ -329,7 +330,7 @@ class StreamingWriter:
                 try:
                     await self._budget.acquire(amount - own, self._memory_wait, self.name)
                 except FsError as exc:
-                    log.error("%s", exc)
+                    self._fail(exc)
                     raise
                 break
             await in_flight[0].idle.wait()
@@ -377,9 +378,13 @@ class StreamingWriter:
             raise FsError(str(exc), errno.EIO) from None
 
     async def _start_upload(self, part: Part) -> None:
-        """Hand the part to the pool (waiting for a free worker); it never overlaps itself."""
+        """Upload the part if it changed since its last upload (never overlapping itself)."""
         await part.idle.wait()
         self._check_failed()
+        if self._parts.get(part.number) is not part:
+            return  # uploaded and freed while we waited
+        if not part.buf or (not part.dirty and part.uploaded_len == len(part.buf)):
+            return
         part.idle = trio.Event()
         part.dirty = False
         upload_id = self._upload_id
@@ -422,7 +427,7 @@ class StreamingWriter:
         else:
             for number in range(1, last + 1):
                 part = self._parts.get(number)
-                if part is not None and (part.dirty or part.uploaded_len != len(part.buf)):
+                if part is not None:
                     await self._start_upload(part)
             await self._wait_uploads()
             self._check_failed()
@@ -511,13 +516,14 @@ class StreamingWriter:
         if self.error is None:
             kept = (" Its multipart upload is left in S3: 's3stream recover' can complete or "
                     "abort it." if self._upload_id else "")
-            log.error("%s: upload failed, the object is not written: %s.%s", self.name, exc, kept)
+            log.error("%s: the object is not written: %s.%s", self.name, exc, kept)
             self.error = exc
         self.state = "failed"
 
     def _check_failed(self) -> None:
         if self.error is not None:
-            raise FsError(f"{self.name}: an earlier upload failed: {self.error}", errno.EIO)
+            code = errno.ENOMEM if self.error.errno == errno.ENOMEM else errno.EIO
+            raise FsError("", code)
 
     def _free(self, part: Part) -> None:
         self._working_free += part.own

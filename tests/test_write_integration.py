@@ -1,0 +1,355 @@
+"""Writes through a real mount (SeaweedFS): every object is checked byte-for-byte with botocore."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+MiB = 1024 * 1024
+SIZES = [0, 1, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1]
+BIG = 200 * MiB
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_with_timeout(fn, timeout: float, log=None):
+    """Run fn in a thread; fail the test (instead of hanging) if it does not return in time."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        tail = "\n".join(log().splitlines()[-12:]) if log else ""
+        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s\n{tail}")
+    finally:
+        pool.shutdown(wait=False)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Random source files on local disk: {size: (path, bytes)}."""
+    directory = tmp_path_factory.mktemp("sources")
+    files = {}
+    for size in SIZES + [BIG]:
+        data = os.urandom(size)
+        path = directory / f"src-{size}"
+        path.write_bytes(data)
+        files[size] = (path, data)
+    return files
+
+
+def copy_command(tool: str, src, dst) -> list[str]:
+    if tool == "cp":
+        return ["cp", str(src), str(dst)]
+    bs = {"dd4k": "4k", "dd1M": "1M"}[tool]
+    return ["dd", f"if={src}", f"of={dst}", f"bs={bs}", "status=none"]
+
+
+def assert_object(m, key: str, data: bytes):
+    got = m.get(key)
+    assert len(got) == len(data), f"{key}: {len(got)} bytes in S3, expected {len(data)}"
+    assert sha(got) == sha(data), f"{key}: content differs"
+
+
+# ---------------------------------------------------------------- copy tools
+
+
+@pytest.mark.parametrize("tool", ["cp", "dd4k", "dd1M"])
+def test_copy_tools_small_and_boundary_sizes(mount, sources, tool):
+    for size in SIZES:
+        src, data = sources[size]
+        key = f"{tool}-{size}"
+        result = subprocess.run(copy_command(tool, src, mount.path / key), capture_output=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert_object(mount, key, data)
+    assert mount.uploads() == []
+
+
+@pytest.mark.parametrize("tool", ["cp", "dd1M"])
+def test_copy_tools_200mib(mount, sources, tool):
+    src, data = sources[BIG]
+    key = f"{tool}-big"
+    result = subprocess.run(copy_command(tool, src, mount.path / key), capture_output=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert_object(mount, key, data)
+    assert mount.uploads() == []
+
+
+def test_shell_redirection(mount):
+    subprocess.run(["bash", "-c", f"echo hi > {mount.path}/x"], check=True, timeout=30)
+    assert mount.get("x") == b"hi\n"
+
+
+def test_touch_creates_empty_object(mount):
+    subprocess.run(["touch", str(mount.path / "empty")], check=True, timeout=30)
+    assert mount.get("empty") == b""
+    assert mount.head("empty")["ContentLength"] == 0
+
+
+def test_python_4k_writes(mount):
+    data = os.urandom(8 * MiB + 12345)
+    with open(mount.path / "py4k", "wb", buffering=0) as f:
+        for i in range(0, len(data), 4096):
+            assert f.write(data[i:i + 4096]) == len(data[i:i + 4096])
+    assert_object(mount, "py4k", data)
+
+
+def test_object_metadata(mount):
+    before = time.time()
+    path = mount.path / "meta"
+    path.write_bytes(b"metadata")
+    head = mount.head("meta")
+    meta = head["Metadata"]
+    for name in ("mtime", "mode", "uid", "gid"):
+        assert name in meta, f"x-amz-meta-{name} missing: {meta}"
+    mode = int(meta["mode"])
+    assert stat.S_ISREG(mode), f"mode {meta['mode']} is not a regular file (s3fs-fuse format)"
+    assert int(meta["uid"]) == os.getuid()
+    assert int(meta["gid"]) == os.getgid()
+    mtime = float(meta["mtime"])
+    assert before - 5 <= mtime <= time.time() + 5, meta["mtime"]
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == stat.S_IMODE(mode)
+
+
+def test_close_makes_object_visible_immediately(mount):
+    data = os.urandom(9 * MiB)
+    fd = os.open(mount.path / "vis", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, data)
+    os.close(fd)
+    # no sleep: visible right after close() returns
+    assert_object(mount, "vis", data)
+    assert mount.uploads() == []
+
+
+def test_loop_redirect_one_flush_per_child(mount):
+    subprocess.run(["bash", "-c",
+                    f"for i in $(seq 100); do /bin/echo $i; done > {mount.path}/f"],
+                   check=True, timeout=120)
+    expected = "".join(f"{i}\n" for i in range(1, 101)).encode()
+    got = mount.get("f")
+    assert got.count(b"\n") == 100
+    assert got == expected
+
+
+def test_write_fsync_write_close(mount):
+    a, b = os.urandom(3 * MiB + 7), os.urandom(6 * MiB + 3)
+    fd = os.open(mount.path / "fs", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, a)
+    os.fsync(fd)
+    os.write(fd, b)
+    os.close(fd)
+    assert_object(mount, "fs", a + b)
+
+
+def test_fsync_leaves_open_upload_until_close(mount):
+    data = os.urandom(8 * MiB + 100)
+    fd = os.open(mount.path / "fsbig", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        uploads = mount.uploads()
+        assert [u["Key"] for u in uploads] == ["fsbig"], uploads
+        # every byte written so far is stored as parts of that upload
+        parts = mount.client.list_parts(Bucket=mount.bucket, Key="fsbig",
+                                        UploadId=uploads[0]["UploadId"]).get("Parts", [])
+        # SeaweedFS lists every upload of a re-uploaded part number; the last one counts
+        sizes = {p["PartNumber"]: p["Size"] for p in parts}
+        assert sorted(sizes) == list(range(1, len(sizes) + 1)), parts
+        assert sum(sizes.values()) == len(data), parts
+    finally:
+        os.close(fd)
+    assert mount.uploads() == []
+    assert_object(mount, "fsbig", data)
+
+
+def test_concurrent_writers(mount):
+    datas = {f"c{i}": os.urandom(12 * MiB + i * 1000) for i in range(4)}
+
+    def write(key):
+        with open(mount.path / key, "wb") as f:
+            data = datas[key]
+            for i in range(0, len(data), 64 * 1024):
+                f.write(data[i:i + 64 * 1024])
+
+    def all_writers():
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(write, datas))
+
+    run_with_timeout(all_writers, 120)
+    for key, data in datas.items():
+        assert_object(mount, key, data)
+    assert mount.uploads() == []
+
+
+def test_seek_back_patch_in_part_one(mount):
+    data = bytearray(os.urandom(20 * MiB))
+    fd = os.open(mount.path / "patch", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, bytes(data))
+    assert os.pwrite(fd, b"RIFF", 4) == 4
+    assert os.pwrite(fd, b"data", 40) == 4
+    os.close(fd)
+    data[4:8] = b"RIFF"
+    data[40:44] = b"data"
+    assert_object(mount, "patch", bytes(data))
+
+
+def test_write_into_uploaded_middle_part_fails(mount):
+    data = os.urandom(40 * MiB)
+    fd = os.open(mount.path / "middle", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    errors = []
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        try:
+            os.pwrite(fd, b"XXXX", 12 * MiB)
+        except OSError as exc:
+            errors.append(("pwrite", exc.errno))
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            errors.append(("fsync", exc.errno))
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            errors.append(("close", exc.errno))
+    assert errors, "writing into an uploaded middle part reported no error"
+    name, code = errors[0]
+    # EINVAL at pwrite, or at fsync/close when the kernel's writeback cache deferred the write
+    # (the deferred write's EINVAL, or EIO)
+    assert code == errno.EINVAL or (name in ("fsync", "close") and code == errno.EIO), errors
+    log = mount.log()
+    lines = [line for line in log.splitlines() if "middle" in line and
+             ("EINVAL" in line or "offset" in line or str(12 * MiB) in line)]
+    assert lines, f"log does not name the file:\n{log[-3000:]}"
+
+
+def test_unlink_while_writing(mount):
+    fd = os.open(mount.path / "gone", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, os.urandom(10 * MiB))
+    os.unlink(mount.path / "gone")
+    os.write(fd, os.urandom(10 * MiB))
+    os.close(fd)
+    assert "gone" not in mount.keys()
+    assert mount.uploads() == []
+
+
+def test_o_trunc_overwrite_replaces_object(mount):
+    mount.client.put_object(Bucket=mount.bucket, Key="ow", Body=os.urandom(3 * MiB))
+    time.sleep(1.5)  # past the attribute cache TTL
+    data = os.urandom(1000)
+    with open(mount.path / "ow", "wb") as f:
+        f.write(data)
+    assert_object(mount, "ow", data)
+
+
+def test_open_existing_without_trunc_is_eperm(mount):
+    mount.client.put_object(Bucket=mount.bucket, Key="exist", Body=b"keep me")
+    time.sleep(1.5)
+    with pytest.raises(OSError) as info:
+        os.open(mount.path / "exist", os.O_WRONLY)
+    assert info.value.errno == errno.EPERM
+    assert mount.get("exist") == b"keep me"
+
+
+def test_read_back_through_mount(mount):
+    data = os.urandom(8 * MiB + 4321)
+    (mount.path / "rb").write_bytes(data)
+    got = (mount.path / "rb").read_bytes()
+    assert sha(got) == sha(data)
+    small = b"small object"
+    (mount.path / "rbs").write_bytes(small)
+    assert (mount.path / "rbs").read_bytes() == small
+
+
+def test_more_writers_than_budget(seaweed, mount_factory):
+    m = mount_factory(seaweed, "max_memory=24M", "memory_wait=5")
+    datas = {f"w{i}": os.urandom(40 * MiB) for i in range(6)}
+    outcome: dict[str, object] = {}
+    barrier = threading.Barrier(6)
+
+    def write(key):
+        data = datas[key]
+        try:
+            f = open(m.path / key, "wb", buffering=0)
+        except OSError as exc:
+            outcome[key] = exc
+            barrier.abort()
+            return
+        try:
+            try:
+                barrier.wait(30)  # every writer holds its file open at once
+            except threading.BrokenBarrierError:
+                pass
+            for i in range(0, len(data), MiB):
+                f.write(data[i:i + MiB])
+        except OSError as exc:
+            outcome[key] = exc
+        finally:
+            try:
+                f.close()
+            except OSError as exc:
+                outcome.setdefault(key, exc)
+        outcome.setdefault(key, "ok")
+
+    def all_writers():
+        threads = [threading.Thread(target=write, args=(k,), daemon=True) for k in datas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        run_with_timeout(all_writers, 60, m.log)
+    except BaseException:
+        # release the writer threads blocked in the mount so the test run stays bounded
+        m.process.kill()
+        subprocess.run(["fusermount3", "-uz", str(m.path)], capture_output=True)
+        raise
+    assert len(outcome) == 6, outcome
+    for key, result in outcome.items():
+        if result == "ok":
+            assert_object(m, key, datas[key])
+        else:
+            assert isinstance(result, OSError), result
+            assert result.errno in (errno.ENOMEM, errno.EIO), (key, result)
+    assert any(r == "ok" for r in outcome.values()), outcome
+    for key in m.keys():
+        assert_object(m, key, datas[key])
+    print({k: (v if v == "ok" else os.strerror(v.errno)) for k, v in outcome.items()})
+
+
+def test_rsync_twice_transfers_nothing(mount, tmp_path):
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    files = {"a.txt": b"alpha\n", "b.bin": os.urandom(100_000), "sub/c.txt": b"gamma\n",
+             "sub/d.bin": os.urandom(9 * MiB)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    os.chmod(src / "a.txt", 0o600)
+    os.utime(src / "b.bin", (1_600_000_000, 1_600_000_000))
+    dst = f"{mount.path}/dst/"
+    first = subprocess.run(["rsync", "-a", f"{src}/", dst], capture_output=True, timeout=120)
+    assert first.returncode == 0, first.stderr.decode(errors="replace")
+    for name, data in files.items():
+        assert_object(mount, f"dst/{name}", data)
+    time.sleep(1.5)  # past the attribute cache TTL
+    second = subprocess.run(["rsync", "-a", "-i", f"{src}/", dst], capture_output=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stderr.decode(errors="replace")
+    itemized = second.stdout.decode(errors="replace").splitlines()
+    file_lines = [line for line in itemized if len(line) > 1 and line[1] == "f"]
+    assert not file_lines, "second rsync transferred files:\n" + "\n".join(itemized)
