@@ -69,6 +69,26 @@ def limit_malloc_caching() -> None:
     libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
+def raise_kernel_readahead(mountpoint: str, kilobytes: int = 1024) -> None:
+    """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones: eight times
+    fewer round trips through FUSE for sequential reads (needs root; skipped otherwise)."""
+    # from mountinfo, not stat(): a stat of our own mount point would wait for ourselves
+    device = None
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if fields[4] == mountpoint:
+                device = fields[2]
+    if device is None:
+        return
+    path = f"/sys/class/bdi/{device}/read_ahead_kb"
+    try:
+        with open(path, "w") as bdi:
+            bdi.write(str(kilobytes))
+    except OSError as exc:
+        log.debug("kernel read-ahead left at its default (%s)", exc)
+
+
 def fuse_options(config: MountConfig) -> set[str]:
     options = {f"fsname=s3stream:{config.store.bucket}", "subtype=s3stream",
                "default_permissions", "noatime"}
@@ -102,6 +122,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals)
+        raise_kernel_readahead(config.mountpoint)
         ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=8)

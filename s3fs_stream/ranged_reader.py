@@ -66,16 +66,13 @@ class RangedReader:
         if self._in_stream(offset):
             self._trim(offset)
             self._extend(end)
+        elif self._segments and self._segments[0].start - KEEP_BEHIND <= offset:
+            return await self._fetch_direct(offset, end)  # a small step back: keep the stream
         else:
-            far = not self._near_stream(offset)
-            if far:
-                self._drop_all()
-                self.window = self._initial
-            if not self._segments:
-                # a new stream (or a random read): fetch what is needed plus a little
-                self._add(offset, min(self.size, max(end, offset + RANDOM_MIN)), demand=True)
-            else:
-                return await self._fetch_direct(offset, end)
+            # a new stream or a random read: fetch what is needed plus a little
+            self._drop_all()
+            self.window = self._initial
+            self._add(offset, min(self.size, max(end, offset + RANDOM_MIN)), demand=True)
         return await self._collect(offset, end)
 
     def close(self) -> None:
@@ -88,25 +85,23 @@ class RangedReader:
         return self._segments[-1].end if self._segments else 0
 
     def _in_stream(self, offset: int) -> bool:
-        return bool(self._segments) and self._segments[0].start <= offset <= self._stream_end
-
-    def _near_stream(self, offset: int) -> bool:
-        if not self._segments:
-            return False
-        return self._segments[0].start - KEEP_BEHIND <= offset <= self._stream_end + self.window
+        """Inside the window, or a little ahead of it: the kernel's concurrent reads arrive
+        slightly out of order, and a read just past the window extends it."""
+        return bool(self._segments) and (
+            self._segments[0].start <= offset <= self._stream_end + self.window)
 
     def _extend(self, end: int) -> None:
         """Make sure [.., end) is requested and the read-ahead window beyond it is in flight."""
         if end > self._stream_end:
             self._add(self._stream_end, end, demand=True)
-        if self._stream_end - end >= self.window // 2 or self._stream_end >= self.size:
-            return  # enough is ahead already: top up in big steps, not read-sized ones
+        segment = min(self.window, SEGMENT_MAX)
         target = min(self.size, end + self.window)
         in_flight = sum(1 for s in self._segments if not s.done.is_set())
         while self._stream_end < target and in_flight < self._concurrency:
             start = self._stream_end
-            stop = min(target, start + min(self.window, SEGMENT_MAX))
-            if not self._add(start, stop, demand=False):
+            if target - start < segment and target < self.size:
+                break  # top up in whole segments, not in read-sized slivers
+            if not self._add(start, min(self.size, start + segment), demand=False):
                 break  # no memory free for read-ahead right now
             in_flight += 1
 
