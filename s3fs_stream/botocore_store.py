@@ -221,9 +221,11 @@ class BotocoreStore:
         return r.get("ETag", "")
 
     async def create_upload(self, key: str, options: PutOptions) -> str:
+        # No ChecksumAlgorithm here: each part still carries x-amz-checksum-crc32 (verified by
+        # the server and checked against its echo), but completion then needs no per-part
+        # checksums, which ListParts does not return everywhere (SeaweedFS) -- so `recover`
+        # can complete an upload from its listed parts alone.
         args = self._put_args(options)
-        if self.config.checksum == "crc32":
-            args["ChecksumAlgorithm"] = "CRC32"
         r = await self._call(self._where("CreateMultipartUpload", key),
                              self._client.create_multipart_upload,
                              Bucket=self.bucket, Key=key, **args)
@@ -255,10 +257,7 @@ class BotocoreStore:
     async def complete(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
         listed = []
         for part in sorted(parts, key=lambda p: p.number):
-            entry = {"PartNumber": part.number, "ETag": part.etag}
-            if self.config.checksum == "crc32" and part.checksum:
-                entry["ChecksumCRC32"] = part.checksum
-            listed.append(entry)
+            listed.append({"PartNumber": part.number, "ETag": part.etag})
         r = await self._call(self._where("CompleteMultipartUpload", key),
                              self._client.complete_multipart_upload, Bucket=self.bucket,
                              Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
