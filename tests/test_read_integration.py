@@ -13,9 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import Server, new_bucket
-
-from s3fs_stream.local_server import start_local_server
+from conftest import new_bucket
 
 MiB = 1024 * 1024
 BIG = 64 * MiB
@@ -274,52 +272,44 @@ def test_file_and_directory_same_name(seaweed, mount_factory):
     assert read_file(m.path / "x/y") == b"inner"
 
 
-def test_server_killed_mid_read_then_restarted(mount_factory, tmp_path):
-    data_dir = tmp_path / "own-seaweed"
-    local = start_local_server(data_dir)
-    port = int(local.endpoint_url.rsplit(":", 1)[1])
-    holder = {"server": local}
+def test_server_killed_mid_read_then_restarted(mount_factory, restartable_seaweed):
+    server = restartable_seaweed.server
+    bucket = new_bucket(server)
+    data = payload(BIG, 7)
+    server.client().put_object(Bucket=bucket, Key="big.bin", Body=data)
+    server.client().put_object(Bucket=bucket, Key="small", Body=b"small")
+    m = mount_factory(server, "retries=2", bucket=bucket)
+    fd = os.open(m.path / "big.bin", os.O_RDONLY)
     try:
-        server = Server("seaweedfs-own", local.endpoint_url, local.pid, local.access_key,
-                        local.secret_key, local.process)
-        bucket = new_bucket(server)
-        data = payload(BIG, 7)
-        server.client().put_object(Bucket=bucket, Key="big.bin", Body=data)
-        server.client().put_object(Bucket=bucket, Key="small", Body=b"small")
-        m = mount_factory(server, "retries=2", bucket=bucket)
-        fd = os.open(m.path / "big.bin", os.O_RDONLY)
-        try:
-            assert os.read(fd, MiB) == data[:MiB]
-            local.stop()
-            started = time.monotonic()
+        assert os.read(fd, MiB) == data[:MiB]
+        restartable_seaweed.stop()
+        started = time.monotonic()
 
-            def far_read():
-                try:
-                    return os.pread(fd, MiB, 40 * MiB)
-                except OSError as exc:
-                    return exc
+        def far_read():
+            try:
+                return os.pread(fd, MiB, 40 * MiB)
+            except OSError as exc:
+                return exc
 
-            result = run_with_timeout(far_read, 90)
-            assert isinstance(result, OSError), \
-                f"read with the server down returned {len(result)} bytes"
-            assert result.errno == errno.EIO, result
-            print(f"EIO after {time.monotonic() - started:.1f} s")
-        finally:
-            os.close(fd)
-        assert m.process.poll() is None, "mount process died"
-
-        holder["server"] = start_local_server(data_dir, port=port)
-        # the mount is usable again: stat and read work through the same mount
-        assert run_with_timeout(lambda: os.stat(m.path / "small").st_size, 60) == 5
-        assert run_with_timeout(lambda: read_file(m.path / "small"), 60) == b"small"
-
-        def far_read_again():
-            with open(m.path / "big.bin", "rb") as f:
-                f.seek(40 * MiB)
-                return f.read(MiB)
-
-        assert run_with_timeout(far_read_again, 60) == data[40 * MiB:41 * MiB]
-        assert "small" in run_with_timeout(lambda: os.listdir(m.path), 60)
-        m.unmount()
+        result = run_with_timeout(far_read, 90)
+        assert isinstance(result, OSError), \
+            f"read with the server down returned {len(result)} bytes"
+        assert result.errno == errno.EIO, result
+        print(f"EIO after {time.monotonic() - started:.1f} s")
     finally:
-        holder["server"].stop()
+        os.close(fd)
+    assert m.process.poll() is None, "mount process died"
+
+    restartable_seaweed.restart()
+    # the mount is usable again: stat and read work through the same mount
+    assert run_with_timeout(lambda: os.stat(m.path / "small").st_size, 60) == 5
+    assert run_with_timeout(lambda: read_file(m.path / "small"), 60) == b"small"
+
+    def far_read_again():
+        with open(m.path / "big.bin", "rb") as f:
+            f.seek(40 * MiB)
+            return f.read(MiB)
+
+    assert run_with_timeout(far_read_again, 60) == data[40 * MiB:41 * MiB]
+    assert "small" in run_with_timeout(lambda: os.listdir(m.path), 60)
+    m.unmount()

@@ -7,75 +7,66 @@ import os
 import subprocess
 import time
 
-from conftest import Server, new_bucket
+from conftest import VENV_BIN, new_bucket
 from test_read_integration import run_with_timeout
-
-from s3fs_stream.local_server import start_local_server
 
 MiB = 1024 * 1024
 
 
-def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory, tmp_path):
-    data_dir = tmp_path / "own-seaweed"
-    local = start_local_server(data_dir)
-    port = int(local.endpoint_url.rsplit(":", 1)[1])
-    holder = {"server": local}
-    try:
-        server = Server("seaweedfs-own", local.endpoint_url, local.pid, local.access_key,
-                        local.secret_key, local.process)
-        bucket = new_bucket(server)
-        m = mount_factory(server, "retries=2", bucket=bucket)
-        chunk = os.urandom(MiB)
+def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
+                                                             restartable_seaweed):
+    server = restartable_seaweed.server
+    bucket = new_bucket(server)
+    m = mount_factory(server, "retries=2", bucket=bucket)
+    chunk = os.urandom(MiB)
 
-        def write_through_outage():
-            fd = os.open(m.path / "rec.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            errors = []
-            try:
-                for _i in range(24):  # parts 1 and 2 fill and upload while the server is up
+    def write_through_outage():
+        fd = os.open(m.path / "rec.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        errors = []
+        try:
+            for _i in range(24):  # parts 1 to 3 fill and upload while the server is up
+                os.write(fd, chunk)
+            os.fsync(fd)
+            restartable_seaweed.stop()
+            for _i in range(24):
+                try:
                     os.write(fd, chunk)
+                except OSError as exc:
+                    errors.append(exc.errno)
+                    break
+            try:
                 os.fsync(fd)
-                local.stop()
-                for _i in range(24):
-                    try:
-                        os.write(fd, chunk)
-                    except OSError as exc:
-                        errors.append(exc.errno)
-                        break
-                try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    errors.append(exc.errno)
-            finally:
-                try:
-                    os.close(fd)
-                except OSError as exc:
-                    errors.append(exc.errno)
-            return errors
+            except OSError as exc:
+                errors.append(exc.errno)
+        finally:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                errors.append(exc.errno)
+        return errors
 
-        errors = run_with_timeout(write_through_outage, 120)
-        assert errors and set(errors) <= {errno.EIO}, errors
-        assert m.process.poll() is None, "mount process died"
-        holder["server"] = start_local_server(data_dir, port=port)
-        client = server.client()
-        keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
-        assert "rec.bin" not in keys, "a half-written object appeared"
-        uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
-        assert [u["Key"] for u in uploads] == ["rec.bin"], "the upload must be left to recover"
-        assert "rec.bin" in m.log() and "recover" in m.log()
-        # the mount stays usable
-        run_with_timeout(lambda: (m.path / "after.txt").write_bytes(b"fine"), 60)
-        assert client.get_object(Bucket=bucket, Key="after.txt")["Body"].read() == b"fine"
-        # and `s3stream recover --complete` joins the fsynced parts into an object
-        result = subprocess.run(
-            [str(m.process.args[0]).replace("mount.s3stream", "s3stream"), "recover", bucket,
-             "--complete", "--endpoint-url", server.endpoint_url, "--force-path-style"],
-            env=server.env(), capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        recovered = client.head_object(Bucket=bucket, Key="rec.bin")["ContentLength"]
-        assert recovered >= 24 * MiB and recovered % MiB == 0, recovered
-        m.unmount()
-    finally:
-        holder["server"].stop()
+    errors = run_with_timeout(write_through_outage, 120)
+    assert errors and set(errors) <= {errno.EIO}, errors
+    assert m.process.poll() is None, "mount process died"
+    restartable_seaweed.restart()
+    client = server.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert "rec.bin" not in keys, "a half-written object appeared"
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == ["rec.bin"], "the upload must be left to recover"
+    assert "rec.bin" in m.log() and "recover" in m.log()
+    # the mount stays usable
+    run_with_timeout(lambda: (m.path / "after.txt").write_bytes(b"fine"), 60)
+    assert client.get_object(Bucket=bucket, Key="after.txt")["Body"].read() == b"fine"
+    # and `s3stream recover --complete` joins the fsynced parts into an object
+    result = subprocess.run(
+        [str(VENV_BIN / "s3stream"), "recover", bucket, "--complete",
+         "--endpoint-url", server.endpoint_url, "--force-path-style"],
+        env=server.env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    recovered = client.head_object(Bucket=bucket, Key="rec.bin")["ContentLength"]
+    assert recovered == 24 * MiB, recovered
+    m.unmount()
 
 
 def test_long_stream_keeps_memory_bounded(mount):
