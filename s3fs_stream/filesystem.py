@@ -463,7 +463,7 @@ class FileSystem:
     def keep_cache(self, fh: int) -> bool:
         return self._handles[fh].keep_cache
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes:
+    async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
         handle = self._handles[fh]
         if handle.reader is not None:
             try:

@@ -59,7 +59,7 @@ class RangedReader:
         self._segments: list[Segment] = []  # contiguous, sorted by start
         self.requests = 0  # GETs issued (for tests and statistics)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | memoryview:
         if offset >= self.size or length <= 0:
             return b""
         end = min(offset + length, self.size)
@@ -140,7 +140,7 @@ class RangedReader:
             if segment.dropped:
                 self._release(segment)
 
-    async def _collect(self, offset: int, end: int) -> bytes:
+    async def _collect(self, offset: int, end: int) -> bytes | memoryview:
         pieces = []
         for segment in list(self._segments):
             if segment.end <= offset or segment.start >= end:
@@ -151,9 +151,10 @@ class RangedReader:
                 raise segment.error
             if segment.data is None:  # dropped by a concurrent jump while we waited
                 return await self._fetch_direct(offset, end)
-            pieces.append(segment.data[max(offset, segment.start) - segment.start:
-                                       min(end, segment.end) - segment.start])
-        data = b"".join(pieces)
+            # a view, not a copy: pyfuse3 replies from any buffer
+            pieces.append(memoryview(segment.data)[max(offset, segment.start) - segment.start:
+                                                   min(end, segment.end) - segment.start])
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if len(data) != end - offset:  # the window changed under us: read it directly
             return await self._fetch_direct(offset, end)
         return data
