@@ -31,6 +31,7 @@ from .errors import (
     PreconditionFailed,
     StoreError,
     Unreachable,
+    first_error,
 )
 from .object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
@@ -321,12 +322,15 @@ class BotocoreStore:
                   for i, start in enumerate(range(0, size, step))]
         parts: list[UploadedPart] = []
         try:
-            async with trio.open_nursery() as nursery:
-                for number, start, end in ranges:
-                    async def copy_one(number=number, start=start, end=end):
-                        parts.append(await self.upload_part_copy(
-                            dest_key, upload_id, number, source_key, start, end, None))
-                    nursery.start_soon(copy_one)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for number, start, end in ranges:
+                        async def copy_one(number=number, start=start, end=end):
+                            parts.append(await self.upload_part_copy(
+                                dest_key, upload_id, number, source_key, start, end, None))
+                        nursery.start_soon(copy_one)
+            except* FsError as group:
+                raise first_error(group) from None
             return await self.complete(dest_key, upload_id, parts)
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -69,3 +69,13 @@ class QuietError(Exception):
     def __init__(self, message: str, exitcode: int = 1):
         super().__init__(message)
         self.exitcode = exitcode
+
+
+def first_error(group: BaseExceptionGroup) -> FsError:
+    """The first FsError of a (possibly nested) exception group from parallel requests."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return first_error(exc)
+        if isinstance(exc, FsError):
+            return exc
+    return FsError(str(group))

@@ -21,7 +21,7 @@ import trio
 
 from .config import FsConfig
 from .directory_listing import Entry, invalid_name_reason, list_directory
-from .errors import FsError, NotFound
+from .errors import FsError, NotFound, first_error
 from .inode_table import InodeTable, Node, join, parent_of
 from .memory_budget import MemoryBudget
 from .multipart_writer import FileMeta, StreamingWriter, parse_mtime
@@ -145,9 +145,12 @@ class FileSystem:
             page = await self.store.list_page(key + "/", "/", max_keys=1)
             found["dir"] = bool(page.objects or page.prefixes)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(head)
-            nursery.start_soon(list_prefix)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(head)
+                nursery.start_soon(list_prefix)
+        except* FsError as group:
+            raise first_error(group) from None
         if found.get("dir"):
             if "info" in found:
                 log.warning("object %r is hidden by the directory of the same name", key)
@@ -376,22 +379,32 @@ class FileSystem:
         self.table.move(old, new)
 
     async def _rename_tree(self, old: str, new: str) -> None:
+        """Every key under the directory, copied in parallel, then deleted (deepest last)."""
         old_prefix, new_prefix = self.key(old) + "/", self.key(new) + "/"
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
-            async with trio.open_nursery() as nursery:
-                for info in page.objects:
-                    async def move(info=info):
-                        target = new_prefix + info.key[len(old_prefix):]
-                        await self.store.copy(info.key, target, None, info.size)
-                    nursery.start_soon(move)
-            for info in page.objects:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for info in page.objects:
+                        nursery.start_soon(self._move_key, info, old_prefix, new_prefix)
+            except* FsError as group:
+                raise first_error(group) from None
+            for info in sorted(page.objects, key=lambda o: (o.key.endswith("/"), -len(o.key))):
                 await self.store.delete(info.key)
             token = page.next_token
             if token is None:
                 break
         self.table.invalidate_subtree(old)
+
+    async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str) -> None:
+        target = new_prefix + info.key[len(old_prefix):]
+        if info.key.endswith("/"):
+            # a directory marker: some servers (SeaweedFS) keep these as real directories
+            # that CopyObject cannot read, so write a new marker instead
+            await self.store.put(target, b"", PutOptions({}, None))
+        else:
+            await self.store.copy(info.key, target, None, info.size)
 
     # -- files ---------------------------------------------------------------------------
 

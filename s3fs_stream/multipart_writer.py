@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import FsError
+from .errors import FsError, first_error
 from .memory_budget import MemoryBudget
 from .object_store import ObjectStore, PutOptions, UploadedPart
 from .part_schedule import PartSchedule
@@ -482,7 +482,7 @@ class StreamingWriter:
                             source_etag)
                     nursery.start_soon(copy)
         except* FsError as group:
-            exc = group.exceptions[0]
+            exc = first_error(group)
             self._fail(exc)
             raise FsError(str(exc), errno.EIO) from None
         self._uploaded.update(results)

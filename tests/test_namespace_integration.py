@@ -1,0 +1,54 @@
+"""mkdir, rmdir, rename and attributes through a real mount, on both servers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+import pytest
+
+
+def test_mkdir_rmdir_and_rename(any_server, mount_factory):
+    m = mount_factory(any_server)
+    root = m.path
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "g").write_bytes(b"gee")
+    (root / "a" / "b" / "f").write_bytes(b"eff")
+    with pytest.raises(OSError) as info:
+        os.rmdir(root / "a" / "b")
+    assert info.value.errno == errno.ENOTEMPTY
+
+    os.rename(root / "a" / "b" / "f", root / "a" / "f2")  # file rename
+    assert m.get("a/f2") == b"eff"
+    assert "a/b/f" not in m.keys()
+
+    result = subprocess.run(["mv", str(root / "a"), str(root / "z")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(root)) == ["z"]
+    assert sorted(os.listdir(root / "z")) == ["b", "f2", "g"]
+    assert (root / "z" / "g").read_bytes() == b"gee"
+    assert m.get("z/g") == b"gee" and m.get("z/f2") == b"eff"
+    assert not [k for k in m.keys() if k.startswith("a/") and not k.endswith("/")]
+
+    os.rmdir(root / "z" / "b")
+    with pytest.raises(FileExistsError):
+        os.mkdir(root / "z")
+
+
+def test_chmod_and_utime_on_a_stored_object(any_server, mount_factory):
+    m = mount_factory(any_server)
+    path = m.path / "f.txt"
+    path.write_bytes(b"data")
+    os.chmod(path, 0o600)
+    os.utime(path, ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
+    meta = m.head("f.txt")["Metadata"]
+    assert int(meta["mode"]) & 0o777 == 0o600
+    assert meta["mtime"] == "1600000000.123456789"
+    assert m.get("f.txt") == b"data"
+    m.unmount()
+    again = mount_factory(any_server, bucket=m.bucket)
+    st = os.stat(again.path / "f.txt")
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_mtime_ns == 1_600_000_000_123_456_789
