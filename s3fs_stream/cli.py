@@ -189,11 +189,16 @@ def setup_logging(config: MountConfig, to_stderr: bool) -> None:
     elif to_stderr:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    else:
-        handler = logging.handlers.SysLogHandler(address="/dev/log") \
-            if os.path.exists("/dev/log") else logging.NullHandler()
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("s3stream[%(process)d]: %(levelname)s "
                                                "%(message)s"))
+    else:  # no syslog (containers): a file the user can find, never silence
+        state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+        os.makedirs(os.path.join(state, "s3stream"), exist_ok=True)
+        handler = logging.FileHandler(os.path.join(state, "s3stream", "mount.log"))
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
