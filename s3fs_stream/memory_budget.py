@@ -22,6 +22,11 @@ class MemoryBudget:
         self.used = 0
         self.peak = 0
         self._released = trio.Event()  # replaced after every release; waiters re-check
+        self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
+
+    @property
+    def reader_share(self) -> int:
+        return self.limit // max(1, self.readers)
 
     @property
     def free(self) -> int:

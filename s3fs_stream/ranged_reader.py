@@ -6,7 +6,7 @@ up to `maximum`; it is fetched as segments of up to SEGMENT_MAX bytes, several G
 flight. Reads that land inside the window (the kernel's async reads arrive slightly out of
 order) keep the stream; a jump far outside it resets the window, and such random reads fetch
 only what they need plus a little. Read-ahead memory comes from the shared budget and is
-only taken when free; demand reads never wait for it.
+only taken when free, at most an equal share per open reader; demand reads never wait.
 
 Every GET carries If-Match with the ETag seen at open, so an object replaced under an open
 handle gives ESTALE instead of mixed bytes.
@@ -57,6 +57,9 @@ class RangedReader:
         self._concurrency = max(1, concurrency)
         self.window = initial
         self._segments: list[Segment] = []  # contiguous, sorted by start
+        self._held = 0  # read-ahead bytes reserved from the budget
+        self._closed = False
+        budget.readers += 1
         self.requests = 0  # GETs issued (for tests and statistics)
 
     async def read(self, offset: int, length: int) -> bytes | memoryview:
@@ -77,6 +80,9 @@ class RangedReader:
 
     def close(self) -> None:
         self._drop_all()
+        if not self._closed:
+            self._closed = True
+            self._budget.readers -= 1
 
     # -- the window ----------------------------------------------------------------------
 
@@ -116,9 +122,12 @@ class RangedReader:
         size = end - start
         reserved = 0
         if not demand:
-            if not self._budget.try_acquire(size):
+            # an equal share of the budget per open reader, and only what is free now
+            if self._held + size > self._budget.reader_share or \
+                    not self._budget.try_acquire(size):
                 return False
             reserved = size
+            self._held += size
         segment = Segment(start, end, reserved)
         self._segments.append(segment)
         self.requests += 1
@@ -184,6 +193,7 @@ class RangedReader:
             self._release(segment)
 
     def _release(self, segment: Segment) -> None:
+        self._held -= segment.reserved
         self._budget.release(segment.reserved)
         segment.reserved = 0
         segment.data = None

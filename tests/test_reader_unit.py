@@ -69,3 +69,16 @@ async def test_replaced_object_gives_estale(setup):
     with pytest.raises(FsError) as info:
         await reader.read(20 * MiB, 4096)
     assert info.value.errno == errno.ESTALE
+
+
+async def test_readers_share_the_budget(setup):
+    store, data, budget, make = setup
+    readers = [make() for _ in range(4)]
+    assert budget.reader_share == budget.limit // 4
+    for reader in readers:
+        for offset in range(0, 12 * MiB, MiB):
+            await reader.read(offset, MiB)
+        assert reader._held <= budget.limit // 4
+    for reader in readers:
+        reader.close()
+    assert budget.readers == 0
