@@ -315,7 +315,8 @@ class FileSystem:
             raise FsError("", errno.ENOTDIR)
         page = await self.store.list_page(self.key(path) + "/", None, max_keys=2)
         others = [o for o in page.objects if o.key != self.key(path) + "/"]
-        if others or any(parent_of(self.table[i].path) == path for i in self._writers):
+        if others or any((node := self.table.get(i)) is not None and
+                         parent_of(node.path) == path for i in self._writers):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
         self.table.remove_path(path)
@@ -368,6 +369,13 @@ class FileSystem:
                 if [o for o in page.objects if o.key != self.key(new) + "/"]:
                     raise FsError("", errno.ENOTEMPTY)
         if source.is_dir:
+            busy = [node.path for i in self._writers
+                    if (node := self.table.get(i)) is not None
+                    and node.path.startswith(old + "/")]
+            if busy:
+                log.warning("rename %s: %s is still open for writing; close it first", old,
+                            busy[0])
+                raise FsError("", errno.EBUSY)
             await self._rename_tree(old, new)
         else:
             await self.store.copy(self.key(old), self.key(new), None, source.size)
@@ -524,14 +532,16 @@ class FileSystem:
         if writer is not None:
             writer.handles -= 1
             if writer.handles == 0:
-                if writer.changed and writer.state == "open":
-                    try:  # writes that came after the last flush (mmap, writeback)
+                # forget the writer before awaiting: an open that comes meanwhile must not
+                # join a writer that is about to free its buffers
+                if self._writers.get(handle.node.inode) is writer:
+                    del self._writers[handle.node.inode]
+                if writer.state in ("open", "complete"):
+                    try:  # writes or attributes that came after the last flush
                         await writer.flush()
                     except FsError as exc:
                         log.error("%s: completing at release failed: %s", writer.name, exc)
                 await writer.release()
-                if self._writers.get(handle.node.inode) is writer:
-                    del self._writers[handle.node.inode]
                 handle.node.expires = 0.0
         self.table.closed(handle.node)
 

@@ -127,6 +127,7 @@ class StreamingWriter:
         self._completed_multipart = False
         self._upload_started = 0.0
         self._working_set = 0  # admitted: budget reserved for part 1 plus one filling part
+        self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
         self._working_free = 0
 
     # -- public API (each under the lock) ----------------------------------------------
@@ -188,6 +189,9 @@ class StreamingWriter:
     async def flush(self) -> None:
         """Complete the object if anything changed since the last completion (EIO if not)."""
         async with self._lock:
+            if self.state == "complete" and not self.changed and self._meta_dirty:
+                await self._rewrite_meta()
+                return
             if self.state == "detached" or not self.changed:
                 return
             self._check_failed()
@@ -230,7 +234,10 @@ class StreamingWriter:
     def set_meta(self, meta: FileMeta) -> None:
         if meta != self.meta:
             self.meta = meta
-            self.changed = True
+            if self.state == "complete":
+                self._meta_dirty = True  # rewritten server-side at the next flush or release
+            else:
+                self.changed = True
 
     async def detach(self) -> None:
         """The file was unlinked while open: abort the upload, keep accepting writes."""
@@ -450,12 +457,25 @@ class StreamingWriter:
         self._completed_etag = etag
         self.state = "complete"
         self.changed = False
+        self._meta_dirty = False
         # keep part 1 and the tail for a later continuation; free anything else
         for number in list(self._parts):
             if number not in (1, self._filling):
                 self._free(self._parts[number])
         if self._on_complete:
             self._on_complete(etag, self.size)
+
+    async def _rewrite_meta(self) -> None:
+        """The object is complete but its attributes changed: a server-side copy onto itself."""
+        try:
+            self._completed_etag = await self._store.copy(
+                self.key, self.key, self._options(with_mtime=True), self.size)
+        except FsError as exc:
+            raise FsError(f"{self.name}: could not store new attributes: {exc}",
+                          errno.EIO) from None
+        self._meta_dirty = False
+        if self._on_complete:
+            self._on_complete(self._completed_etag, self.size)
 
     async def _continue_if_complete(self) -> None:
         """Writes after a completed flush continue the object as an append."""

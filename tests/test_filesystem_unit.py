@@ -5,6 +5,7 @@ import os
 import stat
 
 import pytest
+import trio
 
 from s3fs_stream.config import FsConfig
 from s3fs_stream.errors import FsError
@@ -100,3 +101,30 @@ async def test_setattr_on_stored_object_rewrites_metadata(fs):
     with pytest.raises(FsError) as info:
         await fs.setattr(node.inode, SetAttr(size=10))
     assert info.value.errno == errno.EOPNOTSUPP
+
+
+async def test_attributes_set_after_the_last_flush_reach_s3(fs):
+    fh, node = await fs.create(ROOT_INODE, "cp-p", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, b"payload")
+    await fs.flush(fh)  # close() completes the object ...
+    await fs.setattr(node.inode, SetAttr(mode=0o600, mtime_ns=1_000_000_000))  # ... then utimes
+    await fs.release(fh)
+    data, meta, _ = fs.store.objects["pre/cp-p"]
+    assert data == b"payload"
+    assert meta["mtime"] == "1" and meta["mode"] == str(stat.S_IFREG | 0o600)
+
+
+async def test_open_during_release_gets_a_fresh_writer(fs):
+    fh, node = await fs.create(ROOT_INODE, "f", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, b"one")
+    await fs.flush(fh)
+    fs.store.delay = 0.01  # release awaits the store; an open arrives meanwhile
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.release, fh)
+        await trio.sleep(0)
+        fh2 = await fs.open(node.inode, os.O_WRONLY | os.O_TRUNC)
+    await fs.write(fh2, 0, b"two")
+    await fs.flush(fh2)
+    await fs.release(fh2)
+    assert fs.store.objects["pre/f"][0] == b"two"
+    assert fs.budget.used == 0
