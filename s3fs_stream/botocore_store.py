@@ -239,8 +239,7 @@ class BotocoreStore:
         r = await self._call(what, self._client.upload_part, Bucket=self.bucket, Key=key,
                              UploadId=upload_id, PartNumber=number, Body=body, **checks)
         self._verify(what, checks, r)
-        return UploadedPart(number, r["ETag"], len(body),
-                            r.get("ChecksumCRC32") or checks.get("ChecksumCRC32"))
+        return UploadedPart(number, r["ETag"], len(body))
 
     async def upload_part_copy(self, key: str, upload_id: str, number: int, source_key: str,
                                start: int, end: int, source_etag: str | None) -> UploadedPart:
@@ -252,8 +251,7 @@ class BotocoreStore:
         r = await self._call(self._where(f"UploadPartCopy {number}", key),
                              self._client.upload_part_copy, **args)
         result = r.get("CopyPartResult", {})
-        return UploadedPart(number, result.get("ETag", ""), end - start,
-                            result.get("ChecksumCRC32"))
+        return UploadedPart(number, result.get("ETag", ""), end - start)
 
     async def complete(self, key: str, upload_id: str, parts: list[UploadedPart]) -> str:
         listed = []
@@ -279,7 +277,7 @@ class BotocoreStore:
             r = await self._call(self._where("ListParts", key), self._client.list_parts,
                                  Bucket=self.bucket, Key=key, UploadId=upload_id,
                                  PartNumberMarker=marker)
-            parts += [UploadedPart(p["PartNumber"], p["ETag"], p["Size"], p.get("ChecksumCRC32"))
+            parts += [UploadedPart(p["PartNumber"], p["ETag"], p["Size"])
                       for p in r.get("Parts", [])]
             if not r.get("IsTruncated"):
                 return parts

@@ -213,7 +213,7 @@ def mount_main(argv: list[str] | None = None) -> int:
         config = build_config(argv)
         if config.foreground or config.fake:
             setup_logging(config, to_stderr=True)
-            trio.run(_run_foreground, config)
+            trio.run(_run, config)
             return 0
         return _daemonize(config)
     except QuietError as exc:
@@ -223,10 +223,10 @@ def mount_main(argv: list[str] | None = None) -> int:
         return 130
 
 
-async def _run_foreground(config: MountConfig) -> None:
+async def _run(config: MountConfig, ready=lambda: None) -> None:
     from .mount import run_mount  # imports pyfuse3: keep `s3stream --help` light
 
-    await run_mount(config)
+    await run_mount(config, ready)
 
 
 def _daemonize(config: MountConfig) -> int:
@@ -264,7 +264,7 @@ def _daemonize(config: MountConfig) -> int:
 
     code = 0
     try:
-        trio.run(_run_daemon, config, ready)
+        trio.run(_run, config, ready)
     except QuietError as exc:
         log.error("%s", exc)
         code = exc.exitcode
@@ -276,12 +276,6 @@ def _daemonize(config: MountConfig) -> int:
         if not reported:
             os.write(write_fd, f"mount failed: {exc!r}".encode())
     os._exit(code)
-
-
-async def _run_daemon(config: MountConfig, ready) -> None:
-    from .mount import run_mount
-
-    await run_mount(config, ready)
 
 
 def main(argv: list[str] | None = None) -> int:

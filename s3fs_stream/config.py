@@ -42,7 +42,6 @@ class FsConfig:
     read_concurrency: int = 4
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
-    negative_timeout: float = 1.0
     content_type: str = "auto"  # auto (guess from extension) | none | a fixed MIME type
     writeback_cache: bool = True
 

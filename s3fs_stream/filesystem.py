@@ -121,12 +121,7 @@ class FileSystem:
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
     async def lookup(self, parent: int, name: str) -> Node:
-        path = self._child_path(parent, name)
-        node = self.table.by_path(path)
-        if node is not None and (node.fresh or node.inode in self._writers):
-            node.lookups += 1
-            return self._writer_view(node)
-        node = await self._resolve(path)
+        node = self._writer_view(await self._lookup_quiet(self._child_path(parent, name)))
         node.lookups += 1
         return node
 
@@ -313,15 +308,22 @@ class FileSystem:
         node = await self._lookup_quiet(path)
         if not node.is_dir:
             raise FsError("", errno.ENOTDIR)
-        page = await self.store.list_page(self.key(path) + "/", None, max_keys=2)
-        others = [o for o in page.objects if o.key != self.key(path) + "/"]
-        if others or any((node := self.table.get(i)) is not None and
-                         parent_of(node.path) == path for i in self._writers):
+        if not await self._dir_is_empty(path):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
         self.table.remove_path(path)
 
+    async def _dir_is_empty(self, path: str) -> bool:
+        """No key under the directory but its own marker, and no file being written in it."""
+        marker = self.key(path) + "/"
+        page = await self.store.list_page(marker, None, max_keys=2)
+        if any(o.key != marker for o in page.objects):
+            return False
+        return not any((node := self.table.get(i)) is not None and parent_of(node.path) == path
+                       for i in self._writers)
+
     async def _lookup_quiet(self, path: str) -> Node:
+        """The node for `path` from the table while fresh (or being written), else from S3."""
         node = self.table.by_path(path)
         if node is not None and (node.fresh or node.inode in self._writers):
             return node
@@ -364,10 +366,8 @@ class FileSystem:
                 raise FsError("", errno.EISDIR)
             if source.is_dir and not target.is_dir:
                 raise FsError("", errno.ENOTDIR)
-            if target.is_dir:
-                page = await self.store.list_page(self.key(new) + "/", None, max_keys=2)
-                if [o for o in page.objects if o.key != self.key(new) + "/"]:
-                    raise FsError("", errno.ENOTEMPTY)
+            if target.is_dir and not await self._dir_is_empty(new):
+                raise FsError("", errno.ENOTEMPTY)
         if source.is_dir:
             busy = [node.path for i in self._writers
                     if (node := self.table.get(i)) is not None
@@ -503,12 +503,7 @@ class FileSystem:
         writer = handle.writer or self._writers.get(handle.node.inode)
         if writer is None:
             raise FsError("", errno.EBADF)
-        try:
-            return await writer.write(offset, data)
-        except FsError as exc:
-            if exc.message:
-                log.error("%s", exc.message)
-            raise
+        return await writer.write(offset, data)  # the adapter logs what fails
 
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)

@@ -44,13 +44,11 @@ def _converted(method):
 
 
 class FuseOperations(pyfuse3.Operations):
-    # the kernel coalesces small writes into up to 1 MiB requests: 4 KiB writers stream at
-    # full speed instead of one FUSE round trip per write (README "Writeback cache")
-    enable_writeback_cache = True
-
     def __init__(self, fs: FileSystem, writeback_cache: bool = True):
         super().__init__()
         self.fs = fs
+        # the kernel coalesces small writes into up to 1 MiB requests: 4 KiB writers stream
+        # at full speed instead of one FUSE round trip per write (README "Writeback cache")
         self.enable_writeback_cache = writeback_cache
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout

@@ -121,6 +121,3 @@ class InodeTable:
             self._by_inode.pop(node.inode, None)
             if self._by_path.get(node.path) is node:
                 del self._by_path[node.path]
-
-    def __len__(self) -> int:
-        return len(self._by_inode)

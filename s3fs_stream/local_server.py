@@ -78,12 +78,6 @@ class LocalServer:
             self.process.kill()
             self.process.wait(5)
 
-    def __enter__(self) -> LocalServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 def start_local_server(data_dir: str | os.PathLike, port: int | None = None,
                        log_path: str | os.PathLike | None = None,

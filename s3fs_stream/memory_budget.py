@@ -20,7 +20,6 @@ class MemoryBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self.peak = 0
         self._released = trio.Event()  # replaced after every release; waiters re-check
         self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
 
@@ -54,7 +53,6 @@ class MemoryBudget:
 
     def _take(self, amount: int) -> None:
         self.used += amount
-        self.peak = max(self.peak, self.used)
 
     def release(self, amount: int) -> None:
         if amount <= 0:

@@ -125,7 +125,6 @@ class StreamingWriter:
         self._upload_meta: dict[str, str] | None = None
         self._completed_etag: str | None = None
         self._completed_multipart = False
-        self._upload_started = 0.0
         self._working_set = 0  # admitted: budget reserved for part 1 plus one filling part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
         self._working_free = 0
@@ -318,12 +317,9 @@ class StreamingWriter:
             return
         if not self._working_set:
             borrowed = sum(p.reserved for p in self._parts.values())
-            try:
-                await self._budget.acquire(working_set - borrowed, self._memory_wait, self.name)
-            except FsError as exc:
-                # sticky: the kernel's writeback would otherwise retry page after page
-                self._fail(exc)
-                raise
+            # a failure is sticky: the kernel's writeback would otherwise retry page by page
+            await self._sticky(self._budget.acquire(working_set - borrowed, self._memory_wait,
+                                                    self.name))
             for held in self._parts.values():
                 held.own = held.reserved
             self._working_set = working_set
@@ -334,11 +330,8 @@ class StreamingWriter:
                 break
             in_flight = [p for p in self._parts.values() if p.uploading]
             if not in_flight:  # a bigger part than the working set: wait for the budget
-                try:
-                    await self._budget.acquire(amount - own, self._memory_wait, self.name)
-                except FsError as exc:
-                    self._fail(exc)
-                    raise
+                await self._sticky(self._budget.acquire(amount - own, self._memory_wait,
+                                                        self.name))
                 break
             await in_flight[0].idle.wait()
         self._working_free -= own
@@ -372,17 +365,17 @@ class StreamingWriter:
         if self._upload_id is None:
             # mtime is the completion time unless the program set it explicitly
             options = self._options(with_mtime=self.meta.mtime_explicit)
-            self._upload_id = await self._store_call(self._store.create_upload(self.key, options))
+            self._upload_id = await self._sticky(self._store.create_upload(self.key, options))
             self._upload_meta = options.metadata
-            self._upload_started = time.time()
             self._uploaded.clear()
 
-    async def _store_call(self, awaitable):
+    async def _sticky(self, awaitable):
+        """Await a step whose failure fails the whole file (logged once, kept for later)."""
         try:
             return await awaitable
         except FsError as exc:
             self._fail(exc)
-            raise FsError(str(exc), errno.EIO) from None
+            raise FsError(str(exc), self._failure_errno()) from None
 
     async def _start_upload(self, part: Part) -> None:
         """Upload the part if it changed since its last upload (never overlapping itself)."""
@@ -423,8 +416,8 @@ class StreamingWriter:
     async def _complete(self) -> None:
         await self._wait_uploads()
         self._check_failed()
-        last = self._filling if self._parts.get(self._filling, Part(0, 0)).buf else \
-            self._filling - 1
+        tail = self._parts.get(self._filling)
+        last = self._filling if tail is not None and tail.buf else self._filling - 1
         if self._upload_id is not None and last == 0:
             await self._abort_quietly()  # an fsync'd file truncated to 0: nothing to join
         if self._upload_id is None:
@@ -540,10 +533,13 @@ class StreamingWriter:
             self.error = exc
         self.state = "failed"
 
+    def _failure_errno(self) -> int:
+        """ENOMEM/EFBIG for a writer that could not get its memory; EIO for the rest."""
+        return self.error.errno if self.error.errno in (errno.ENOMEM, errno.EFBIG) else errno.EIO
+
     def _check_failed(self) -> None:
         if self.error is not None:
-            code = errno.ENOMEM if self.error.errno == errno.ENOMEM else errno.EIO
-            raise FsError("", code)
+            raise FsError("", self._failure_errno())
 
     def _free(self, part: Part) -> None:
         self._working_free += part.own
@@ -557,7 +553,3 @@ class StreamingWriter:
             self._free(part)
         self._budget.release(self._working_free)
         self._working_set = self._working_free = 0
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(part.reserved for part in self._parts.values())

@@ -32,7 +32,6 @@ class UploadedPart:
     number: int
     etag: str
     size: int
-    checksum: str | None = None  # base64 CRC32 as S3 returns it, when used
 
 
 @dataclass(frozen=True)

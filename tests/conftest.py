@@ -117,6 +117,15 @@ def new_bucket(server: Server) -> str:
     return name
 
 
+def bucket_with(server: Server, objects: dict[str, bytes]) -> str:
+    """A new bucket holding `objects` (key -> body), put with botocore."""
+    bucket = new_bucket(server)
+    client = server.client()
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=key, Body=body)
+    return bucket
+
+
 @dataclass
 class Mount:
     path: Path

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import new_bucket
+from conftest import bucket_with, new_bucket
 
 MiB = 1024 * 1024
 BIG = 64 * MiB
@@ -48,12 +48,8 @@ def run_with_timeout(fn, timeout: float):
 
 
 def test_small_objects_list_and_read_back(any_server, mount_factory):
-    bucket = new_bucket(any_server)
-    client = any_server.client()
     objects = {"empty": b"", "one": b"\x7f", "five": payload(5 * MiB + 1, 1)}
-    for key, data in objects.items():
-        client.put_object(Bucket=bucket, Key=key, Body=data)
-    m = mount_factory(any_server, bucket=bucket)
+    m = mount_factory(any_server, bucket=bucket_with(any_server, objects))
     assert sorted(os.listdir(m.path)) == sorted(objects)
     for key, data in objects.items():
         assert os.stat(m.path / key).st_size == len(data)
@@ -62,10 +58,7 @@ def test_small_objects_list_and_read_back(any_server, mount_factory):
 
 
 def test_nested_prefixes_and_dir_marker(any_server, mount_factory):
-    bucket = new_bucket(any_server)
-    client = any_server.client()
-    client.put_object(Bucket=bucket, Key="a/b/c/file", Body=b"nested")
-    client.put_object(Bucket=bucket, Key="dir/", Body=b"")
+    bucket = bucket_with(any_server, {"a/b/c/file": b"nested", "dir/": b""})
     m = mount_factory(any_server, bucket=bucket)
     assert sorted(os.listdir(m.path)) == ["a", "dir"]
     for d in ("a", "a/b", "a/b/c", "dir"):
@@ -83,10 +76,8 @@ def test_nested_prefixes_and_dir_marker(any_server, mount_factory):
 
 @pytest.fixture(scope="module")
 def big_bucket(seaweed):
-    bucket = new_bucket(seaweed)
     data = payload(BIG, 64)
-    seaweed.client().put_object(Bucket=bucket, Key="big.bin", Body=data)
-    return bucket, data
+    return bucket_with(seaweed, {"big.bin": data}), data
 
 
 def test_big_sequential_copy(seaweed, mount_factory, big_bucket, tmp_path):
@@ -262,11 +253,7 @@ def test_invalid_key_names_are_skipped(any_server, mount_factory):
 
 
 def test_file_and_directory_same_name(seaweed, mount_factory):
-    bucket = new_bucket(seaweed)
-    client = seaweed.client()
-    client.put_object(Bucket=bucket, Key="x", Body=b"file")
-    client.put_object(Bucket=bucket, Key="x/y", Body=b"inner")
-    m = mount_factory(seaweed, bucket=bucket)
+    m = mount_factory(seaweed, bucket=bucket_with(seaweed, {"x": b"file", "x/y": b"inner"}))
     assert os.listdir(m.path) == ["x"]
     assert (m.path / "x").is_dir()
     assert read_file(m.path / "x/y") == b"inner"
@@ -274,10 +261,8 @@ def test_file_and_directory_same_name(seaweed, mount_factory):
 
 def test_server_killed_mid_read_then_restarted(mount_factory, restartable_seaweed):
     server = restartable_seaweed.server
-    bucket = new_bucket(server)
     data = payload(BIG, 7)
-    server.client().put_object(Bucket=bucket, Key="big.bin", Body=data)
-    server.client().put_object(Bucket=bucket, Key="small", Body=b"small")
+    bucket = bucket_with(server, {"big.bin": data, "small": b"small"})
     m = mount_factory(server, "retries=2", bucket=bucket)
     fd = os.open(m.path / "big.bin", os.O_RDONLY)
     try:

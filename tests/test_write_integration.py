@@ -64,26 +64,24 @@ def assert_object(m, key: str, data: bytes):
 # ---------------------------------------------------------------- copy tools
 
 
+def copy_and_check(mount, tool, src, data, key, timeout):
+    """Copy `src` into the mount as `key` with `tool`; the object must equal `data`."""
+    result = subprocess.run(copy_command(tool, src, mount.path / key), capture_output=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert_object(mount, key, data)
+
+
 @pytest.mark.parametrize("tool", ["cp", "dd4k", "dd1M"])
 def test_copy_tools_small_and_boundary_sizes(mount, sources, tool):
     for size in SIZES:
-        src, data = sources[size]
-        key = f"{tool}-{size}"
-        result = subprocess.run(copy_command(tool, src, mount.path / key), capture_output=True,
-                                timeout=120)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")
-        assert_object(mount, key, data)
+        copy_and_check(mount, tool, *sources[size], f"{tool}-{size}", timeout=120)
     assert mount.uploads() == []
 
 
 @pytest.mark.parametrize("tool", ["cp", "dd1M"])
 def test_copy_tools_200mib(mount, sources, tool):
-    src, data = sources[BIG]
-    key = f"{tool}-big"
-    result = subprocess.run(copy_command(tool, src, mount.path / key), capture_output=True,
-                            timeout=180)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")
-    assert_object(mount, key, data)
+    copy_and_check(mount, tool, *sources[BIG], f"{tool}-big", timeout=180)
     assert mount.uploads() == []
 
 
