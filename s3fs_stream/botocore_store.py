@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import errno
 import hashlib
+import http.client
 import logging
 import zlib
 
@@ -64,6 +65,41 @@ def md5_base64(data: bytes | bytearray | memoryview) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
+def payload_signing(config: StoreConfig) -> bool:
+    """Whether SigV4 signs each body's SHA-256 (a third of the daemon's CPU while writing).
+
+    botocore skips it over https when a checksum header is sent; "auto" does the same over
+    http too, since every part and put carries a CRC32 or MD5 the server verifies. "on"
+    keeps it: over plain http it is the only protection against a body altered in transit.
+    """
+    if config.sign_payload == "auto":
+        return config.checksum == "off"
+    return config.sign_payload == "on"
+
+
+def _read_body_into(body, view: memoryview) -> int:
+    """Read a response body straight into `view`: one copy from the socket and no new
+    buffer, where `body.read()` allocates a fresh one (page faults) per GET. Reaches the
+    http.client response under botocore's StreamingBody and urllib3's HTTPResponse (botocore
+    asks urllib3 not to decode content, so these are the same bytes); falls back to read().
+    """
+    raw = getattr(body, "_raw_stream", None)
+    response = getattr(raw, "_fp", None)
+    if not isinstance(response, http.client.HTTPResponse):
+        data = body.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+    got = 0
+    while got < len(view):
+        n = response.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    if response.isclosed() and hasattr(raw, "release_conn"):
+        raw.release_conn()  # read to the end: the connection goes back to the pool
+    return got
+
+
 def _translate(exc: Exception, what: str) -> FsError:
     """One botocore exception → one of our errors with a one-line message (no URLs signed)."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -88,6 +124,8 @@ def _translate(exc: Exception, what: str) -> FsError:
         return Unreachable(f"{what}: endpoint unreachable after retries: {exc}")
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"{what}: {exc}")
+    if isinstance(exc, (OSError, http.client.HTTPException)):  # a body read cut off
+        return Unreachable(f"{what}: connection failed: {exc!r}")
     raise exc
 
 
@@ -106,7 +144,8 @@ class BotocoreStore:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             retries={"mode": "standard", "total_max_attempts": config.max_attempts},
-            s3={"addressing_style": "path" if config.force_path_style else "auto"},
+            s3={"addressing_style": "path" if config.force_path_style else "auto",
+                "payload_signing_enabled": payload_signing(config)},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
@@ -165,10 +204,12 @@ class BotocoreStore:
                           last_modified=r["LastModified"].timestamp(),
                           metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()})
 
-    async def get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
+    async def get_range(self, key: str, start: int, end: int, etag: str | None,
+                        into: bytearray | None = None) -> bytes | memoryview:
         what = self._where("GetObject", key)
+        length = end - start
 
-        def fetch() -> bytes:
+        def fetch() -> bytes | memoryview:
             args = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
             if etag:
                 args["IfMatch"] = etag
@@ -177,7 +218,12 @@ class BotocoreStore:
                     r = self._client.get_object(**args)
                     body = r["Body"]
                     try:
-                        data = body.read()
+                        if into is None or r.get("ContentLength") != length:
+                            data = body.read()
+                            got = len(data)
+                        else:
+                            data = memoryview(into)[:length]
+                            got = _read_body_into(body, data)
                     finally:
                         body.close()
                 except Exception as exc:
@@ -186,10 +232,9 @@ class BotocoreStore:
                     if isinstance(translated, Unreachable) and attempt < 2:
                         continue
                     raise translated from None
-                if len(data) == end - start:
+                if got == length:
                     return data
-                log.warning("%s: short body (%d of %d bytes), retrying", what, len(data),
-                            end - start)
+                log.warning("%s: short body (%d of %d bytes), retrying", what, got, length)
             raise IntegrityError(f"{what}: server kept returning short bodies for "
                                  f"bytes {start}-{end - 1}")
 

@@ -66,6 +66,9 @@ OPTIONS: dict[str, Option] = {
     "max_connections": Option("store", "max_connections", int),
     "retries": Option("store", "max_attempts", int, help="attempts per request (default 5)"),
     "checksum": Option("store", "checksum", help="crc32 (default), md5 or off"),
+    "sign_payload": Option("store", "sign_payload",
+                           help="SigV4 SHA-256 of each body: auto (only without a checksum), "
+                                "on or off"),
     "storage_class": Option("store", "storage_class"),
     "sse": Option("store", "sse", help="AES256 or aws:kms"),
     "sse_kms_key_id": Option("store", "sse_kms_key_id"),
@@ -164,6 +167,8 @@ def build_config(argv: list[str]) -> MountConfig:
                         **sections["store"])
     if store.checksum not in ("crc32", "md5", "off"):
         raise QuietError("option checksum: use crc32, md5 or off", USAGE_ERROR)
+    if store.sign_payload not in ("auto", "on", "off"):
+        raise QuietError("option sign_payload: use auto, on or off", USAGE_ERROR)
     fs_defaults = FsConfig(uid=os.getuid(), gid=os.getgid())
     fs = replace(fs_defaults, **sections["fs"])
     if fs.part_size < 5 * MiB:

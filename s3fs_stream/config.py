@@ -20,6 +20,7 @@ class StoreConfig:
     read_timeout: float = 30.0
     max_attempts: int = 5  # botocore "standard" retry mode, exponential backoff
     checksum: str = "crc32"  # crc32 | md5 | off
+    sign_payload: str = "auto"  # auto (only when no checksum is sent) | on | off
     storage_class: str | None = None
     sse: str | None = None  # AES256 | aws:kms
     sse_kms_key_id: str | None = None

@@ -14,6 +14,7 @@ import logging
 import os
 
 import pyfuse3
+import trio
 
 from .errors import FsError
 from .filesystem import FileSystem, SetAttr
@@ -52,6 +53,11 @@ class FuseOperations(pyfuse3.Operations):
         self.enable_writeback_cache = writeback_cache
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout
+        self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+
+    def init(self):
+        # called while pyfuse3 answers INIT; the reply is sent before any other task runs
+        self.initialized.set()
 
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

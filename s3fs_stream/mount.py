@@ -69,9 +69,14 @@ def limit_malloc_caching() -> None:
     libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
-def raise_kernel_readahead(mountpoint: str, kilobytes: int = 1024) -> None:
+async def raise_kernel_readahead(initialized: trio.Event, mountpoint: str,
+                                 kilobytes: int = 1024) -> None:
     """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones: eight times
-    fewer round trips through FUSE for sequential reads (needs root; skipped otherwise)."""
+    fewer round trips through FUSE for sequential reads (needs root; skipped otherwise).
+
+    Only after INIT: the kernel caps the read-ahead to what INIT negotiated (128 KiB) when
+    it processes the reply, undoing any earlier setting."""
+    await initialized.wait()
     # from mountinfo, not stat(): a stat of our own mount point would wait for ourselves
     device = None
     with open("/proc/self/mountinfo") as mounts:
@@ -122,7 +127,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals)
-        raise_kernel_readahead(config.mountpoint)
+        nursery.start_soon(raise_kernel_readahead, operations.initialized, config.mountpoint)
         ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=8)

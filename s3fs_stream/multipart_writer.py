@@ -42,9 +42,18 @@ ZERO_CHUNK = bytes(1024 * 1024)
 
 @dataclass
 class Part:
+    """One part's bytes: `buf[:length]`.
+
+    A small file's part grows as it is written; once its writer is admitted, a part lives in
+    a full-size buffer recycled through the budget (no page faults while it fills), and the
+    bytes past `length` are leftovers that are never read or uploaded.
+    """
+
     number: int
     capacity: int  # full size by the schedule
     buf: bytearray = field(default_factory=bytearray)
+    length: int = 0
+    recycled: bool = False  # `buf` is a full-size buffer from the budget
     reserved: int = 0  # budget bytes behind `buf`: `own` from the writer's working set, the
     own: int = 0       # rest borrowed from the shared budget
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload runs
@@ -57,11 +66,36 @@ class Part:
 
     @property
     def full(self) -> bool:
-        return len(self.buf) == self.capacity
+        return self.length == self.capacity
 
     @property
     def uploading(self) -> bool:
         return not self.idle.is_set()
+
+    def put(self, within: int, chunk: memoryview) -> None:
+        """Write at `within` (at most `length`: gaps are zero-filled before)."""
+        assert within <= self.length, "a gap inside a part"
+        end = within + len(chunk)
+        self.buf[within:end] = chunk  # grows a growing buffer; fits a full-size one
+        self.length = max(self.length, end)
+
+    def cut(self, length: int) -> None:
+        self.length = length
+        if not self.recycled:
+            del self.buf[length:]
+
+    def move_to(self, buf: bytearray) -> None:
+        """Continue in a full-size recycled buffer."""
+        buf[:self.length] = memoryview(self.buf)[:self.length]
+        self.buf, self.recycled = buf, True
+
+    def payload(self) -> bytes | bytearray:
+        """What an upload sends: the buffer itself when it is all data (nothing changes it
+        while the upload runs: writers wait for `idle`), else a copy of the data (botocore
+        takes bytes, bytearrays or files, not views)."""
+        if self.length == len(self.buf):
+            return self.buf
+        return bytes(memoryview(self.buf)[:self.length])
 
 
 @dataclass
@@ -164,10 +198,10 @@ class StreamingWriter:
             while position < end:
                 number, within = self._schedule.locate(position)
                 part = self._parts.get(number)
-                if part is None or within >= len(part.buf):
+                if part is None or within >= part.length:
                     raise FsError(f"{self.name}: bytes at offset {position} are being uploaded "
                                   "and no longer held in memory; read after close", errno.EBUSY)
-                take = min(end - position, len(part.buf) - within)
+                take = min(end - position, part.length - within)
                 out += part.buf[within:within + take]
                 position += take
             return bytes(out)
@@ -225,7 +259,7 @@ class StreamingWriter:
                               f"{filling_start})", errno.EINVAL)
             part = self._parts[self._filling]
             await part.idle.wait()
-            del part.buf[size - filling_start:]
+            part.cut(size - filling_start)
             part.dirty = True
             self.size = size
             self.changed = True
@@ -281,14 +315,11 @@ class StreamingWriter:
             part.pins -= 1
         self._check_failed()
         end = within + len(chunk)
-        if end > len(part.buf):
+        if end > part.length:
             await self._reserve(part, end)
-        if within == len(part.buf):
-            part.buf += chunk
-        else:
-            overlap = min(end, len(part.buf)) - within
-            part.buf[within:within + overlap] = chunk[:overlap]
-            part.buf += chunk[overlap:]
+        if self._working_set and not part.recycled:
+            part.move_to(self._budget.buffer(part.capacity))
+        part.put(within, chunk)
         part.dirty = True
         if number != self._filling and number != 1:
             await self._start_upload(part)  # a patched in-flight part goes up again now
@@ -383,13 +414,13 @@ class StreamingWriter:
         self._check_failed()
         if self._parts.get(part.number) is not part:
             return  # uploaded and freed while we waited
-        if not part.buf or (not part.dirty and part.uploaded_len == len(part.buf)):
+        if not part.length or (not part.dirty and part.uploaded_len == part.length):
             return
         part.idle = trio.Event()
         part.dirty = False
         upload_id = self._upload_id
-        length = len(part.buf)
-        data = part.buf if part.full else bytes(part.buf)  # a short part may keep growing
+        length = part.length
+        data = part.payload()
 
         async def job() -> None:
             try:
@@ -417,11 +448,11 @@ class StreamingWriter:
         await self._wait_uploads()
         self._check_failed()
         tail = self._parts.get(self._filling)
-        last = self._filling if tail is not None and tail.buf else self._filling - 1
+        last = self._filling if tail is not None and tail.length else self._filling - 1
         if self._upload_id is not None and last == 0:
             await self._abort_quietly()  # an fsync'd file truncated to 0: nothing to join
         if self._upload_id is None:
-            data = self._parts[1].buf if 1 in self._parts else b""
+            data = self._parts[1].payload() if 1 in self._parts else b""
             etag = await self._store.put(self.key, data, self._options(with_mtime=True))
             self._completed_multipart = False
         else:
@@ -544,8 +575,10 @@ class StreamingWriter:
     def _free(self, part: Part) -> None:
         self._working_free += part.own
         self._budget.release(part.reserved - part.own)
+        if part.recycled:
+            self._budget.recycle(part.buf)
         part.reserved = part.own = 0
-        part.buf = bytearray()
+        part.buf, part.length, part.recycled = bytearray(), 0, False
         self._parts.pop(part.number, None)
 
     def _free_all(self) -> None:

@@ -56,8 +56,12 @@ class ObjectStore(Protocol):
 
     async def head(self, key: str) -> ObjectInfo: ...
 
-    async def get_range(self, key: str, start: int, end: int, etag: str | None) -> bytes:
-        """Bytes [start, end) of the object; raises PreconditionFailed if the ETag changed."""
+    async def get_range(self, key: str, start: int, end: int, etag: str | None,
+                        into: bytearray | None = None) -> bytes | memoryview:
+        """Bytes [start, end) of the object; raises PreconditionFailed if the ETag changed.
+
+        With `into` (at least end - start bytes) they are read into it and a view of it is
+        returned."""
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
                         token: str | None = None, max_keys: int = 1000) -> ListPage: ...

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import FsError
-from .memory_budget import MemoryBudget
+from .memory_budget import RECYCLE_MIN, MemoryBudget
 from .object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class Segment:
     start: int
     end: int
     reserved: int = 0
-    data: bytes | None = None
+    buffer: bytearray | None = None  # recycled through the budget (read-ahead segments)
+    data: bytes | memoryview | None = None
     error: FsError | None = None
     done: trio.Event = field(default_factory=trio.Event)
     dropped: bool = False
@@ -135,9 +136,11 @@ class RangedReader:
         return True
 
     async def _fetch(self, segment: Segment) -> None:
+        if segment.reserved >= RECYCLE_MIN:
+            segment.buffer = self._budget.buffer(segment.reserved)
         try:
             segment.data = await self._store.get_range(self._key, segment.start, segment.end,
-                                                       self.etag)
+                                                       self.etag, into=segment.buffer)
         except FsError as exc:
             segment.error = exc
         except Exception as exc:  # never let a fetch take the mount down
@@ -150,17 +153,18 @@ class RangedReader:
                 self._release(segment)
 
     async def _collect(self, offset: int, end: int) -> bytes | memoryview:
-        pieces = []
-        for segment in list(self._segments):
-            if segment.end <= offset or segment.start >= end:
-                continue
+        needed = [s for s in self._segments if s.end > offset and s.start < end]
+        for segment in needed:
             await segment.done.wait()
+        # No await from here to the reply: a segment's buffer is recycled once it is dropped,
+        # so the views below must reach pyfuse3 (which copies them) before anything else runs.
+        pieces = []
+        for segment in needed:
             if segment.error is not None:
                 self._forget(segment)
                 raise segment.error
             if segment.data is None:  # dropped by a concurrent jump while we waited
                 return await self._fetch_direct(offset, end)
-            # a view, not a copy: pyfuse3 replies from any buffer
             pieces.append(memoryview(segment.data)[max(offset, segment.start) - segment.start:
                                                    min(end, segment.end) - segment.start])
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -195,5 +199,7 @@ class RangedReader:
     def _release(self, segment: Segment) -> None:
         self._held -= segment.reserved
         self._budget.release(segment.reserved)
+        if segment.buffer is not None:
+            self._budget.recycle(segment.buffer)
         segment.reserved = 0
-        segment.data = None
+        segment.buffer = segment.data = None

@@ -36,14 +36,17 @@ class MemoryStore:
         data, meta, etag = self.objects[key]
         return ObjectInfo(key, len(data), etag, time.time(), dict(meta))
 
-    async def get_range(self, key, start, end, etag):
+    async def get_range(self, key, start, end, etag, into=None):
         await self._step("get_range", key, start, end)
         if key not in self.objects:
             raise NotFound(key)
         data, _, current = self.objects[key]
         if etag and etag != current:
             raise PreconditionFailed(key)
-        return data[start:end]
+        if into is None:
+            return data[start:end]
+        into[:end - start] = data[start:end]
+        return memoryview(into)[:end - start]
 
     async def list_page(self, prefix, delimiter="/", token=None, max_keys=1000):
         await self._step("list_page", prefix)
