@@ -108,7 +108,10 @@ class RangedReader:
             start = self._stream_end
             if target - start < segment and target < self.size:
                 break  # top up in whole segments, not in read-sized slivers
-            if not self._add(start, min(self.size, start + segment), demand=False):
+            # never across a multiple of SEGMENT_MAX: objects written in 8 MiB parts are
+            # stored as 8 MiB chunks, and a GET spanning two costs the server two reads
+            stop = min(self.size, start + segment, (start // SEGMENT_MAX + 1) * SEGMENT_MAX)
+            if not self._add(start, stop, demand=False):
                 break  # no memory free for read-ahead right now
             in_flight += 1
 
