@@ -47,3 +47,19 @@ def test_budget_must_hold_two_parts():
         build_config(["b", "/mnt", "-o", "part_size=32M,max_memory=48M"])
     with pytest.raises(QuietError):
         build_config(["b", "/mnt", "-o", "part_size=1M"])
+
+
+def test_sign_payload_follows_the_checksum_unless_set():
+    from s3fs_stream.botocore_store import payload_signing
+
+    def signing(options: str) -> bool:
+        return payload_signing(build_config(["b", "/mnt", "-o", options]).store)
+
+    assert signing("checksum=crc32") is False  # the server verifies each body's CRC32
+    assert signing("checksum=md5") is False
+    assert signing("checksum=off") is True  # nothing else would protect the body
+    assert signing("checksum=crc32,sign_payload=on") is True
+    assert signing("checksum=off,sign_payload=off") is False
+    with pytest.raises(QuietError) as info:
+        build_config(["b", "/mnt", "-o", "sign_payload=maybe"])
+    assert info.value.exitcode == 2

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import bucket_with, new_bucket
+from conftest import bucket_with, new_bucket, require
 
 MiB = 1024 * 1024
 BIG = 64 * MiB
@@ -89,6 +89,20 @@ def test_big_sequential_copy(seaweed, mount_factory, big_bucket, tmp_path):
     got = out.read_bytes()
     assert len(got) == BIG
     assert sha(got) == sha(data)
+
+
+def test_kernel_reads_ahead_in_1_mib_requests(seaweed, mount_factory, big_bucket):
+    """The kernel caps read-ahead at 128 KiB when it processes INIT's reply; the mount raises
+    it to 1 MiB afterwards (root only), so sequential reads arrive as 1 MiB requests."""
+    require(os.geteuid() == 0, "setting a bdi's read_ahead_kb needs root")
+    bucket, _ = big_bucket
+    m = mount_factory(seaweed, bucket=bucket)
+    device = os.stat(m.path).st_dev
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    deadline = time.monotonic() + 5
+    while open(path).read().strip() != "1024" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open(path).read().strip() == "1024"
 
 
 def test_big_reverse_chunks(seaweed, mount_factory, big_bucket):

@@ -82,3 +82,35 @@ async def test_readers_share_the_budget(setup):
     for reader in readers:
         reader.close()
     assert budget.readers == 0
+
+
+async def test_segments_never_cross_8_mib_boundaries(setup):
+    store, data, budget, make = setup
+    reader = make()
+    for offset in range(0, len(data), MiB):
+        assert await reader.read(offset, MiB) == data[offset:offset + MiB]
+    for call in store.calls:
+        if call[0] == "get_range":
+            start, end = call[2], call[3]
+            assert start // (8 * MiB) == (end - 1) // (8 * MiB), (start, end)
+    reader.close()
+
+
+def test_budget_recycles_buffers_only_within_the_limit():
+    budget = MemoryBudget(32 * MiB)
+    assert budget.try_acquire(8 * MiB)
+    buf = budget.buffer(8 * MiB)
+    budget.recycle(buf)
+    assert budget.buffer(8 * MiB) is buf  # reused: its pages are already mapped
+    budget.recycle(buf)
+    assert budget.try_acquire(20 * MiB)  # 28 reserved + 8 idle > 32: the idle one goes
+    assert budget._idle_bytes == 0
+    budget.recycle(bytearray(8 * MiB))  # would not fit beside the reservations
+    assert budget._idle_bytes == 0
+    budget.release(20 * MiB)
+    budget.recycle(bytearray(8 * MiB))
+    assert budget._idle_bytes == 8 * MiB
+    budget.release(8 * MiB)  # nothing reserved any more: idle buffers are let go
+    assert budget._idle_bytes == 0
+    budget.recycle(bytearray(8 * MiB))
+    assert budget._idle_bytes == 0

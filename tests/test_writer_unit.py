@@ -216,3 +216,42 @@ def test_mtime_format_matches_s3fs():
     assert parse_mtime("1700000000") == 1_700_000_000_000_000_000
     assert parse_mtime(format_mtime(1_700_000_000_123_456_789)) == 1_700_000_000_123_456_789
     assert parse_mtime("garbage") is None
+
+
+async def test_recycled_buffers_never_leak_old_bytes(env):
+    """A part buffer reused from an earlier file holds that file's bytes past the new data:
+    only the new data may reach S3 (short tails, truncation, continuation)."""
+    store, budget, make = env
+    first = make("first")
+    await write_all(first, b"\xaa" * (4 * PART), chunk=MiB)
+    await first.flush()
+    second = make("second")  # opened while the first still holds its working set
+    tail = os.urandom(PART + 3 * MiB + 17)
+    await write_all(second, tail, chunk=MiB)
+    await second.truncate(PART + MiB)  # shrink inside the filling part
+    await second.flush()
+    assert store.objects["second"][0] == tail[:PART + MiB]
+    await first.release()
+    await second.release()
+    assert budget.used == 0
+
+
+async def test_buffers_are_recycled_while_streaming_and_let_go_after(env):
+    store, budget, make = env
+    writer = make()
+    fresh = []
+    original = budget.buffer
+
+    def counting(size):
+        buf = original(size)
+        fresh.append(not any(buf is seen for seen in seen_buffers))
+        seen_buffers.append(buf)
+        return buf
+
+    seen_buffers: list = []
+    budget.buffer = counting
+    await write_all(writer, os.urandom(12 * PART), chunk=MiB)
+    await writer.flush()
+    assert fresh.count(True) < len(fresh) / 2  # most parts reuse an earlier buffer
+    await writer.release()
+    assert budget.used == 0 and budget._idle_bytes == 0  # nothing kept once all is closed
