@@ -124,8 +124,6 @@ def _translate(exc: Exception, what: str) -> FsError:
         return Unreachable(f"{what}: endpoint unreachable after retries: {exc}")
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"{what}: {exc}")
-    if isinstance(exc, (OSError, http.client.HTTPException)):  # a body read cut off
-        return Unreachable(f"{what}: connection failed: {exc!r}")
     raise exc
 
 
@@ -218,7 +216,10 @@ class BotocoreStore:
                     r = self._client.get_object(**args)
                     body = r["Body"]
                     try:
-                        if into is None or r.get("ContentLength") != length:
+                        sent = r.get("ContentLength")
+                        if sent is not None and sent != length:
+                            data = None  # never read a body we did not ask for
+                        elif into is None:
                             data = body.read()
                             got = len(data)
                         else:
@@ -227,11 +228,20 @@ class BotocoreStore:
                     finally:
                         body.close()
                 except Exception as exc:
-                    translated = _translate(exc, what)
+                    if isinstance(exc, (OSError, http.client.HTTPException)) and \
+                            not isinstance(exc, botocore.exceptions.BotoCoreError):
+                        # raised by _read_body_into below botocore: a body cut off
+                        translated = Unreachable(f"{what}: connection lost mid-body: {exc!r}")
+                    else:
+                        translated = _translate(exc, what)
                     # a body cut off mid-read surfaces here as a connection error: retry it
                     if isinstance(translated, Unreachable) and attempt < 2:
                         continue
                     raise translated from None
+                if data is None:
+                    raise IntegrityError(f"{what}: asked for bytes {start}-{end - 1} ({length}) "
+                                         f"and the server sent {sent}: it does not honour "
+                                         "Range requests")
                 if got == length:
                     return data
                 log.warning("%s: short body (%d of %d bytes), retrying", what, got, length)

@@ -318,6 +318,8 @@ class StreamingWriter:
         if end > part.length:
             await self._reserve(part, end)
         if self._working_set and not part.recycled:
+            # a full-size buffer is resident in full: reserve all of it before moving in
+            await self._reserve(part, part.capacity)
             part.move_to(self._budget.buffer(part.capacity))
         part.put(within, chunk)
         part.dirty = True

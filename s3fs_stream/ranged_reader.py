@@ -139,9 +139,9 @@ class RangedReader:
         return True
 
     async def _fetch(self, segment: Segment) -> None:
-        if segment.reserved >= RECYCLE_MIN:
-            segment.buffer = self._budget.buffer(segment.reserved)
         try:
+            if segment.reserved >= RECYCLE_MIN:
+                segment.buffer = self._budget.buffer(segment.reserved)
             segment.data = await self._store.get_range(self._key, segment.start, segment.end,
                                                        self.etag, into=segment.buffer)
         except FsError as exc:

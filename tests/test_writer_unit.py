@@ -220,7 +220,7 @@ def test_mtime_format_matches_s3fs():
 
 async def test_recycled_buffers_never_leak_old_bytes(env):
     """A part buffer reused from an earlier file holds that file's bytes past the new data:
-    only the new data may reach S3 (short tails, truncation, continuation)."""
+    only the new data may reach S3 (a short tail after truncation)."""
     store, budget, make = env
     first = make("first")
     await write_all(first, b"\xaa" * (4 * PART), chunk=MiB)
@@ -255,3 +255,18 @@ async def test_buffers_are_recycled_while_streaming_and_let_go_after(env):
     assert fresh.count(True) < len(fresh) / 2  # most parts reuse an earlier buffer
     await writer.release()
     assert budget.used == 0 and budget._idle_bytes == 0  # nothing kept once all is closed
+
+
+async def test_full_size_buffers_are_reserved_in_full(env):
+    """A recycled buffer is resident in full, so the budget must count all of it."""
+    store, budget, make = env
+    writers = [make(f"w{i}") for i in range(3)]
+    for writer in writers:
+        await write_all(writer, b"x" * (2 * PART + 1), chunk=MiB)
+    held = [part for writer in writers for part in writer._parts.values() if part.recycled]
+    assert held and all(part.reserved == part.capacity for part in held)
+    assert budget.used >= sum(len(part.buf) for part in held)
+    for writer in writers:
+        await writer.flush()
+        await writer.release()
+    assert budget.used == 0
