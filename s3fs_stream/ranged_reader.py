@@ -70,7 +70,8 @@ class RangedReader:
         if self._in_stream(offset):
             self._trim(offset)
             self._extend(end)
-        elif self._segments and self._segments[0].start - KEEP_BEHIND <= offset:
+        elif self._segments and \
+                self._segments[0].start - KEEP_BEHIND <= offset < self._segments[0].start:
             return await self._fetch_direct(offset, end)  # a small step back: keep the stream
         else:
             # a new stream or a random read: fetch what is needed plus a little

@@ -114,3 +114,17 @@ def test_budget_recycles_buffers_only_within_the_limit():
     assert budget._idle_bytes == 0
     budget.recycle(bytearray(8 * MiB))
     assert budget._idle_bytes == 0
+
+
+async def test_a_far_forward_jump_starts_a_new_stream(setup):
+    store, data, budget, make = setup
+    reader = make()
+    for offset in range(0, 4 * MiB, MiB):
+        assert await reader.read(offset, MiB) == data[offset:offset + MiB]
+    far = 20 * MiB
+    for offset in range(far, far + 3 * MiB, 128 * 1024):
+        assert await reader.read(offset, 128 * 1024) == data[offset:offset + 128 * 1024]
+    assert reader._segments and reader._segments[0].start >= far  # streaming from there on
+    gets = [c for c in store.calls if c[0] == "get_range" and c[2] >= far]
+    assert len(gets) < 10  # read-ahead, not one GET per read
+    reader.close()
