@@ -268,12 +268,21 @@ class BotocoreStore:
 
     # -- writes ------------------------------------------------------------------------
 
+    async def _send_checked(self, what: str, fn, body, **kwargs) -> dict:
+        """Send `body` with its checksum and check the server's echo, all in the worker
+        thread: hashing 8 MiB takes milliseconds the event loop should not wait for."""
+        def send(**kwargs):
+            checks = self._checksum_args(body)
+            r = fn(Body=body, **checks, **kwargs)
+            self._verify(what, checks, r)
+            return r
+
+        return await self._call(what, send, **kwargs)
+
     async def put(self, key: str, data, options: PutOptions) -> str:
-        what = self._where("PutObject", key)
-        checks = self._checksum_args(data)
-        r = await self._call(what, self._client.put_object, Bucket=self.bucket, Key=key,
-                             Body=bytes(data), **checks, **self._put_args(options))
-        self._verify(what, checks, r)
+        r = await self._send_checked(self._where("PutObject", key), self._client.put_object,
+                                     bytes(data), Bucket=self.bucket, Key=key,
+                                     **self._put_args(options))
         return r.get("ETag", "")
 
     async def create_upload(self, key: str, options: PutOptions) -> str:
@@ -288,12 +297,10 @@ class BotocoreStore:
         return r["UploadId"]
 
     async def upload_part(self, key: str, upload_id: str, number: int, data) -> UploadedPart:
-        what = self._where(f"UploadPart {number}", key)
         body = data if isinstance(data, bytes | bytearray) else bytes(data)
-        checks = self._checksum_args(body)
-        r = await self._call(what, self._client.upload_part, Bucket=self.bucket, Key=key,
-                             UploadId=upload_id, PartNumber=number, Body=body, **checks)
-        self._verify(what, checks, r)
+        r = await self._send_checked(self._where(f"UploadPart {number}", key),
+                                     self._client.upload_part, body, Bucket=self.bucket,
+                                     Key=key, UploadId=upload_id, PartNumber=number)
         return UploadedPart(number, r["ETag"], len(body))
 
     async def upload_part_copy(self, key: str, upload_id: str, number: int, source_key: str,

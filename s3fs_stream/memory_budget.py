@@ -77,11 +77,14 @@ class MemoryBudget:
 
     # -- recycled buffers --------------------------------------------------------------
 
-    def buffer(self, size: int) -> bytearray:
+    def buffer(self, size: int) -> bytearray | None:
         """A buffer of `size` bytes for memory already reserved; recycled when one is idle.
 
         Its contents are whatever the last user left: callers track their own lengths.
+        None below RECYCLE_MIN: small buffers are left to malloc.
         """
+        if size < RECYCLE_MIN:
+            return None
         idle = self._idle.get(size)
         if idle:
             self._idle_bytes -= size
@@ -101,6 +104,8 @@ class MemoryBudget:
     def _trim_idle(self, keep: int | None = None) -> None:
         """Let idle buffers go until they fit beside the reservations (or down to `keep`)."""
         room = self.limit - self.used if keep is None else keep
+        if self._idle_bytes <= room:
+            return
         for size in sorted(self._idle):
             idle = self._idle[size]
             while idle and self._idle_bytes > room:

@@ -213,10 +213,7 @@ class StreamingWriter:
                 return
             self._check_failed()
             await self._ensure_upload()
-            await self._wait_uploads()
-            for part in sorted(self._parts.values(), key=lambda p: p.number):
-                await self._start_upload(part)
-            await self._wait_uploads()
+            await self._upload_changed_parts()
             self._check_failed()
 
     async def flush(self) -> None:
@@ -442,6 +439,12 @@ class StreamingWriter:
 
         await self._pool.submit(job)
 
+    async def _upload_changed_parts(self) -> None:
+        """Upload every held part changed since its last upload (an empty one is skipped)."""
+        for part in sorted(self._parts.values(), key=lambda p: p.number):
+            await self._start_upload(part)
+        await self._wait_uploads()
+
     async def _wait_uploads(self) -> None:
         for part in list(self._parts.values()):
             await part.idle.wait()
@@ -458,11 +461,7 @@ class StreamingWriter:
             etag = await self._store.put(self.key, data, self._options(with_mtime=True))
             self._completed_multipart = False
         else:
-            for number in range(1, last + 1):
-                part = self._parts.get(number)
-                if part is not None:
-                    await self._start_upload(part)
-            await self._wait_uploads()
+            await self._upload_changed_parts()
             self._check_failed()
             parts = [self._uploaded.get(n) for n in range(1, last + 1)]
             missing = [n for n, p in zip(range(1, last + 1), parts, strict=True) if p is None]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import FsError
-from .memory_budget import RECYCLE_MIN, MemoryBudget
+from .memory_budget import MemoryBudget
 from .object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,15 @@ class RangedReader:
             self._add(self._stream_end, end, demand=True)
         segment = min(self.window, SEGMENT_MAX)
         target = min(self.size, end + self.window)
-        in_flight = sum(1 for s in self._segments if not s.done.is_set())
-        while self._stream_end < target and in_flight < self._concurrency:
+        in_flight = None
+        while self._stream_end < target:
             start = self._stream_end
             if target - start < segment and target < self.size:
                 break  # top up in whole segments, not in read-sized slivers
+            if in_flight is None:  # counted only when a segment may be added
+                in_flight = sum(1 for s in self._segments if not s.done.is_set())
+            if in_flight >= self._concurrency:
+                break
             # never across a multiple of SEGMENT_MAX: objects written in 8 MiB parts are
             # stored as 8 MiB chunks, and a GET spanning two costs the server two reads
             stop = min(self.size, start + segment, (start // SEGMENT_MAX + 1) * SEGMENT_MAX)
@@ -141,7 +145,7 @@ class RangedReader:
 
     async def _fetch(self, segment: Segment) -> None:
         try:
-            if segment.reserved >= RECYCLE_MIN:
+            if segment.reserved:
                 segment.buffer = self._budget.buffer(segment.reserved)
             segment.data = await self._store.get_range(self._key, segment.start, segment.end,
                                                        self.etag, into=segment.buffer)

@@ -6,6 +6,8 @@ them loudly. Outside CI they skip with the reason.
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import os
 import shutil
 import signal
@@ -124,6 +126,24 @@ def bucket_with(server: Server, objects: dict[str, bytes]) -> str:
     for key, body in objects.items():
         client.put_object(Bucket=bucket, Key=key, Body=body)
     return bucket
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_with_timeout(fn, timeout: float, log=None):
+    """Run fn in a thread; fail the test (instead of hanging) if it does not return in time,
+    with the tail of `log()` (a mount's log) when given."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(fn)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        tail = "\n".join(log().splitlines()[-12:]) if log else ""
+        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s\n{tail}")
+    finally:
+        pool.shutdown(wait=False)
 
 
 @dataclass

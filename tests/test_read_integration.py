@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import bucket_with, new_bucket, require
+from conftest import bucket_with, new_bucket, require, run_with_timeout, sha
 
 MiB = 1024 * 1024
 BIG = 64 * MiB
@@ -23,8 +23,6 @@ def payload(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def read_file(path) -> bytes:
@@ -32,16 +30,6 @@ def read_file(path) -> bytes:
         return f.read()
 
 
-def run_with_timeout(fn, timeout: float):
-    """Run fn in a thread; fail the test (instead of hanging) if it does not return in time."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(fn)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s")
-    finally:
-        pool.shutdown(wait=False)
 
 
 # ---------------------------------------------------------------- both servers

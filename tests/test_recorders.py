@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import subprocess
@@ -10,6 +9,7 @@ import wave
 from pathlib import Path
 
 import pytest
+from conftest import sha
 
 BITEXACT = ["-fflags", "+bitexact", "-flags", "+bitexact"]
 SECONDS = 4
@@ -43,8 +43,6 @@ FFMPEG_CASES = {
 }
 
 
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def duration(path: Path) -> float:

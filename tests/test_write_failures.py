@@ -7,8 +7,7 @@ import os
 import subprocess
 import time
 
-from conftest import VENV_BIN, new_bucket
-from test_read_integration import run_with_timeout
+from conftest import VENV_BIN, new_bucket, run_with_timeout
 
 MiB = 1024 * 1024
 

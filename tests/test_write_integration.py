@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import hashlib
 import os
 import stat
 import subprocess
@@ -12,27 +11,11 @@ import threading
 import time
 
 import pytest
+from conftest import run_with_timeout, sha
 
 MiB = 1024 * 1024
 SIZES = [0, 1, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1]
 BIG = 200 * MiB
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def run_with_timeout(fn, timeout: float, log=None):
-    """Run fn in a thread; fail the test (instead of hanging) if it does not return in time."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(fn)
-    try:
-        return future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        tail = "\n".join(log().splitlines()[-12:]) if log else ""
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not return within {timeout} s\n{tail}")
-    finally:
-        pool.shutdown(wait=False)
 
 
 @pytest.fixture(scope="module")
