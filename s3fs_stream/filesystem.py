@@ -15,6 +15,7 @@ import mimetypes
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import trio
@@ -42,6 +43,7 @@ class Handle:
     writer: StreamingWriter | None = None
     reader: RangedReader | None = None
     keep_cache: bool = False
+    writing: bool = False  # opened for writing (the kernel reads through it to patch pages)
 
 
 @dataclass
@@ -57,13 +59,15 @@ class SetAttr:
 
 class FileSystem:
     def __init__(self, store: ObjectStore, prefix: str, config: FsConfig,
-                 nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget):
+                 nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget,
+                 forget_pages: Callable[[int, int, int], None] | None = None):
         self.store = store
         self.prefix = prefix
         self.config = config
         self._nursery = nursery
         self._pool = pool
         self.budget = budget
+        self._forget_pages = forget_pages  # (inode, start, length): kernel cache, best effort
         self.schedule = PartSchedule.for_budget(config.part_size, config.max_memory)
         self.table = InodeTable(config.uid, config.gid, config.dir_mode)
         self._handles: dict[int, Handle] = {}
@@ -429,21 +433,26 @@ class FileSystem:
                                  size=0, etag="", has_metadata=True, expires=0.0)
         node.lookups += 1
         self._writers[node.inode] = self._new_writer(node, meta)
-        return self._add_handle(node, self._writers[node.inode]), node
+        return self._add_handle(node, self._writers[node.inode], writing=True), node
 
     def _new_writer(self, node: Node, meta: FileMeta) -> StreamingWriter:
         def completed(etag: str, size: int) -> None:
             node.etag, node.size = etag, size
             node.has_metadata = True
 
+        def forget_pages(start: int, length: int) -> None:
+            if self._forget_pages:
+                self._forget_pages(node.inode, start, length)
+
         return StreamingWriter(self.key(node.path), node.path, self.store, self._pool,
                                self.budget, self.schedule, meta, self._content_type(node.path),
-                               self.config.memory_wait, completed)
+                               self.config.memory_wait, completed, forget_pages)
 
     def _add_handle(self, node: Node, writer: StreamingWriter | None = None,
-                    reader: RangedReader | None = None, keep_cache: bool = False) -> int:
+                    reader: RangedReader | None = None, keep_cache: bool = False,
+                    writing: bool = False) -> int:
         fh = next(self._fh_numbers)
-        self._handles[fh] = Handle(node, writer, reader, keep_cache)
+        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing)
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
@@ -460,7 +469,7 @@ class FileSystem:
             if writer is not None:
                 if flags & os.O_TRUNC:
                     await writer.truncate(0)
-                return self._add_handle(node, writer)
+                return self._add_handle(node, writer, writing=True)
             await self.getattr(inode)
             if not flags & os.O_TRUNC and node.size > 0:
                 log.warning("%s: opening an existing %d-byte object for writing without "
@@ -469,7 +478,7 @@ class FileSystem:
                 raise FsError("", errno.EPERM)
             meta = FileMeta(node.mode, node.uid, node.gid, time.time_ns())
             writer = self._writers[inode] = self._new_writer(node, meta)
-            return self._add_handle(node, writer)
+            return self._add_handle(node, writer, writing=True)
         if writer is not None:
             return self._add_handle(node, writer)  # served from held data where possible
         node.expires = 0.0  # close-to-open consistency: see the object as it is now
@@ -495,7 +504,7 @@ class FileSystem:
                     handle.node.cached_etag = None
                 raise
         if handle.writer is not None:
-            return await handle.writer.read_held(offset, length)
+            return await handle.writer.read_held(offset, length, handle.writing)
         raise FsError("", errno.EBADF)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -20,6 +20,7 @@ from .errors import AccessDenied, NoSuchBucket, NotFound, QuietError, StoreError
 from .filesystem import FileSystem
 from .fuse_adapter import FuseOperations
 from .memory_budget import MemoryBudget
+from .page_cache import PageCacheDropper, find_fuse_fd
 from .upload_pool import UploadPool
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     budget = MemoryBudget(config.fs.max_memory)
     async with trio.open_nursery() as nursery:
         pool = UploadPool(nursery, config.fs.upload_concurrency)
-        fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget)
+        pages = PageCacheDropper()
+        fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
+                        pages.forget)
         operations = FuseOperations(fs, config.fs.writeback_cache)
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
@@ -131,6 +134,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(raise_kernel_readahead, operations.initialized, config.mountpoint)
+        nursery.start_soon(pages.run, find_fuse_fd())
         ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=8)

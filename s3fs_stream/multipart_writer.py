@@ -134,7 +134,8 @@ class StreamingWriter:
     def __init__(self, key: str, display_name: str, store: ObjectStore, pool: UploadPool,
                  budget: MemoryBudget, schedule: PartSchedule, meta: FileMeta,
                  content_type: str | None, memory_wait: float,
-                 on_complete: Callable[[str, int], None] | None = None):
+                 on_complete: Callable[[str, int], None] | None = None,
+                 forget_pages: Callable[[int, int], None] | None = None):
         self.key = key
         self.name = display_name
         self._store = store
@@ -145,6 +146,7 @@ class StreamingWriter:
         self._content_type = content_type
         self._memory_wait = memory_wait
         self._on_complete = on_complete
+        self._forget_pages = forget_pages  # (start, length) uploaded and out of memory
         self._lock = trio.Lock()
         self.handles = 0  # open file handles sharing this writer (owned by the file system)
         self.started_ns = time.time_ns()
@@ -189,8 +191,13 @@ class StreamingWriter:
             self.changed = True
             return len(data)
 
-    async def read_held(self, offset: int, length: int) -> bytes:
-        """Bytes served from what is still in memory; EBUSY where they are not held."""
+    async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
+        """Bytes served from what is still in memory.
+
+        Elsewhere EBUSY for a reader. Through a handle opened for writing, the kernel reads to
+        complete a page before a partial-page write (its cached copy of the page was dropped
+        once uploaded, see page_cache.py): that is a write into a part no longer held, EINVAL.
+        """
         async with self._lock:
             end = min(offset + length, self.size)
             out = bytearray()
@@ -199,6 +206,8 @@ class StreamingWriter:
                 number, within = self._schedule.locate(position)
                 part = self._parts.get(number)
                 if part is None or within >= part.length:
+                    if for_writing:
+                        raise self._not_held(number, position, "a write next to")
                     raise FsError(f"{self.name}: bytes at offset {position} are being uploaded "
                                   "and no longer held in memory; read after close", errno.EBUSY)
                 take = min(end - position, part.length - within)
@@ -300,11 +309,7 @@ class StreamingWriter:
             if number == self._filling:
                 part = self._parts[number] = Part(number, self._schedule.size(number))
             else:
-                raise FsError(
-                    f"{self.name}: write of {len(chunk)} bytes at offset {position} goes into "
-                    f"part {number}, which is already uploaded and no longer held in memory; "
-                    f"only part 1 (the first {self._schedule.first >> 20} MiB, raise part_size "
-                    "to hold more) and the part being written can be changed", errno.EINVAL)
+                raise self._not_held(number, position, f"a write of {len(chunk)} bytes at")
         part.pins += 1
         try:
             await part.idle.wait()
@@ -324,6 +329,13 @@ class StreamingWriter:
             await self._start_upload(part)  # a patched in-flight part goes up again now
         elif number == self._filling and part.full:
             await self._seal_filling()
+
+    def _not_held(self, number: int, position: int, what: str) -> FsError:
+        return FsError(
+            f"{self.name}: {what} offset {position} goes into part {number}, which is already "
+            f"uploaded and no longer held in memory; only part 1 (the first "
+            f"{self._schedule.first >> 20} MiB, raise part_size to hold more) and the part "
+            "being written can be changed", errno.EINVAL)
 
     async def _reserve(self, part: Part, needed: int) -> None:
         """Memory for `part` to hold `needed` bytes, without deadlock.
@@ -434,6 +446,8 @@ class StreamingWriter:
                             and part.number not in (1, self._filling)
                             and self._parts.get(part.number) is part):
                         self._free(part)
+                        if self._forget_pages:
+                            self._forget_pages(self._schedule.start(part.number), length)
             finally:
                 part.idle.set()
 

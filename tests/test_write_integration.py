@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
+import mmap
 import os
 import stat
 import subprocess
@@ -216,6 +218,49 @@ def test_write_into_uploaded_middle_part_fails(mount):
     lines = [line for line in log.splitlines() if "middle" in line and
              ("EINVAL" in line or "offset" in line or str(12 * MiB) in line)]
     assert lines, f"log does not name the file:\n{log[-3000:]}"
+
+
+def resident_bytes(fd: int, size: int) -> int:
+    """Bytes of the open file held in the kernel's page cache (mincore on a mapping, which
+    does not fault anything in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vector = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        return sum(byte & 1 for byte in vector.raw) * mmap.PAGESIZE
+    finally:
+        libc.munmap(address, size)
+
+
+def test_uploaded_parts_leave_the_page_cache(mount):
+    """Pages of parts already in S3 are dropped from the kernel's cache while the file is
+    still being written (page_cache.py); a partial-page write there is refused at once."""
+    data = os.urandom(96 * MiB)
+    fd = os.open(mount.path / "dropped", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for start in range(0, len(data), MiB):
+            os.write(fd, data[start:start + MiB])
+        os.fsync(fd)  # every part uploaded; full ones but part 1 and the last leave memory
+        deadline = time.monotonic() + 10
+        while (cached := resident_bytes(fd, len(data))) > 24 * MiB:
+            assert time.monotonic() < deadline, f"{cached >> 20} MiB of 96 still cached"
+            time.sleep(0.1)
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"XXXX", 12 * MiB)  # the kernel must read the page first: refused
+        assert info.value.errno == errno.EINVAL
+        os.pwrite(fd, b"RIFF", 4)  # part 1 is still held and cached
+    finally:
+        os.close(fd)
+    assert_object(mount, "dropped", data[:4] + b"RIFF" + data[8:])
+    assert "offset 12582912 goes into part 2" in mount.log()
 
 
 def test_unlink_while_writing(mount):
