@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import hashlib
 import http.client
 import logging
@@ -32,7 +33,7 @@ from .errors import (
     PreconditionFailed,
     StoreError,
     Unreachable,
-    first_error,
+    run_parallel,
 )
 from .object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
@@ -381,16 +382,13 @@ class BotocoreStore:
         ranges = [(i + 1, start, min(start + step, size))
                   for i, start in enumerate(range(0, size, step))]
         parts: list[UploadedPart] = []
+
+        async def copy_one(number: int, start: int, end: int) -> None:
+            parts.append(await self.upload_part_copy(
+                dest_key, upload_id, number, source_key, start, end, None))
+
         try:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for number, start, end in ranges:
-                        async def copy_one(number=number, start=start, end=end):
-                            parts.append(await self.upload_part_copy(
-                                dest_key, upload_id, number, source_key, start, end, None))
-                        nursery.start_soon(copy_one)
-            except* FsError as group:
-                raise first_error(group) from None
+            await run_parallel(functools.partial(copy_one, *r) for r in ranges)
             return await self.complete(dest_key, upload_id, parts)
         except BaseException:
             with trio.CancelScope(shield=True):

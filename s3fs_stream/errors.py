@@ -8,6 +8,9 @@ do; it must never contain credentials or signed URLs.
 from __future__ import annotations
 
 import errno as _errno
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
 
 
 class FsError(Exception):
@@ -69,6 +72,17 @@ class QuietError(Exception):
     def __init__(self, message: str, exitcode: int = 1):
         super().__init__(message)
         self.exitcode = exitcode
+
+
+async def run_parallel(jobs: Iterable[Callable[[], Awaitable[object]]]) -> None:
+    """Run the jobs concurrently; when some fail, raise the first FsError alone (the others
+    were cancelled, or are the same outage seen twice)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+    except* FsError as group:
+        raise first_error(group) from None
 
 
 def first_error(group: BaseExceptionGroup) -> FsError:

