@@ -26,7 +26,10 @@ from .object_store import ObjectStore
 log = logging.getLogger(__name__)
 
 SEGMENT_MAX = 8 * 1024 * 1024
-RANDOM_MIN = 128 * 1024  # a random read fetches at least this much
+# a random read fetches at least this much: a 4 KiB read costs a 16 KiB GET, not 128 KiB
+# (random 4 KiB reads/s 242 -> 256, `scripts/bench --size 256M --only read --skip-peers`);
+# a following read nearby joins the stream and starts the read-ahead anyway
+RANDOM_MIN = 16 * 1024
 KEEP_BEHIND = 2 * 1024 * 1024  # bytes kept before the read position for backward jumps
 
 
