@@ -44,7 +44,7 @@ class Handle:
     writer: StreamingWriter | None = None
     reader: RangedReader | None = None
     keep_cache: bool = False
-    writing: bool = False  # opened for writing (the kernel reads through it to patch pages)
+    writing: bool = False  # opened for writing
 
 
 @dataclass
@@ -61,14 +61,14 @@ class SetAttr:
 class FileSystem:
     def __init__(self, store: ObjectStore, prefix: str, config: FsConfig,
                  nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget,
-                 forget_pages: Callable[[int, int, int], None] | None = None):
+                 drop_pages: Callable[[int, int, int], None] | None = None):
         self.store = store
         self.prefix = prefix
         self.config = config
         self._nursery = nursery
         self._pool = pool
         self.budget = budget
-        self._forget_pages = forget_pages  # (inode, start, length): kernel cache, best effort
+        self._drop_pages = drop_pages  # (inode, start, length): kernel cache, best effort
         self.schedule = PartSchedule.for_budget(config.part_size, config.max_memory)
         self.table = InodeTable(config.uid, config.gid, config.dir_mode)
         self._handles: dict[int, Handle] = {}
@@ -425,20 +425,21 @@ class FileSystem:
                                  size=0, etag="", has_metadata=True, expires=0.0)
         node.lookups += 1
         self._writers[node.inode] = self._new_writer(node, meta)
-        return self._add_handle(node, self._writers[node.inode], writing=True), node
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        return self._add_handle(node, self._writers[node.inode], writing=writing), node
 
     def _new_writer(self, node: Node, meta: FileMeta) -> StreamingWriter:
         def completed(etag: str, size: int) -> None:
             node.etag, node.size = etag, size
             node.has_metadata = True
 
-        def forget_pages(start: int, length: int) -> None:
-            if self._forget_pages:
-                self._forget_pages(node.inode, start, length)
+        def drop_pages(start: int, length: int) -> None:
+            if self._drop_pages:
+                self._drop_pages(node.inode, start, length)
 
         return StreamingWriter(self.key(node.path), node.path, self.store, self._pool,
                                self.budget, self.schedule, meta, self._content_type(node.path),
-                               self.config.memory_wait, completed, forget_pages)
+                               self.config.memory_wait, completed, drop_pages)
 
     def _add_handle(self, node: Node, writer: StreamingWriter | None = None,
                     reader: RangedReader | None = None, keep_cache: bool = False,
@@ -496,7 +497,10 @@ class FileSystem:
                     handle.node.cached_etag = None
                 raise
         if handle.writer is not None:
-            return await handle.writer.read_held(offset, length, handle.writing)
+            # with the writeback cache, the kernel reads through a writing handle to complete
+            # a page before a partial-page write (a program's own read looks the same)
+            patching = handle.writing and self.config.writeback_cache
+            return await handle.writer.read_held(offset, length, patching)
         raise FsError("", errno.EBADF)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

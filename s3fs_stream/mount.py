@@ -122,7 +122,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         pool = UploadPool(nursery, config.fs.upload_concurrency)
         pages = PageCacheDropper()
         fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
-                        pages.forget)
+                        pages.drop)
         operations = FuseOperations(fs, config.fs.writeback_cache)
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
@@ -139,6 +139,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=8)
         finally:
+            pages.stop()  # nobody answers the kernel any more
             with trio.move_on_after(60, shield=True):
                 await fs.shutdown()
                 await pool.close()

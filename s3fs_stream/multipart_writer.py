@@ -136,7 +136,7 @@ class StreamingWriter:
                  budget: MemoryBudget, schedule: PartSchedule, meta: FileMeta,
                  content_type: str | None, memory_wait: float,
                  on_complete: Callable[[str, int], None] | None = None,
-                 forget_pages: Callable[[int, int], None] | None = None):
+                 drop_pages: Callable[[int, int], None] | None = None):
         self.key = key
         self.name = display_name
         self._store = store
@@ -147,7 +147,7 @@ class StreamingWriter:
         self._content_type = content_type
         self._memory_wait = memory_wait
         self._on_complete = on_complete
-        self._forget_pages = forget_pages  # (start, length) uploaded and out of memory
+        self._drop_pages = drop_pages  # (start, length) uploaded and out of memory
         self._lock = trio.Lock()
         self.handles = 0  # open file handles sharing this writer (owned by the file system)
         self.started_ns = time.time_ns()
@@ -195,9 +195,11 @@ class StreamingWriter:
     async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
         """Bytes served from what is still in memory.
 
-        Elsewhere EBUSY for a reader. Through a handle opened for writing, the kernel reads to
-        complete a page before a partial-page write (its cached copy of the page was dropped
-        once uploaded, see page_cache.py): that is a write into a part no longer held, EINVAL.
+        Elsewhere EBUSY for a reader. `for_writing`: the read comes through a handle opened
+        for writing, where the kernel reads to complete a page before a partial-page write
+        (its cached copy was dropped once uploaded, see page_cache.py). Such a write goes into
+        a part no longer held: EINVAL, as the write itself would get. A program reading its
+        own output through a read-write descriptor cannot be told apart and gets EINVAL too.
         """
         async with self._lock:
             end = min(offset + length, self.size)
@@ -447,8 +449,8 @@ class StreamingWriter:
                             and part.number not in (1, self._filling)
                             and self._parts.get(part.number) is part):
                         self._free(part)
-                        if self._forget_pages:
-                            self._forget_pages(self._schedule.start(part.number), length)
+                        if self._drop_pages:
+                            self._drop_pages(self._schedule.start(part.number), length)
             finally:
                 part.idle.set()
 

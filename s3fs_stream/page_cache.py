@@ -14,7 +14,14 @@ pyfuse3 can only invalidate a whole inode, which would also write back the dirty
 part still filling, one page per request. So this sends the ranged FUSE_NOTIFY_INVAL_INODE
 itself: a 40-byte message written to the /dev/fuse descriptor, the same bytes libfuse writes.
 The kernel handles it inside that write() and waits there for any page of the range under
-writeback, which the daemon itself must answer; so the write runs in a worker thread.
+writeback, which the daemon itself must answer; so the write runs in a worker thread, and
+nothing is sent once the daemon stops answering (`stop`).
+
+The kernel drops whole folios, which can be larger than a page (up to 2 MiB here) and are
+aligned to their size. So only the 2 MiB blocks that lie wholly inside a range are dropped:
+a folio shared with part 1 or with the part still filling must stay, or a partial-page write
+there would need bytes of the freed neighbour read back. With the default 8 MiB parts the
+whole range goes.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ log = logging.getLogger(__name__)
 FUSE_NOTIFY_INVAL_INODE = 2
 # struct fuse_out_header {u32 len; s32 error (the notify code); u64 unique (0 = notify)}
 # + struct fuse_notify_inval_inode_out {u64 ino; s64 off; s64 len}
-_INVAL_INODE = struct.Struct("<IiQQqq")
+_INVAL_INODE = struct.Struct("=IiQQqq")  # native byte order, as the kernel reads it
 QUEUE = 64  # ranges waiting; more are dropped (best effort: they stay cached, nothing breaks)
+FOLIO_MAX = 2 * 1024 * 1024  # the largest page-cache folio on x86-64 (a PMD)
 
 
 def find_fuse_fd() -> int | None:
@@ -47,31 +55,42 @@ def find_fuse_fd() -> int | None:
 
 
 class PageCacheDropper:
-    """Best-effort, never blocking the caller: `forget` queues, `run` sends."""
+    """Best-effort, never blocking the caller: `drop` queues, `run` sends."""
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[tuple[int, int, int]](QUEUE)
-        self._running = True
+        self._running = False
 
-    def forget(self, inode: int, start: int, length: int) -> None:
-        if not self._running:
+    def drop(self, inode: int, start: int, length: int) -> None:
+        """Ask the kernel to forget the cached pages of `inode` in [start, start+length)."""
+        first = -(-start // FOLIO_MAX) * FOLIO_MAX
+        end = (start + length) // FOLIO_MAX * FOLIO_MAX
+        if not self._running or end <= first:
             return
         try:
-            self._send.send_nowait((inode, start, length))
+            self._send.send_nowait((inode, first, end - first))
         except trio.WouldBlock:
             pass
 
+    def stop(self) -> None:
+        """No more messages: once the daemon stops answering requests, a message that has
+        to wait for writeback would wait forever."""
+        self._running = False
+
     async def run(self, fuse_fd: int | None) -> None:
-        """Send queued ranges until cancelled (owned by the mount's nursery)."""
+        """Send queued ranges until stopped or cancelled (owned by the mount's nursery)."""
         if fuse_fd is None:
             log.debug("no /dev/fuse descriptor found: uploaded pages stay in the page cache")
             return
         self._running = True
         async for inode, start, length in self._receive:
+            if not self._running:
+                return
             message = _INVAL_INODE.pack(_INVAL_INODE.size, FUSE_NOTIFY_INVAL_INODE, 0,
                                         inode, start, length)
             try:
-                await trio.to_thread.run_sync(os.write, fuse_fd, message)
+                await trio.to_thread.run_sync(os.write, fuse_fd, message,
+                                              abandon_on_cancel=True)
             except OSError as exc:
                 # ENOENT: the kernel has already forgotten the inode, and its pages with it
                 if exc.errno != errno.ENOENT:

@@ -23,11 +23,11 @@ async def env(nursery):
     budget = MemoryBudget(64 * MiB)
     pool = UploadPool(nursery, 4)
 
-    def make(key="f", memory_wait=2.0, schedule=None, forget_pages=None):
+    def make(key="f", memory_wait=2.0, schedule=None, drop_pages=None):
         return StreamingWriter(key, key, store, pool, budget,
                                schedule or PartSchedule(PART, 10 * MiB),
                                FileMeta(0o100644, 1, 2, 1_700_000_000_000_000_000), None,
-                               memory_wait, forget_pages=forget_pages)
+                               memory_wait, drop_pages=drop_pages)
 
     return store, budget, make
 
@@ -87,17 +87,17 @@ async def test_write_into_freed_part_is_einval(env):
     assert "part 2" in str(info.value)
 
 
-async def test_freed_parts_are_forgotten_and_read_back_refused(env):
+async def test_freed_parts_are_dropped_and_read_back_refused(env):
     """Each part uploaded and freed is reported once, for the kernel to drop its pages; a
     read there is EBUSY for a reader, EINVAL for the kernel completing a page for a write."""
     store, _, make = env
-    forgotten = []
-    writer = make(forget_pages=lambda start, length: forgotten.append((start, length)))
+    dropped = []
+    writer = make(drop_pages=lambda start, length: dropped.append((start, length)))
     data = os.urandom(4 * PART + 10)
     await write_all(writer, data)
     await writer.fsync()
     # part 1 is held until completion and part 5 is still filling: parts 2 to 4 left memory
-    assert sorted(forgotten) == [(PART, PART), (2 * PART, PART), (3 * PART, PART)]
+    assert sorted(dropped) == [(PART, PART), (2 * PART, PART), (3 * PART, PART)]
     for for_writing, code in ((False, errno.EBUSY), (True, errno.EINVAL)):
         with pytest.raises(FsError) as info:
             await writer.read_held(PART + 4096, 4096, for_writing)
@@ -105,7 +105,7 @@ async def test_freed_parts_are_forgotten_and_read_back_refused(env):
     assert await writer.read_held(4 * PART, 10, True) == data[4 * PART:]
     await writer.flush()
     assert store.objects["f"][0] == data
-    assert len(forgotten) == 3  # completion keeps part 1 and the tail cached
+    assert len(dropped) == 3  # completion keeps part 1 and the tail cached
 
 
 async def test_gap_is_zero_filled(env):
