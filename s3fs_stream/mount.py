@@ -73,10 +73,19 @@ def limit_malloc_caching() -> None:
     libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
-async def raise_kernel_readahead(initialized: trio.Event, mountpoint: str,
-                                 kilobytes: int = 1024) -> None:
-    """Let the kernel read ahead in 1 MiB requests instead of 128 KiB ones: eight times
-    fewer round trips through FUSE for sequential reads (needs root; skipped otherwise).
+KERNEL_READ_AHEAD_KB = 1024
+KERNEL_DIRTY_MAX = 16 * 1024 * 1024
+
+
+async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
+    """Two settings of the mount's backing device (needs root; skipped otherwise):
+
+    - read_ahead_kb 1024: the kernel reads ahead in 1 MiB requests instead of 128 KiB ones,
+      eight times fewer round trips through FUSE for sequential reads;
+    - max_bytes 16 MiB of dirty pages (the kernel's default for FUSE is 1 % of its dirty
+      limit, ~45 MiB here): close() must first write back whatever is dirty, so this is part
+      of what it waits for. Our own parts already keep the upload pipeline full; the lower
+      limit cut close() from 0.38 to 0.22 s per 1 GiB file with no loss of speed.
 
     Only after INIT: the kernel caps the read-ahead to what INIT negotiated (128 KiB) when
     it processes the reply, undoing any earlier setting."""
@@ -90,12 +99,17 @@ async def raise_kernel_readahead(initialized: trio.Event, mountpoint: str,
                 device = fields[2]
     if device is None:
         return
-    path = f"/sys/class/bdi/{device}/read_ahead_kb"
-    try:
-        with open(path, "w") as bdi:
-            bdi.write(str(kilobytes))
-    except OSError as exc:
-        log.debug("kernel read-ahead left at its default (%s)", exc)
+    for name, value in (("read_ahead_kb", KERNEL_READ_AHEAD_KB),
+                        ("max_bytes", KERNEL_DIRTY_MAX)):  # max_bytes: Linux 6.2+
+        path = f"/sys/class/bdi/{device}/{name}"
+        try:
+            if name == "max_bytes":  # only ever lowered (a small machine's may be lower)
+                with open(path) as bdi:
+                    value = min(value, int(bdi.read()))
+            with open(path, "w") as bdi:
+                bdi.write(str(value))
+        except (OSError, ValueError) as exc:
+            log.debug("kernel %s left at its default (%s)", name, exc)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -133,7 +147,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals)
-        nursery.start_soon(raise_kernel_readahead, operations.initialized, config.mountpoint)
+        nursery.start_soon(tune_kernel_bdi, operations.initialized, config.mountpoint)
         nursery.start_soon(pages.run, find_fuse_fd())
         ready()
         try:
