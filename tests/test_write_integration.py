@@ -263,6 +263,28 @@ def test_uploaded_parts_leave_the_page_cache(mount):
     assert "offset 12582912 goes into part 2" in mount.log()
 
 
+def test_without_writeback_cache_reads_of_freed_parts_are_ebusy(seaweed, mount_factory):
+    """With writeback_cache=off the kernel never reads before a write: a read through the
+    writing descriptor is a real read (EBUSY), and a write into a freed part reaches the file
+    system itself (EINVAL at once)."""
+    m = mount_factory(seaweed, "writeback_cache=off")
+    data = os.urandom(40 * MiB)
+    fd = os.open(m.path / "direct", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 4096, 12 * MiB)
+        assert info.value.errno == errno.EBUSY
+        with pytest.raises(OSError) as info:
+            os.pwrite(fd, b"XXXX", 12 * MiB)
+        assert info.value.errno == errno.EINVAL
+        assert os.pread(fd, 4, 4) == data[4:8]  # part 1 is still held
+    finally:
+        os.close(fd)
+    assert_object(m, "direct", data)
+
+
 def test_unlink_while_writing(mount):
     fd = os.open(mount.path / "gone", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.write(fd, os.urandom(10 * MiB))
