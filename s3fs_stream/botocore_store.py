@@ -271,7 +271,11 @@ class BotocoreStore:
 
     async def _send_checked(self, what: str, fn, body, **kwargs) -> dict:
         """Send `body` with its checksum and check the server's echo, all in the worker
-        thread: hashing 8 MiB takes milliseconds the event loop should not wait for."""
+        thread: hashing 8 MiB takes milliseconds the event loop should not wait for.
+        Bytes and bytearrays go as they are; botocore takes no other buffers."""
+        if not isinstance(body, bytes | bytearray):
+            body = bytes(body)
+
         def send(**kwargs):
             checks = self._checksum_args(body)
             r = fn(Body=body, **checks, **kwargs)
@@ -282,7 +286,7 @@ class BotocoreStore:
 
     async def put(self, key: str, data, options: PutOptions) -> str:
         r = await self._send_checked(self._where("PutObject", key), self._client.put_object,
-                                     bytes(data), Bucket=self.bucket, Key=key,
+                                     data, Bucket=self.bucket, Key=key,
                                      **self._put_args(options))
         return r.get("ETag", "")
 
@@ -298,11 +302,10 @@ class BotocoreStore:
         return r["UploadId"]
 
     async def upload_part(self, key: str, upload_id: str, number: int, data) -> UploadedPart:
-        body = data if isinstance(data, bytes | bytearray) else bytes(data)
         r = await self._send_checked(self._where(f"UploadPart {number}", key),
-                                     self._client.upload_part, body, Bucket=self.bucket,
+                                     self._client.upload_part, data, Bucket=self.bucket,
                                      Key=key, UploadId=upload_id, PartNumber=number)
-        return UploadedPart(number, r["ETag"], len(body))
+        return UploadedPart(number, r["ETag"], len(data))
 
     async def upload_part_copy(self, key: str, upload_id: str, number: int, source_key: str,
                                start: int, end: int, source_etag: str | None) -> UploadedPart:

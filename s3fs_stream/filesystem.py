@@ -44,7 +44,9 @@ class Handle:
     writer: StreamingWriter | None = None
     reader: RangedReader | None = None
     keep_cache: bool = False
-    writing: bool = False  # opened for writing
+    # opened for writing with the writeback cache on: the kernel reads through it to complete
+    # a page before a partial-page write (a program's own read looks the same)
+    patching: bool = False
 
 
 @dataclass
@@ -425,18 +427,16 @@ class FileSystem:
                                  size=0, etag="", has_metadata=True, expires=0.0)
         node.lookups += 1
         self._writers[node.inode] = self._new_writer(node, meta)
-        writing = flags & os.O_ACCMODE != os.O_RDONLY
-        return self._add_handle(node, self._writers[node.inode], writing=writing), node
+        return self._add_handle(node, self._writers[node.inode],
+                                writing=_for_writing(flags)), node
 
     def _new_writer(self, node: Node, meta: FileMeta) -> StreamingWriter:
         def completed(etag: str, size: int) -> None:
             node.etag, node.size = etag, size
             node.has_metadata = True
 
-        def drop_pages(start: int, length: int) -> None:
-            if self._drop_pages:
-                self._drop_pages(node.inode, start, length)
-
+        drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages
+                      else None)
         return StreamingWriter(self.key(node.path), node.path, self.store, self._pool,
                                self.budget, self.schedule, meta, self._content_type(node.path),
                                self.config.memory_wait, completed, drop_pages)
@@ -445,7 +445,8 @@ class FileSystem:
                     reader: RangedReader | None = None, keep_cache: bool = False,
                     writing: bool = False) -> int:
         fh = next(self._fh_numbers)
-        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing)
+        patching = writing and self.config.writeback_cache
+        self._handles[fh] = Handle(node, writer, reader, keep_cache, patching)
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
@@ -455,9 +456,8 @@ class FileSystem:
         node = self._node(inode)
         if node.is_dir:
             raise FsError("", errno.EISDIR)
-        writing = flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR)
         writer = self._writers.get(inode)
-        if writing:
+        if _for_writing(flags):
             self._check_writable()
             if writer is not None:
                 if flags & os.O_TRUNC:
@@ -486,7 +486,7 @@ class FileSystem:
     def keep_cache(self, fh: int) -> bool:
         return self._handles[fh].keep_cache
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
+    async def read(self, fh: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         handle = self._handles[fh]
         if handle.reader is not None:
             try:
@@ -497,10 +497,7 @@ class FileSystem:
                     handle.node.cached_etag = None
                 raise
         if handle.writer is not None:
-            # with the writeback cache, the kernel reads through a writing handle to complete
-            # a page before a partial-page write (a program's own read looks the same)
-            patching = handle.writing and self.config.writeback_cache
-            return await handle.writer.read_held(offset, length, patching)
+            return await handle.writer.read_held(offset, length, handle.patching)
         raise FsError("", errno.EBADF)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -557,6 +554,10 @@ class FileSystem:
             with trio.move_on_after(30):
                 await writer.release()
         self._writers.clear()
+
+
+def _for_writing(flags: int) -> bool:
+    return flags & os.O_ACCMODE != os.O_RDONLY
 
 
 def _int(text: str | None, default: int | None = None) -> int | None:

@@ -99,17 +99,22 @@ async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
                 device = fields[2]
     if device is None:
         return
-    for name, value in (("read_ahead_kb", KERNEL_READ_AHEAD_KB),
-                        ("max_bytes", KERNEL_DIRTY_MAX)):  # max_bytes: Linux 6.2+
-        path = f"/sys/class/bdi/{device}/{name}"
-        try:
-            if name == "max_bytes":  # only ever lowered (a small machine's may be lower)
-                with open(path) as bdi:
-                    value = min(value, int(bdi.read()))
-            with open(path, "w") as bdi:
-                bdi.write(str(value))
-        except (OSError, ValueError) as exc:
-            log.debug("kernel %s left at its default (%s)", name, exc)
+    _set_bdi(device, "read_ahead_kb", lambda _: KERNEL_READ_AHEAD_KB)
+    # only ever lowered: a small machine's default may be lower still (Linux 6.2+)
+    _set_bdi(device, "max_bytes", lambda default: min(KERNEL_DIRTY_MAX, default))
+
+
+def _set_bdi(device: str, name: str, value: Callable[[int], int]) -> None:
+    """Set /sys/class/bdi/DEVICE/NAME to `value(current)`; a missing file or no permission
+    leaves the kernel's default."""
+    path = f"/sys/class/bdi/{device}/{name}"
+    try:
+        with open(path) as bdi:
+            current = int(bdi.read())
+        with open(path, "w") as bdi:
+            bdi.write(str(value(current)))
+    except (OSError, ValueError) as exc:
+        log.debug("kernel %s left at its default (%s)", name, exc)
 
 
 def fuse_options(config: MountConfig) -> set[str]:

@@ -54,7 +54,6 @@ class Part:
     capacity: int  # full size by the schedule
     buf: bytearray = field(default_factory=bytearray)
     length: int = 0
-    recycled: bool = False  # `buf` is a full-size buffer from the budget
     reserved: int = 0  # budget bytes behind `buf`: `own` from the writer's working set, the
     own: int = 0       # rest borrowed from the shared budget
     idle: trio.Event = field(default_factory=trio.Event)  # set while no upload runs
@@ -68,6 +67,12 @@ class Part:
     @property
     def full(self) -> bool:
         return self.length == self.capacity
+
+    @property
+    def recycled(self) -> bool:
+        """`buf` is a full-size buffer from the budget (a growing one stays small: only an
+        admitted writer's parts get past SMALL_FILE)."""
+        return len(self.buf) == self.capacity
 
     @property
     def uploading(self) -> bool:
@@ -88,7 +93,7 @@ class Part:
     def move_to(self, buf: bytearray) -> None:
         """Continue in a full-size recycled buffer."""
         buf[:self.length] = memoryview(self.buf)[:self.length]
-        self.buf, self.recycled = buf, True
+        self.buf = buf
 
     def payload(self) -> bytes | bytearray:
         """What an upload sends: the buffer itself when it is all data (nothing changes it
@@ -192,7 +197,8 @@ class StreamingWriter:
             self.changed = True
             return len(data)
 
-    async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
+    async def read_held(self, offset: int, length: int,
+                        for_writing: bool = False) -> bytearray:
         """Bytes served from what is still in memory.
 
         Elsewhere EBUSY for a reader. `for_writing`: the read comes through a handle opened
@@ -214,9 +220,9 @@ class StreamingWriter:
                     raise FsError(f"{self.name}: bytes at offset {position} are being uploaded "
                                   "and no longer held in memory; read after close", errno.EBUSY)
                 take = min(end - position, part.length - within)
-                out += part.buf[within:within + take]
+                out += memoryview(part.buf)[within:within + take]
                 position += take
-            return bytes(out)
+            return out
 
     async def fsync(self) -> None:
         """Make every byte written so far durable as parts of the open upload."""
@@ -539,11 +545,7 @@ class StreamingWriter:
             results[number] = await self._store.upload_part_copy(
                 self.key, self._upload_id, number, self.key, start, end, source_etag)
 
-        try:
-            await run_parallel(functools.partial(copy, n) for n in copies)
-        except FsError as exc:
-            self._fail(exc)
-            raise FsError(str(exc), errno.EIO) from None
+        await self._sticky(run_parallel(functools.partial(copy, n) for n in copies))
         self._uploaded.update(results)
         for part in self._parts.values():
             part.dirty = True
@@ -593,7 +595,7 @@ class StreamingWriter:
         if part.recycled:
             self._budget.recycle(part.buf)
         part.reserved = part.own = 0
-        part.buf, part.length, part.recycled = bytearray(), 0, False
+        part.buf, part.length = bytearray(), 0
         self._parts.pop(part.number, None)
 
     def _free_all(self) -> None:

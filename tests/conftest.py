@@ -136,6 +136,16 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
+    """Poll `condition()` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return bool(condition())
+        time.sleep(interval)
+    return True
+
+
 def run_with_timeout(fn, timeout: float, log=None):
     """Run fn in a thread; fail the test (instead of hanging) if it does not return in time,
     with the tail of `log()` (a mount's log) when given."""

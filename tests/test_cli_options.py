@@ -2,6 +2,7 @@
 
 import pytest
 
+from s3fs_stream.botocore_store import payload_signing
 from s3fs_stream.cli import build_config, parse_size
 from s3fs_stream.errors import QuietError
 
@@ -50,8 +51,6 @@ def test_budget_must_hold_two_parts():
 
 
 def test_sign_payload_follows_the_checksum_unless_set():
-    from s3fs_stream.botocore_store import payload_signing
-
     def signing(options: str) -> bool:
         return payload_signing(build_config(["b", "/mnt", "-o", options]).store)
 

@@ -22,25 +22,27 @@ async def read_messages(fd: int, count: int) -> list[tuple]:
 
 async def test_whole_folios_inside_each_range_become_inval_inode_notifications(nursery):
     read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    dropper = PageCacheDropper()
-    nursery.start_soon(dropper.run, write_end)
-    await trio.testing.wait_all_tasks_blocked()
-    dropper.drop(7, 8 * MiB, 8 * MiB)  # default parts: the whole range
-    dropper.drop(7, 5 * MiB, 5 * MiB)  # 5 MiB parts: only the 2 MiB blocks inside, 6-10 MiB
-    dropper.drop(7, 5 * MiB, 2 * MiB)  # no whole 2 MiB block inside: nothing
-    assert await read_messages(read_end, 2) == [(40, 2, 0, 7, 8 * MiB, 8 * MiB),
-                                                (40, 2, 0, 7, 6 * MiB, 4 * MiB)]
-    dropper.stop()  # the daemon no longer answers the kernel: nothing more is sent
-    dropper.drop(7, 16 * MiB, 8 * MiB)
-    await trio.testing.wait_all_tasks_blocked()
-    await trio.sleep(0.05)
     try:
-        assert os.read(read_end, 4096) == b""
-    except BlockingIOError:
-        pass
-    os.close(read_end)
-    os.close(write_end)
+        os.set_blocking(read_end, False)
+        dropper = PageCacheDropper()
+        nursery.start_soon(dropper.run, write_end)
+        await trio.testing.wait_all_tasks_blocked()
+        dropper.drop(7, 8 * MiB, 8 * MiB)  # default parts: the whole range
+        dropper.drop(7, 5 * MiB, 5 * MiB)  # 5 MiB parts: only the 2 MiB blocks inside, 6-10
+        dropper.drop(7, 5 * MiB, 2 * MiB)  # no whole 2 MiB block inside: nothing
+        assert await read_messages(read_end, 2) == [(40, 2, 0, 7, 8 * MiB, 8 * MiB),
+                                                    (40, 2, 0, 7, 6 * MiB, 4 * MiB)]
+        dropper.stop()  # the daemon no longer answers the kernel: nothing more is sent
+        dropper.drop(7, 16 * MiB, 8 * MiB)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.05)
+        try:
+            assert os.read(read_end, 4096) == b""
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 async def test_without_a_fuse_descriptor_nothing_is_queued():

@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from conftest import bucket_with, new_bucket, require, run_with_timeout, sha
+from conftest import bucket_with, new_bucket, require, run_with_timeout, sha, wait_until
 
 MiB = 1024 * 1024
 BIG = 64 * MiB
@@ -23,13 +24,9 @@ def payload(size: int, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-
-
 def read_file(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
 
 
 # ---------------------------------------------------------------- both servers
@@ -87,15 +84,14 @@ def test_kernel_bdi_tuned_after_init(seaweed, mount_factory, big_bucket):
     bucket, _ = big_bucket
     m = mount_factory(seaweed, bucket=bucket)
     device = os.stat(m.path).st_dev
-    bdi = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}"
-    deadline = time.monotonic() + 5
-    while open(f"{bdi}/read_ahead_kb").read().strip() != "1024" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert open(f"{bdi}/read_ahead_kb").read().strip() == "1024"
-    if os.path.exists(f"{bdi}/max_bytes"):  # Linux 6.2+; kept as a ratio, so not exact
-        while int(open(f"{bdi}/max_bytes").read()) > 18 * MiB and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert int(open(f"{bdi}/max_bytes").read()) <= 18 * MiB
+    bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}")
+
+    def setting(name: str) -> int:
+        return int((bdi / name).read_text())
+
+    assert wait_until(lambda: setting("read_ahead_kb") == 1024, 5), setting("read_ahead_kb")
+    if (bdi / "max_bytes").exists():  # Linux 6.2+; kept as a ratio, so not exact
+        assert wait_until(lambda: setting("max_bytes") <= 18 * MiB, 5), setting("max_bytes")
 
 
 def test_big_reverse_chunks(seaweed, mount_factory, big_bucket):

@@ -43,8 +43,6 @@ FFMPEG_CASES = {
 }
 
 
-
-
 def duration(path: Path) -> float:
     out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
                           "-of", "csv=p=0", str(path)], capture_output=True, text=True,

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import run_with_timeout, sha
+from conftest import run_with_timeout, sha, wait_until
 
 MiB = 1024 * 1024
 SIZES = [0, 1, 8 * MiB - 1, 8 * MiB, 8 * MiB + 1]
@@ -249,10 +249,8 @@ def test_uploaded_parts_leave_the_page_cache(mount):
         for start in range(0, len(data), MiB):
             os.write(fd, data[start:start + MiB])
         os.fsync(fd)  # every part uploaded; full ones but part 1 and the last leave memory
-        deadline = time.monotonic() + 10
-        while (cached := resident_bytes(fd, len(data))) > 24 * MiB:
-            assert time.monotonic() < deadline, f"{cached >> 20} MiB of 96 still cached"
-            time.sleep(0.1)
+        assert wait_until(lambda: resident_bytes(fd, len(data)) <= 24 * MiB, 10, 0.1), \
+            f"{resident_bytes(fd, len(data)) >> 20} MiB of 96 still cached"
         with pytest.raises(OSError) as info:
             os.pwrite(fd, b"XXXX", 12 * MiB)  # the kernel must read the page first: refused
         assert info.value.errno == errno.EINVAL
