@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 MiB = 1024 * 1024
+
+
+def default_max_memory() -> int:
+    """An eighth of the machine's memory, between 256 MiB and 4 GiB (3 GiB on a 24 GiB
+    box: room for 5 TiB objects, whose largest parts are 2 GiB). It is a ceiling: a single
+    stream uses about 100 MiB of it, each further writer about two parts more."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 2048 * MiB
+    return min(max(ram // 8 // MiB * MiB, 256 * MiB), 4096 * MiB)
 
 
 @dataclass(frozen=True)
@@ -35,9 +47,8 @@ class FsConfig:
     dir_mode: int = 0o755
     read_only: bool = False
     part_size: int = 8 * MiB
-    max_memory: int = 64 * MiB
+    max_memory: int = field(default_factory=default_max_memory)
     upload_concurrency: int = 4
-    memory_wait: float = 30.0  # seconds a write waits for budget before ENOMEM
     read_ahead_initial: int = 1 * MiB
     read_ahead_max: int = 32 * MiB
     read_concurrency: int = 4

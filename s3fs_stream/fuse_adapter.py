@@ -17,8 +17,9 @@ import pyfuse3
 import trio
 
 from .errors import FsError
-from .filesystem import FileSystem, SetAttr
+from .filesystem import FileSystem
 from .inode_table import Node
+from .object_meta import SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class FuseOperations(pyfuse3.Operations):
     def __init__(self, fs: FileSystem, writeback_cache: bool = True):
         super().__init__()
         self.fs = fs
+        self.namespace = fs.namespace
+        self.files = fs.files
         # the kernel coalesces small writes into up to 1 MiB requests: 4 KiB writers stream
         # at full speed instead of one FUSE round trip per write (README "Writeback cache")
         self.enable_writeback_cache = writeback_cache
@@ -78,15 +81,18 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._attributes(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        return self._attributes(await self.namespace.lookup(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
-            self.fs.forget(inode, count)
+            try:  # forget has no reply: nothing may escape to pyfuse3
+                self.fs.forget(inode, count)
+            except Exception:
+                log.exception("unexpected error forgetting inode %d", inode)
 
     @_converted
     async def getattr(self, inode, ctx=None):
-        return self._attributes(await self.fs.getattr(inode))
+        return self._attributes(await self.namespace.getattr(inode))
 
     @_converted
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -96,15 +102,15 @@ class FuseOperations(pyfuse3.Operations):
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
-        return self._attributes(await self.fs.setattr(inode, change))
+        return self._attributes(await self.namespace.setattr(inode, change, fh))
 
     @_converted
     async def opendir(self, inode, ctx):
-        return await self.fs.opendir(inode)
+        return await self.namespace.opendir(inode)
 
     @_converted
     async def readdir(self, fh, start_id, token):
-        for name, node, next_id in await self.fs.readdir(fh, start_id):
+        for name, node, next_id in await self.namespace.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(node),
                                          next_id):
                 break
@@ -112,56 +118,56 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def releasedir(self, fh):
-        self.fs.releasedir(fh)
+        self.namespace.releasedir(fh)
 
     @_converted
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = await self.fs.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        node = await self.namespace.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
         return self._attributes(node)
 
     @_converted
     async def rmdir(self, parent_inode, name, ctx):
-        await self.fs.rmdir(parent_inode, os.fsdecode(name))
+        await self.namespace.rmdir(parent_inode, os.fsdecode(name))
 
     @_converted
     async def unlink(self, parent_inode, name, ctx):
-        await self.fs.unlink(parent_inode, os.fsdecode(name))
+        await self.namespace.unlink(parent_inode, os.fsdecode(name))
 
     @_converted
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+        await self.namespace.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
                              os.fsdecode(name_new), flags)
 
     @_converted
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, node = await self.fs.create(parent_inode, os.fsdecode(name), mode, flags, ctx.uid,
+        fh, node = await self.namespace.create(parent_inode, os.fsdecode(name), mode, flags, ctx.uid,
                                         ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node)
 
     @_converted
     async def open(self, inode, flags, ctx):
-        fh = await self.fs.open(inode, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=self.fs.keep_cache(fh))
+        fh = await self.namespace.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self.files.keep_cache(fh))
 
     @_converted
     async def read(self, fh, off, size):
-        return await self.fs.read(fh, off, size)
+        return await self.files.read(fh, off, size)
 
     @_converted
     async def write(self, fh, off, buf):
-        return await self.fs.write(fh, off, buf)
+        return await self.files.write(fh, off, buf)
 
     @_converted
     async def flush(self, fh):
-        await self.fs.flush(fh)
+        await self.files.flush(fh)
 
     @_converted
     async def fsync(self, fh, datasync):
-        await self.fs.fsync(fh)
+        await self.files.fsync(fh)
 
     @_converted
     async def release(self, fh):
-        await self.fs.release(fh)
+        await self.files.release(fh)
 
     @_converted
     async def statfs(self, ctx):

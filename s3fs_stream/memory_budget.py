@@ -1,35 +1,80 @@
 """The one byte budget shared by every writer's part buffers and every reader's read-ahead.
 
-Writers wait for memory (backpressure: uploads in flight give it back); read-ahead only takes
-what is free right now and shrinks otherwise. A wait is bounded: a writer that cannot get its
-memory within `timeout` gets ENOMEM with a line saying who holds the budget, instead of a
-deadlock when every open file holds a partly filled part.
+Memory decides how fast writers go, never whether they succeed:
+
+- `acquire` waits, in FIFO order, and never fails for lack of memory (only a request larger
+  than the whole budget is refused, with EFBIG). A writer asking for its next buffer queues
+  behind the ones that asked first, so one fast writer cannot starve slow ones.
+- `try_acquire` (read-ahead, and writers taking a whole buffer when memory is plentiful)
+  succeeds only when nobody is waiting: extras never jump the queue.
+- While anyone waits, the reclaimer (`reclaim_forever`, a task of the mount's nursery) frees
+  memory from the registered holders (the writers), cheapest first: parts whose bytes are
+  already stored in S3 are dropped at once; while uploads are in flight it lets them finish
+  (each one returns its part); when nothing is in flight it evicts one part -- a full part is
+  uploaded, a partly filled one is spilled to a temporary object in the bucket. Spilling is
+  what keeps any number of writers from deadlocking: the kernel can park every writer's data
+  behind memory that only more data could free (README "Many files at once").
 
 The budget also recycles the large buffers behind reserved memory (part buffers, read-ahead
-segments). A fresh multi-MiB buffer costs a page fault per 4 KiB the first time it is
-filled -- measured at a tenth of the daemon's CPU while streaming -- so freed buffers are
-kept for the next part or segment of the same size, as long as idle buffers plus
-reservations stay within the limit, and all of them are let go once nothing is reserved.
+segments). A fresh multi-MiB buffer costs a page fault per 4 KiB the first time it is filled,
+so freed buffers are kept for the next part or segment of the same size, as long as idle
+buffers plus reservations stay within the limit, and all of them are let go once nothing is
+reserved.
 """
 
 from __future__ import annotations
 
 import errno
-import math
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
 from .errors import FsError
 
+log = logging.getLogger(__name__)
+
 RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reuses them anyway
+SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
+
+
+class MemoryHolder(Protocol):
+    """What the reclaimer needs from a writer. None of these take the writer's lock: they
+    only touch parts that are idle (no upload, spill or load running) and not pinned by a
+    request in progress."""
+
+    def drop_stored(self) -> None:
+        """Free every part whose bytes are stored in S3 and that can be read back."""
+
+    def busy(self) -> bool:
+        """An upload or spill is running: memory will come back without our help."""
+
+    def eviction_candidate(self) -> tuple[int, float, object] | None:
+        """(cost class, last use, part) of the part `evict` would free next, if any."""
+
+    async def evict(self, part: object) -> None:
+        """Store the part's bytes in S3 and free its memory (errors are the holder's)."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    amount: int
+    granted: trio.Event = field(default_factory=trio.Event)
 
 
 class MemoryBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self._released = trio.Event()  # replaced after every release; waiters re-check
         self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
+        self.peak = 0
+        self.spills = 0  # parts spilled to the bucket so far (reported in the log and status)
+        self._waiters: deque[_Waiter] = deque()
+        self._holders: set[MemoryHolder] = set()
+        self._pressure = trio.Event()  # set while someone waits
+        self._released = trio.Event()  # replaced after every release
         self._idle: dict[int, list[bytearray]] = {}  # recycled buffers by size
         self._idle_bytes = 0
 
@@ -41,50 +86,104 @@ class MemoryBudget:
     def free(self) -> int:
         return self.limit - self.used
 
+    @property
+    def under_pressure(self) -> bool:
+        return bool(self._waiters)
+
+    # -- taking and giving back ----------------------------------------------------------
+
     def try_acquire(self, amount: int) -> bool:
-        if amount > self.free:
+        """Take `amount` now if it is free and nobody is queued for memory."""
+        if self._waiters or amount > self.free:
             return False
         self._take(amount)
         return True
 
-    async def acquire(self, amount: int, timeout: float = math.inf, what: str = "") -> None:
-        """Take `amount` bytes, waiting up to `timeout` s for others to release them."""
+    async def acquire(self, amount: int, what: str = "") -> None:
+        """Take `amount`, waiting in line as long as it takes (the reclaimer makes room)."""
         if amount > self.limit:
             raise FsError(f"{what}: needs {amount >> 20} MiB but max_memory is "
                           f"{self.limit >> 20} MiB; raise max_memory", errno.EFBIG)
-        with trio.move_on_after(timeout):
-            while amount > self.free:
-                await self._released.wait()
-            self._take(amount)
+        if self.try_acquire(amount):
             return
-        raise FsError(f"{what}: no memory for {amount >> 20} MiB within {timeout:.0f} s: "
-                      f"{self.used >> 20} of {self.limit >> 20} MiB max_memory is held by other "
-                      f"open files; raise max_memory or write fewer files at once", errno.ENOMEM)
-
-    def _take(self, amount: int) -> None:
-        self.used += amount
-        self._trim_idle()
+        waiter = _Waiter(amount)
+        self._waiters.append(waiter)
+        self._pressure.set()
+        try:
+            await waiter.granted.wait()
+        except BaseException:
+            if waiter.granted.is_set():
+                self.release(amount)
+            else:
+                self._waiters.remove(waiter)
+                self._grant()  # the next in line may fit now
+            raise
 
     def release(self, amount: int) -> None:
         if amount <= 0:
             return
         self.used -= amount
         assert self.used >= 0, "memory budget released more than it gave"
+        self._grant()
         self._released.set()
         self._released = trio.Event()
         if not self.used:
             self._trim_idle(keep=0)
 
+    def _grant(self) -> None:
+        while self._waiters and self._waiters[0].amount <= self.free:
+            waiter = self._waiters.popleft()
+            self._take(waiter.amount)
+            waiter.granted.set()
+
+    def _take(self, amount: int) -> None:
+        self.used += amount
+        self.peak = max(self.peak, self.used)
+        self._trim_idle()
+
+    # -- reclaiming ------------------------------------------------------------------------
+
+    def register(self, holder: MemoryHolder) -> None:
+        self._holders.add(holder)
+
+    def unregister(self, holder: MemoryHolder) -> None:
+        self._holders.discard(holder)
+
+    async def reclaim_forever(self) -> None:
+        """Make room for waiters for as long as the mount runs."""
+        while True:
+            if not self._waiters:
+                self._pressure = trio.Event()
+                await self._pressure.wait()
+            await self.reclaim_once()
+
+    async def reclaim_once(self) -> None:
+        """One round: drop what is stored, else let uploads return memory, else evict."""
+        for holder in list(self._holders):
+            holder.drop_stored()
+        if not self._waiters:
+            return
+        if any(holder.busy() for holder in self._holders):
+            with trio.move_on_after(SETTLE):
+                await self._released.wait()
+            return
+        candidates = [(found, holder) for holder in list(self._holders)
+                      if (found := holder.eviction_candidate()) is not None]
+        if not candidates:
+            # everything is pinned by requests in progress: they finish on their own
+            with trio.move_on_after(SETTLE):
+                await self._released.wait()
+            return
+        (_, _, part), holder = min(candidates, key=lambda c: c[0][:2])
+        await holder.evict(part)
+
     # -- recycled buffers --------------------------------------------------------------
 
-    def buffer(self, size: int) -> bytearray | None:
+    def buffer(self, size: int) -> bytearray:
         """A buffer of `size` bytes for memory already reserved; recycled when one is idle.
 
         Its contents are whatever the last user left: callers track their own lengths.
-        None below RECYCLE_MIN: small buffers are left to malloc.
         """
-        if size < RECYCLE_MIN:
-            return None
         idle = self._idle.get(size)
         if idle:
             self._idle_bytes -= size

@@ -9,6 +9,7 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 
 import pyfuse3
@@ -75,6 +76,11 @@ def limit_malloc_caching() -> None:
 
 KERNEL_READ_AHEAD_KB = 1024
 KERNEL_DIRTY_MAX = 16 * 1024 * 1024
+# Requests handled at once. A WRITE waiting for memory holds one of them (and, with the
+# writeback cache, one of the kernel's background slots), so both are raised well above
+# what a few dozen files written at once park, leaving room for lookups and reads.
+MAX_TASKS = 48
+MAX_BACKGROUND = 32
 
 
 async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
@@ -102,6 +108,25 @@ async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
     _set_bdi(device, "read_ahead_kb", lambda _: KERNEL_READ_AHEAD_KB)
     # only ever lowered: a small machine's default may be lower still (Linux 6.2+)
     _set_bdi(device, "max_bytes", lambda default: min(KERNEL_DIRTY_MAX, default))
+    _raise_max_background(device)
+
+
+def _raise_max_background(device: str) -> None:
+    """FUSE lets the kernel keep 12 background requests (writeback WRITEs) in flight; raise
+    it so that files whose writes wait for memory do not hold back everyone else's. The
+    fusectl file system is mounted when it is not (root only; otherwise the default stays)."""
+    connections = "/sys/fs/fuse/connections"
+    minor = device.split(":")[1]
+    if not os.path.isdir(f"{connections}/{minor}"):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", connections],
+                       capture_output=True, timeout=10)
+    for name, value in (("max_background", MAX_BACKGROUND),
+                        ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
+        try:
+            with open(f"{connections}/{minor}/{name}", "w") as control:
+                control.write(str(value))
+        except OSError as exc:
+            log.debug("kernel %s left at its default (%s)", name, exc)
 
 
 def _set_bdi(device: str, name: str, value: Callable[[int], int]) -> None:
@@ -142,6 +167,8 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         pages = PageCacheDropper()
         fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
                         pages.drop)
+        nursery.start_soon(budget.reclaim_forever)
+        nursery.start_soon(_delete_stale_spills, fs)
         operations = FuseOperations(fs, config.fs.writeback_cache)
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
@@ -156,15 +183,22 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         nursery.start_soon(pages.run, find_fuse_fd())
         ready()
         try:
-            await pyfuse3.main(min_tasks=2, max_tasks=8)
+            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
         finally:
             pages.stop()  # nobody answers the kernel any more
             with trio.move_on_after(60, shield=True):
-                await fs.shutdown()
+                await fs.files.shutdown()
                 await pool.close()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s", config.mountpoint)
             nursery.cancel_scope.cancel()
+
+
+async def _delete_stale_spills(fs: FileSystem) -> None:
+    try:
+        await fs.spill.delete_stale()
+    except StoreError as exc:
+        log.warning("could not look for temporary objects of crashed mounts: %s", exc)
 
 
 async def _terminate_on_signals() -> None:

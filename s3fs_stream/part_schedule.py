@@ -4,7 +4,7 @@ The writer never knows the final size, so part n has size
     min(first * 2 ** ((n - 1) // PARTS_PER_STEP), largest)
 where `largest` is the biggest power-of-two multiple of `first` the memory budget admits.
 With 8 MiB first parts and a 64 MiB budget that is 8 MiB ×1000, 16 MiB ×1000, then 32 MiB:
-10,000 parts reach 273 GiB. The schedule is derivable from the parts themselves (part 1 is
+10,000 parts reach 273 GiB; a 3 GiB budget allows 2 GiB parts and 5.9 TiB. The schedule is derivable from the parts themselves (part 1 is
 `first`, the largest part seen is at most `largest`), which is what lets recovery tell a full
 part from a provisional short one.
 """
@@ -20,10 +20,10 @@ MAX_PART = 5 * 1024**3
 
 
 def largest_part_for_budget(first: int, max_memory: int) -> int:
-    """The biggest part one writer may fill: its held part 1 plus the filling part and one
-    more being uploaded must fit in the budget."""
+    """The biggest part one writer may fill: it is held whole while it fills, and beside it
+    the budget keeps room for at least one first-size part of any other writer."""
     largest = first
-    while largest * 2 <= MAX_PART and first + 2 * (largest * 2) <= max_memory:
+    while largest * 2 <= MAX_PART and first + largest * 2 <= max_memory:
         largest *= 2
     return largest
 

@@ -1,4 +1,8 @@
-"""An in-memory ObjectStore for unit tests of pure logic (never for integration tests)."""
+"""An in-memory ObjectStore for unit tests of pure logic (never for integration tests).
+
+It enforces the S3 rules the file system must live with: parts of at least 5 MiB except the
+last, part numbers 1..10,000, completion with the latest ETag of each part, copy ranges
+within the source, and listings in pages of at most `page_size` entries."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import trio
 from s3fs_stream.errors import NoSuchUpload, NotFound, PreconditionFailed, StoreError
 from s3fs_stream.object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
+MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
+
 
 class MemoryStore:
     def __init__(self, bucket: str = "unit"):
@@ -21,6 +27,8 @@ class MemoryStore:
         self.calls: list[tuple] = []
         self.fail_parts = False  # make every UploadPart fail (a dead server)
         self.delay = 0.0
+        self.page_size = 1000  # ListObjectsV2 pages (smaller to test pagination)
+        self.modified: dict[str, float] = {}  # LastModified overrides (seconds)
 
     async def _step(self, *call):
         self.calls.append(call)
@@ -49,18 +57,27 @@ class MemoryStore:
         return memoryview(into)[:end - start]
 
     async def list_page(self, prefix, delimiter="/", token=None, max_keys=1000):
+        """Paginated like S3: at most `max_keys` objects and prefixes per page, in key order;
+        the token is the last key or prefix returned."""
         await self._step("list_page", prefix)
-        objects, prefixes = [], set()
+        max_keys = min(max_keys, self.page_size)
+        entries: dict[str, ObjectInfo | None] = {}
         for key in sorted(self.objects):
             if not key.startswith(prefix):
                 continue
             rest = key[len(prefix):]
             if delimiter and delimiter in rest:
-                prefixes.add(prefix + rest.split(delimiter)[0] + delimiter)
+                entries.setdefault(prefix + rest.split(delimiter)[0] + delimiter, None)
             else:
                 data, _, etag = self.objects[key]
-                objects.append(ObjectInfo(key, len(data), etag, time.time(), has_metadata=False))
-        return ListPage(objects, sorted(prefixes), None)
+                entries[key] = ObjectInfo(key, len(data), etag,
+                                          self.modified.get(key) or time.time(),
+                                          has_metadata=False)
+        names = sorted(name for name in entries if token is None or name > token)
+        page = names[:max_keys]
+        more = len(names) > max_keys
+        return ListPage([entries[n] for n in page if entries[n] is not None],
+                        [n for n in page if entries[n] is None], page[-1] if more else None)
 
     def _store(self, key, data, meta):
         etag = '"' + hashlib.md5(data).hexdigest() + '"'
@@ -79,6 +96,8 @@ class MemoryStore:
 
     async def upload_part(self, key, upload_id, number, data):
         data = bytes(data)
+        if not 1 <= number <= 10_000:
+            raise StoreError(f"InvalidArgument: part number {number}")
         await self._step("upload_part", key, number, len(data))
         if self.fail_parts:
             raise StoreError("injected failure")
@@ -91,7 +110,13 @@ class MemoryStore:
     async def upload_part_copy(self, key, upload_id, number, source_key, start, end,
                                source_etag):
         await self._step("upload_part_copy", key, number, start, end)
+        if upload_id not in self.uploads:
+            raise NoSuchUpload(upload_id)
+        if source_key not in self.objects:
+            raise NotFound(source_key)
         data, _, etag = self.objects[source_key]
+        if end > len(data) or end - start > 5 * 1024**3:
+            raise StoreError("InvalidRange")
         if source_etag and source_etag != etag:
             raise PreconditionFailed(source_key)
         piece = data[start:end]
@@ -101,9 +126,17 @@ class MemoryStore:
 
     async def complete(self, key, upload_id, parts):
         await self._step("complete", key, [p.number for p in parts])
-        _, stored, options = self.uploads.pop(upload_id)
+        _, stored, options = self.uploads[upload_id]
+        numbers = [p.number for p in parts]
+        if numbers != sorted(set(numbers)) or not numbers:
+            raise StoreError("InvalidPartOrder")
         for part in parts:
-            assert stored[part.number][1] == part.etag, "completed with a stale ETag"
+            if part.number not in stored or stored[part.number][1] != part.etag:
+                raise StoreError(f"InvalidPart: {part.number}")
+        for part in parts[:-1]:
+            if len(stored[part.number][0]) < MIN_PART:
+                raise StoreError(f"EntityTooSmall: part {part.number}")
+        del self.uploads[upload_id]
         data = b"".join(stored[p.number][0] for p in sorted(parts, key=lambda p: p.number))
         return self._store(key, data, options.metadata)
 

@@ -16,16 +16,22 @@ def test_default_schedule_grows_past_fixed_8mib_limit():
     assert schedule.size(1) == 8 * MiB
     assert schedule.size(1000) == 8 * MiB
     assert schedule.size(1001) == 16 * MiB
-    assert schedule.size(2001) == 16 * MiB  # capped by the 64 MiB budget
+    assert schedule.size(2001) == 32 * MiB
+    assert schedule.size(3001) == 32 * MiB  # capped by the 64 MiB budget
     assert schedule.max_object_size > 78 * 1024 * MiB
-    assert schedule.max_object_size == (1000 * 8 + 9000 * 16) * MiB
+    assert schedule.max_object_size == (1000 * 8 + 1000 * 16 + 8000 * 32) * MiB
 
 
 def test_larger_budget_allows_larger_parts():
-    assert largest_part_for_budget(8 * MiB, 64 * MiB) == 16 * MiB
-    assert largest_part_for_budget(8 * MiB, 1024 * MiB) == 256 * MiB
+    assert largest_part_for_budget(8 * MiB, 64 * MiB) == 32 * MiB
+    assert largest_part_for_budget(8 * MiB, 1024 * MiB) == 512 * MiB
     big = PartSchedule.for_budget(8 * MiB, 2048 * MiB)
     assert big.max_object_size > 2 * 1024**4
+
+
+def test_default_budget_reaches_s3s_largest_object():
+    """3 GiB (an eighth of a 24 GiB machine) allows 2 GiB parts: past S3's 5 TiB."""
+    assert PartSchedule.for_budget(8 * MiB, 3072 * MiB).max_object_size > 5 * 1024**4
 
 
 @given(st.integers(min_value=0, max_value=10**13))

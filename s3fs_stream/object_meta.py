@@ -1,0 +1,110 @@
+"""Object metadata ↔ file attributes, in s3fs-fuse's headers and formats (pure functions).
+
+mode, uid, gid and mtime travel as `x-amz-meta-mode`, `-uid`, `-gid` and `-mtime` (seconds,
+optionally with a fraction), so buckets written by s3fs-fuse look right here and the other
+way round. Objects without them get the mount's defaults and their LastModified.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import stat
+import time
+from dataclasses import dataclass, replace
+
+from .config import FsConfig
+from .object_store import ObjectInfo
+
+
+@dataclass
+class FileMeta:
+    """What an object the mount writes carries as x-amz-meta-*."""
+
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    mtime_explicit: bool = False  # set by utimes to a time other than "now"
+
+    def to_headers(self, with_mtime: bool = True) -> dict[str, str]:
+        headers = {"mode": str(self.mode), "uid": str(self.uid), "gid": str(self.gid)}
+        if with_mtime:
+            headers["mtime"] = format_mtime(self.mtime_ns)
+        return headers
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """The attributes a setattr request changes (None: unchanged)."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    mtime_ns: int | None = None
+
+
+def format_mtime(mtime_ns: int) -> str:
+    seconds, nanos = divmod(mtime_ns, 1_000_000_000)
+    return f"{seconds}.{nanos:09d}" if nanos else str(seconds)
+
+
+def parse_mtime(text: str) -> int | None:
+    """x-amz-meta-mtime as s3fs-fuse writes it ("1700000000" or "1700000000.123456789")."""
+    try:
+        seconds, _, fraction = text.strip().partition(".")
+        nanos = int((fraction + "000000000")[:9]) if fraction else 0
+        return int(seconds) * 1_000_000_000 + nanos
+    except ValueError:
+        return None
+
+
+def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
+    """`meta` with a setattr applied. A "now" mtime (the kernel's own, or `touch`) within two
+    seconds of `started_ns` is left to the completion time; an older one is kept as given."""
+    updates: dict = {}
+    if change.mode is not None:
+        updates["mode"] = stat.S_IFREG | stat.S_IMODE(change.mode)
+    if change.uid is not None:
+        updates["uid"] = change.uid
+    if change.gid is not None:
+        updates["gid"] = change.gid
+    if change.mtime_ns is not None:
+        updates["mtime_ns"] = change.mtime_ns
+        updates["mtime_explicit"] = change.mtime_ns < started_ns - 2_000_000_000
+    return replace(meta, **updates) if updates else meta
+
+
+def file_attrs(info: ObjectInfo, config: FsConfig) -> dict:
+    """Node attributes of an object, from its metadata where it has some."""
+    meta = info.metadata
+    mode = to_int(meta.get("mode"), config.file_mode)
+    mtime_ns = parse_mtime(meta["mtime"]) if "mtime" in meta else None
+    return dict(mode=stat.S_IFREG | stat.S_IMODE(mode),
+                uid=to_int(meta.get("uid"), config.uid),
+                gid=to_int(meta.get("gid"), config.gid),
+                mtime_ns=mtime_ns if mtime_ns is not None else int(info.last_modified * 1e9),
+                size=info.size, etag=info.etag, has_metadata=info.has_metadata,
+                expires=time.monotonic() + config.attr_timeout if info.has_metadata else 0.0)
+
+
+def dir_attrs(config: FsConfig) -> dict:
+    return dict(mode=stat.S_IFDIR | config.dir_mode, uid=config.uid, gid=config.gid,
+                mtime_ns=time.time_ns(), expires=time.monotonic() + config.attr_timeout,
+                has_metadata=True)
+
+
+def content_type(path: str, choice: str) -> str | None:
+    """`content_type` option: "auto" guesses from the extension, "none" sends nothing."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return mimetypes.guess_type(path)[0] or "application/octet-stream"
+    return choice
+
+
+def to_int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default

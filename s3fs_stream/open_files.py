@@ -1,0 +1,256 @@
+"""Open files: the handle table, one writer per inode, readers per handle.
+
+A file opened for writing gets one StreamingWriter per inode, shared by all its handles (the
+kernel's writeback cache may send a file's writes through any of them). Reads go through a
+RangedReader per read-only handle, or through the writer while the file is being written.
+
+Who completes an object: the flush of a handle opened for writing that changed the file (a
+write, a truncation, O_TRUNC, a create), and the release of the last handle of a writer with
+changes left. A read-only handle never completes anything: a player probing a recording
+leaves it streaming.
+
+What may change across an await here: the writer table (an open may bind to a writer, a
+release may take it out), a handle's node path (rename), and the writer's own state. So the
+check for an existing writer and the insert of a new one happen with no await in between,
+and release takes a writer out of the table before it awaits anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .config import FsConfig
+from .errors import FsError
+from .inode_table import InodeTable, Node
+from .memory_budget import MemoryBudget
+from .object_meta import FileMeta, content_type
+from .object_store import ObjectStore
+from .part_schedule import PartSchedule
+from .ranged_reader import RangedReader
+from .spill_area import SpillArea
+from .upload_pool import UploadPool
+from .writer import Base, State, StreamingWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Handle:
+    node: Node
+    writer: StreamingWriter | None = None
+    reader: RangedReader | None = None
+    keep_cache: bool = False
+    writing: bool = False  # opened for writing
+    wrote: bool = False  # changed the file through this handle: its flush completes
+    # opened for writing with the writeback cache on: the kernel reads through it to complete
+    # a page before a partial-page write (a program's own read looks the same)
+    patching: bool = False
+
+
+class OpenFiles:
+    def __init__(self, store: ObjectStore, prefix: str, config: FsConfig, table: InodeTable,
+                 nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget,
+                 spill: SpillArea, drop_pages: Callable[[int, int, int], None] | None = None):
+        self.store = store
+        self.prefix = prefix
+        self.config = config
+        self.table = table
+        self._nursery = nursery
+        self._pool = pool
+        self.budget = budget
+        self._spill = spill
+        self._drop_pages = drop_pages  # (inode, start, length): kernel cache, best effort
+        self.schedule = PartSchedule.for_budget(config.part_size, config.max_memory)
+        self._handles: dict[int, Handle] = {}
+        self._fh_numbers = itertools.count(1)
+        self._writers: dict[int, StreamingWriter] = {}
+
+    # -- what the namespace asks ------------------------------------------------------------
+
+    def writer(self, inode: int) -> StreamingWriter | None:
+        return self._writers.get(inode)
+
+    def writers(self) -> list[tuple[int, StreamingWriter]]:
+        return list(self._writers.items())
+
+    def view(self, node: Node) -> Node:
+        """The node with what its writer knows (size, attributes) while it is being written."""
+        writer = self._writers.get(node.inode)
+        if writer is not None:
+            node.size = writer.size
+            node.mode, node.uid, node.gid = writer.meta.mode, writer.meta.uid, writer.meta.gid
+            node.mtime_ns = writer.meta.mtime_ns
+        return node
+
+    # -- opening -----------------------------------------------------------------------------
+
+    def create(self, node: Node, meta: FileMeta, flags: int) -> int:
+        """A new, empty file: a writer of its own and a handle that changed it."""
+        writer = self._writers.get(node.inode)
+        if writer is None:
+            writer = self._writers[node.inode] = self._new_writer(node, meta, None)
+        return self._add_handle(node, writer, writing=_for_writing(flags), wrote=True)
+
+    async def open(self, node: Node, flags: int) -> int:
+        """Open `node`, whose attributes the caller just refreshed (close-to-open)."""
+        writer = self._writers.get(node.inode)
+        if not _for_writing(flags):
+            if writer is not None:
+                return self._add_handle(node, writer)  # served from what the writer holds
+            reader = RangedReader(self.store, self.prefix + node.path, node.path, node.size,
+                                  node.etag, self.budget, self._nursery,
+                                  self.config.read_ahead_initial, self.config.read_ahead_max,
+                                  self.config.read_concurrency)
+            keep_cache = node.cached_etag == node.etag
+            node.cached_etag = node.etag
+            return self._add_handle(node, reader=reader, keep_cache=keep_cache)
+        if writer is None:
+            # an existing object opened for writing continues it (append, in-place changes)
+            meta = FileMeta(node.mode, node.uid, node.gid, time.time_ns())
+            writer = self._writers[node.inode] = self._new_writer(
+                node, meta, Base(node.etag, node.size))
+        fh = self._add_handle(node, writer, writing=True, wrote=bool(flags & os.O_TRUNC))
+        if flags & os.O_TRUNC:
+            try:
+                await writer.truncate(0)
+            except BaseException:
+                await self.release(fh)
+                raise
+        return fh
+
+    def _new_writer(self, node: Node, meta: FileMeta, base: Base | None) -> StreamingWriter:
+        def completed(etag: str, size: int) -> None:
+            node.etag, node.size = etag, size
+            node.has_metadata = True
+
+        drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages
+                      else None)
+        return StreamingWriter(self.prefix + node.path, node.path, self.store, self._pool,
+                               self.budget, self.schedule, self._spill, meta,
+                               content_type(node.path, self.config.content_type), base,
+                               completed, drop_pages)
+
+    def _add_handle(self, node: Node, writer: StreamingWriter | None = None,
+                    reader: RangedReader | None = None, keep_cache: bool = False,
+                    writing: bool = False, wrote: bool = False) -> int:
+        fh = next(self._fh_numbers)
+        patching = writing and self.config.writeback_cache
+        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing, wrote, patching)
+        node.open_handles += 1
+        if writer is not None:
+            writer.handles += 1
+        return fh
+
+    def keep_cache(self, fh: int) -> bool:
+        return self._handles[fh].keep_cache
+
+    # -- requests on handles -------------------------------------------------------------
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError("", errno.EBADF)
+        return handle
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes | bytearray | memoryview:
+        handle = self._handle(fh)
+        if handle.reader is not None:
+            try:
+                return await handle.reader.read(offset, length)
+            except FsError as exc:
+                if exc.errno == errno.ESTALE:
+                    handle.node.expires = 0.0  # the next open sees the new object
+                    handle.node.cached_etag = None
+                raise
+        return await handle.writer.read_held(offset, length, handle.patching)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
+        writer = handle.writer if handle.writing else None
+        if writer is None:
+            raise FsError("", errno.EBADF)
+        handle.wrote = True
+        return await writer.write(offset, data)  # the adapter logs what fails
+
+    async def truncate(self, fh: int | None, node: Node, size: int) -> None:
+        """ftruncate through a handle, or truncate(2) of a path (a writer of its own)."""
+        handle = self._handles.get(fh) if fh is not None else None
+        writer = self._writers.get(node.inode)
+        if writer is not None:
+            if handle is not None:
+                handle.wrote = True
+            await writer.truncate(size)
+            return
+        own = await self.open(node, os.O_WRONLY)
+        try:
+            self._handles[own].wrote = True
+            await self._writers[node.inode].truncate(size)
+            await self.flush(own)
+        finally:
+            await self.release(own)
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if handle is None or not handle.writing or not handle.wrote:
+            return
+        await handle.writer.flush()
+        handle.node.expires = time.monotonic() + self.config.attr_timeout
+
+    async def fsync(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if handle is not None and handle.writer is not None and handle.writing:
+            await handle.writer.fsync()
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        try:
+            if handle.reader is not None:
+                handle.reader.close()
+            writer = handle.writer
+            if writer is not None:
+                writer.handles -= 1
+                if writer.handles == 0:
+                    await self._last_close(handle.node, writer)
+        finally:
+            self.table.closed(handle.node)
+
+    async def _last_close(self, node: Node, writer: StreamingWriter) -> None:
+        # out of the table before any await: an open that comes meanwhile gets a new writer
+        # instead of one about to free its buffers
+        if self._writers.get(node.inode) is writer:
+            del self._writers[node.inode]
+        try:
+            if writer.state in (State.WRITING, State.COMPLETE):
+                try:  # writes or attributes that came after the last flush
+                    await writer.flush()
+                except FsError as exc:
+                    log.error("%s: completing at release failed: %s", writer.name,
+                              exc.message or os.strerror(exc.errno))
+        finally:
+            await writer.release()
+            node.expires = 0.0
+
+    async def shutdown(self) -> None:
+        """Unmounting: files still open are left as recoverable uploads, never completed."""
+        for _, writer in self.writers():
+            if writer.state is State.WRITING and writer.changed:
+                log.warning("%s: still open at unmount; its upload is left for "
+                            "'s3stream recover'", writer.name)
+            with trio.move_on_after(30):
+                await writer.release()
+        self._writers.clear()
+
+
+def _for_writing(flags: int) -> bool:
+    return flags & os.O_ACCMODE != os.O_RDONLY

@@ -1,0 +1,732 @@
+"""One file's writer: writes stream into a multipart upload, any byte can be changed, and
+memory decides only the speed.
+
+States (`self.state`):
+  WRITING   changes since the last completion (or none yet); full parts stream into `session`
+  COMPLETE  the object at `key` holds every byte and is the writer's `base`; held parts stay
+            until memory is short, so that later writes continue cheaply
+  FAILED    an upload or the completion failed after retries: every later call says EIO and
+            the multipart upload stays in S3 for `s3stream recover`
+  DETACHED  the file was unlinked while open: writes are accepted and dropped
+
+Transitions:
+  WRITING  --flush or release with changes-->  COMPLETE  (or FAILED)
+  COMPLETE --write or truncate-->              WRITING   (continuing from the base)
+  WRITING  --an upload fails-->                FAILED
+  any      --unlink-->                         DETACHED
+
+Where part n's current bytes are, in the order `_hold` looks:
+  1. held: `_parts[n]`, a buffer (and spilled segments before it when memory was short);
+  2. past the end of the file: nowhere yet, a new empty part;
+  3. uploaded to the session and freed: S3 cannot read those back, so `_rebase` completes
+     the upload as it stands (the object becomes visible with the bytes so far) and they are
+     then in the base;
+  4. in the base (the object this writer continues, pinned by its ETag): a ranged GET.
+At completion every part 1..last is put in the session: held ones uploaded, base ones copied
+server-side (UploadPartCopy), the rest are there already. A file of one part is one PutObject.
+
+Concurrency. Every request method takes `_lock` (trio's Lock is FIFO: the kernel's write
+order is kept). The budget's reclaimer runs without the lock and touches only parts that are
+idle (no upload, spill or load running) and not pinned: across any await below, such a part
+may be dropped (if stored) or spilled (its buffer moves into a segment). So code re-looks
+parts up after an await (`_hold`) instead of trusting a reference, pins a part or marks it
+busy while its buffer is used across an await, and never waits for memory while it pins
+anything (the pinned part could be the memory the wait needs). Upload jobs run in the pool
+and only record their result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from .errors import FsError, NoSuchUpload, PreconditionFailed
+from .memory_budget import MemoryBudget
+from .object_meta import FileMeta
+from .object_store import ObjectStore, PutOptions
+from .part_buffer import Part, Segment
+from .part_schedule import PartSchedule
+from .spill_area import SpillArea
+from .upload_pool import UploadPool
+from .upload_session import UploadSession
+
+log = logging.getLogger(__name__)
+
+GRAIN = 1024 * 1024  # a part that cannot have its whole buffer at once grows in these steps
+ZERO_CHUNK = bytes(1024 * 1024)
+
+
+class State(enum.Enum):
+    WRITING = "writing"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    DETACHED = "detached"
+
+
+@dataclass(frozen=True)
+class Base:
+    """The object a writer continues: its ETag (every read and copy is pinned to it) and size."""
+
+    etag: str
+    size: int
+
+
+class StreamingWriter:
+    def __init__(self, key: str, name: str, store: ObjectStore, pool: UploadPool,
+                 budget: MemoryBudget, schedule: PartSchedule, spill: SpillArea,
+                 meta: FileMeta, content_type: str | None, base: Base | None = None,
+                 on_complete: Callable[[str, int], None] | None = None,
+                 drop_pages: Callable[[int, int], None] | None = None):
+        self.key = key
+        self.name = name
+        self._store = store
+        self._pool = pool
+        self._budget = budget
+        self._schedule = schedule
+        self._spill = spill
+        self.meta = meta
+        self._content_type = content_type
+        self._on_complete = on_complete
+        self._drop_pages = drop_pages  # (start, length) stored and out of memory
+        self._lock = trio.Lock()
+        self.handles = 0  # open file handles sharing this writer (owned by OpenFiles)
+        self.started_ns = time.time_ns()
+        self.base = base
+        self.size = base.size if base is not None else 0
+        # an existing object opened for writing is complete until something changes it
+        self.state = State.COMPLETE if base is not None else State.WRITING
+        self.changed = base is None  # a new file is a change: flush must create the object
+        self.error: FsError | None = None
+        self._session: UploadSession | None = None
+        self._parts: dict[int, Part] = {}
+        self._credit = 0  # budget reserved by the request in progress, not yet in a part
+        self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
+        budget.register(self)
+
+    # -- requests (each under the lock) ------------------------------------------------
+
+    async def write(self, offset: int, data: bytes | memoryview) -> int:
+        async with self._request():
+            if self.state is State.DETACHED:
+                return len(data)
+            self._reopen()
+            if offset > self.size:
+                await self._fill_zeros(offset)
+            await self._write_at(offset, memoryview(data))
+            return len(data)
+
+    async def truncate(self, size: int) -> None:
+        async with self._request():
+            if self.state is State.DETACHED:
+                return
+            self._reopen()
+            if size > self.size:
+                await self._fill_zeros(size)
+            elif size == 0:
+                await self._reset()
+            elif size < self.size:
+                await self._shrink(size)
+
+    async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
+        """Bytes of the file as written so far.
+
+        Held bytes come from memory, spilled and base bytes with a ranged GET. Bytes uploaded
+        to the open upload and freed cannot be read back: EBUSY for a reader. `for_writing`:
+        the kernel reads through a writing handle to complete a page before a partial-page
+        write (README "Writeback cache"); the part is then brought back into memory for the
+        write that follows, completing the upload early if it must (see `_rebase`).
+        """
+        async with self._request():
+            end = min(offset + length, self.size)
+            pieces = []
+            position = offset
+            while position < end:
+                number, within = self._locate(position)
+                take = min(end - position, self._schedule.size(number) - within)
+                if for_writing:
+                    part = await self._hold(number, within)
+                    pieces.append(bytes(part.view(within, within + take)))
+                    self._unpin(part)
+                else:
+                    pieces.append(await self._read_part(number, within, within + take))
+                position += take
+            return b"".join(pieces)
+
+    async def fsync(self) -> None:
+        """Make every byte written so far durable as parts of the open upload."""
+        async with self._request():
+            if self.state is not State.WRITING or not self.changed or self.size == 0:
+                return
+            await self._sticky(self._materialize())
+
+    async def flush(self) -> None:
+        """Complete the object if anything changed since the last completion."""
+        async with self._request():
+            if self.state is State.COMPLETE and self._meta_dirty:
+                await self._rewrite_meta()
+                return
+            if self.state is State.DETACHED or not self.changed:
+                return
+            await self._sticky(self._complete())
+
+    def set_meta(self, meta: FileMeta) -> None:
+        if meta != self.meta:
+            self.meta = meta
+            if self.state is State.COMPLETE:
+                self._meta_dirty = True  # rewritten server-side at the next flush or release
+            else:
+                self.changed = True
+
+    async def move(self, key: str, name: str,
+                   copy: Callable[[int], Awaitable[str]]) -> None:
+        """Rename: complete what changed, let `copy(size)` move the object (it returns the new
+        ETag) and continue from it under the new key."""
+        async with self._request():
+            if self.state is State.WRITING and self.changed:
+                await self._sticky(self._complete())
+            if self.state is State.DETACHED:
+                self.key, self.name = key, name
+                return
+            etag = await copy(self.size)
+            self.key, self.name = key, name
+            self.base = Base(etag, self.size)
+
+    async def detach(self) -> None:
+        """The file was unlinked while open: abort the upload, keep accepting writes."""
+        async with self._lock:
+            segments = await self._drop_all_parts()
+            if self._session is not None:
+                await self._session.abort(self.name)
+                self._session = None
+            self.base = None
+            self.state = State.DETACHED
+            await self._spill.delete(segments)
+
+    async def release(self) -> None:
+        """The last handle closed: free memory; an unfinished upload stays for recovery."""
+        async with self._lock:
+            try:
+                segments = await self._drop_all_parts()
+                if self.changed and self.state in (State.WRITING, State.FAILED):
+                    kept = (f"its multipart upload {self._session.upload_id[:16]} is left in "
+                            "S3: run 's3stream recover' to complete or abort it"
+                            if self._session is not None else "nothing was stored")
+                    log.error("%s: closed without a successful completion; %s", self.name, kept)
+                await self._spill.delete(segments)
+            finally:
+                self._budget.unregister(self)
+
+    @property
+    def holds(self) -> int:
+        """Bytes of memory this writer holds (for tests and status)."""
+        return sum(part.reserved for part in self._parts.values())
+
+    # -- the request frame ---------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _request(self):
+        """Lock the writer for one request: a failed writer answers at once, and budget the
+        request reserved but did not put into a part goes back when it ends."""
+        async with self._lock:
+            try:
+                if self.error is not None and self.state is not State.DETACHED:
+                    raise FsError("", self._failure_errno())
+                yield
+            finally:
+                self._budget.release(self._credit)
+                self._credit = 0
+
+    def _reopen(self) -> None:
+        """A change to a completed object continues it (its bytes are the base)."""
+        if self.state is State.COMPLETE:
+            self.state = State.WRITING
+        self.changed = True
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        try:
+            return self._schedule.locate(position)
+        except ValueError as exc:
+            raise FsError(f"{self.name}: {exc}; raise max_memory or part_size to allow "
+                          "larger files", errno.EFBIG) from None
+
+    async def _fill_zeros(self, target: int) -> None:
+        """A write past the end fills the gap with zeros, as a local file would."""
+        while self.size < target:
+            take = min(target - self.size, len(ZERO_CHUNK))
+            await self._write_at(self.size, memoryview(ZERO_CHUNK)[:take])
+
+    async def _write_at(self, offset: int, view: memoryview) -> None:
+        position = offset
+        while view:
+            number, within = self._locate(position)
+            room = self._schedule.size(number) - within
+            chunk, view = view[:room], view[room:]
+            await self._write_into(number, within, chunk)
+            position += len(chunk)
+            self.size = max(self.size, position)
+
+    async def _write_into(self, number: int, within: int, chunk: memoryview) -> None:
+        end = within + len(chunk)
+        while True:
+            part = await self._hold(number, within)
+            needed = part.room(end)
+            if needed <= part.reserved + self._credit:
+                break
+            if not part.reserved and not part.in_memory and not part.mem_start \
+                    and self._budget.try_acquire(part.capacity):
+                # memory is plentiful: a whole (recycled) buffer, no growing, no page faults
+                part.buf = self._budget.buffer(part.capacity)
+                part.reserved = part.capacity
+                break
+            part.pins -= 1  # no pins while waiting for memory (the reclaimer may take it)
+            deficit = needed - part.reserved - self._credit
+            room = part.capacity - part.mem_start - part.reserved - self._credit
+            await self._reserve(min(max(deficit, -(-deficit // GRAIN) * GRAIN), room))
+        taken = max(0, needed - part.reserved)
+        self._credit -= taken
+        part.reserved += taken
+        part.put(within, chunk)
+        self.size = max(self.size, self._schedule.start(number) + end)
+        self._unpin(part)
+        if part.full and (number != 1 or self._session is None or not self._session.has(1)):
+            # a full part goes up at once: the filling one when it fills, a changed one again
+            # (part 1 once: a recorder patches its header there, completion uploads it again)
+            await self._seal(number)
+
+    async def _reserve(self, amount: int) -> None:
+        """Wait for `amount` more bytes of budget for this request (holding no pins)."""
+        await self._budget.acquire(amount, self.name)
+        self._credit += amount
+
+    async def _seal(self, number: int) -> None:
+        part = self._parts.get(number)
+        if part is None or part.stored is not None:
+            return  # the reclaimer uploaded it already
+        part = await self._hold(number, 0)
+        try:
+            await self._ensure_session()
+            if part.stored is None and not part.busy:
+                await self._start_upload(part)
+        finally:
+            self._unpin(part)
+
+    async def _shrink(self, size: int) -> None:
+        number, within = self._locate(size - 1)
+        part = await self._hold(number, within + 1)
+        part.cut(within + 1)
+        self._unpin(part)
+        self.size = size
+        dropped = [p for n, p in self._parts.items() if n > number]
+        segments: list[Segment] = []
+        for later in dropped:
+            await later.idle.wait()
+            if self._parts.get(later.number) is later:
+                segments += later.segments
+                self._free(later)
+        await self._spill.delete(segments)
+
+    async def _reset(self) -> None:
+        segments = await self._drop_all_parts()
+        if self._session is not None:
+            await self._session.abort(self.name)
+            self._session = None
+        self.base = None
+        self.size = 0
+        await self._spill.delete(segments)
+
+    # -- where part bytes are --------------------------------------------------------------
+
+    async def _hold(self, number: int, within: int) -> Part:
+        """Part `number` in memory, idle and pinned (the caller unpins), its buffer reaching
+        back to byte `within`: loaded, gathered or rebased as `where` in the docstring says."""
+        while True:
+            part = self._parts.get(number)
+            if part is not None:
+                if part.busy:
+                    part.pins += 1  # keep it in memory once its upload is done: we change it
+                    try:
+                        await part.idle.wait()
+                    finally:
+                        part.pins -= 1  # we look again at once
+                    continue
+                if within < part.mem_start:
+                    await self._gather(part)
+                    continue
+                part.pins += 1
+                return part
+            start = self._schedule.start(number)
+            if start >= self.size:
+                self._parts[number] = Part(number, self._schedule.size(number))
+            elif (self._session is not None and self._session.has(number)
+                  and number not in self._session.copied):
+                await self._rebase()
+            elif self.base is not None and start < self.base.size:
+                await self._load(number)
+            else:
+                raise FsError(f"{self.name}: bytes at offset {start} are lost (part {number} "
+                              "is neither held nor stored)", errno.EIO)
+
+    async def _read_part(self, number: int, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of part `number` for a reader, without holding them."""
+        part = self._parts.get(number)
+        if part is not None:
+            # the held bytes first, with no await: the reclaimer may spill them afterwards
+            split = min(max(start, part.mem_start), end)
+            held = bytes(part.view(split, end)) if split < end else b""
+            pieces = [await self._spill.read(segment, max(start, segment.start),
+                                             min(split, segment.end))
+                      for segment in list(part.segments)
+                      if segment.start < split and segment.end > start]
+            return b"".join([*pieces, held])
+        first = self._schedule.start(number)
+        if self._session is not None and self._session.has(number) and \
+                number not in self._session.copied or self.base is None:
+            raise FsError(f"{self.name}: bytes at offset {first + start} are uploaded and no "
+                          "longer held in memory; read them after close", errno.EBUSY)
+        return await self._base_call(self._store.get_range(
+            self.key, first + start, first + end, self.base.etag))
+
+    async def _load(self, number: int) -> None:
+        """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
+        start = self._schedule.start(number)
+        length = min(start + self._schedule.size(number), self.size, self.base.size) - start
+        if self._credit < length:
+            await self._reserve(length - self._credit)
+        part = self._parts[number] = Part(number, self._schedule.size(number),
+                                          bytearray(length), reserved=length)
+        self._credit -= length
+        part.idle = trio.Event()
+        try:
+            await self._base_call(self._store.get_range(
+                self.key, start, start + length, self.base.etag, into=part.buf))
+        except BaseException:
+            self._free(part)
+            raise
+        finally:
+            part.idle.set()
+        part.length = length
+        part.stored = "base"
+
+    async def _gather(self, part: Part) -> None:
+        """Bring a part's spilled segments back into one buffer with its held tail."""
+        if self._credit < part.length:
+            await self._reserve(part.length - self._credit)
+        if self._parts.get(part.number) is not part or part.busy or not part.segments:
+            return  # changed while we waited for memory: the caller looks again
+        whole = (self._budget.buffer(part.capacity) if part.length == part.capacity
+                 else bytearray(part.length))
+        part.idle = trio.Event()
+        segments = list(part.segments)
+        try:
+            for segment in segments:
+                await self._spill.read_into(segment, memoryview(whole)[segment.start:
+                                                                      segment.end])
+        except FsError as exc:
+            raise self._fail(FsError(f"{self.name}: could not read back spilled bytes: {exc}")) from None
+        finally:
+            part.idle.set()
+        whole[part.mem_start:part.length] = part.view(part.mem_start, part.length)
+        self._budget.release(part.reserved)
+        self._credit -= part.length
+        part.buf, part.reserved, part.mem_start, part.segments = whole, part.length, 0, []
+        await self._spill.delete(segments)
+
+    async def _base_call(self, awaitable):
+        try:
+            return await awaitable
+        except PreconditionFailed:
+            raise FsError(f"{self.name}: the object was replaced by another client while open "
+                          "here; this file's changes cannot be applied to it", errno.EIO) from None
+
+    # -- uploading ---------------------------------------------------------------------
+
+    def _options(self, with_mtime: bool) -> PutOptions:
+        return PutOptions(self.meta.to_headers(with_mtime), self._content_type)
+
+    async def _ensure_session(self) -> None:
+        if self._session is None:
+            # mtime is the completion time unless the program set it explicitly
+            options = self._options(with_mtime=self.meta.mtime_explicit)
+            self._session = await self._sticky(UploadSession.start(self._store, self.key,
+                                                                   options))
+
+    async def _start_upload(self, part: Part) -> None:
+        """Upload a whole, idle part to the session; returns once a worker has taken it."""
+        session = self._session
+        version = part.version
+        part.idle = trio.Event()  # busy: nobody changes, spills or frees the buffer
+        data = part.payload()
+
+        async def job() -> None:
+            try:
+                await session.upload(part.number, data)
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(exc)
+            else:
+                if part.version == version and self._session is session:
+                    part.stored = "session"
+            finally:
+                part.idle.set()
+                self._free_if_done(part)
+
+        try:
+            await self._pool.submit(job)
+        except BaseException:
+            part.idle.set()
+            raise
+
+    async def _copy_from_base(self, number: int, last: int) -> trio.Event:
+        """Put part `number` of the base into the session server-side (a job of the pool)."""
+        session = self._session
+        start = self._schedule.start(number)
+        end = min(start + self._schedule.size(number), self.size) if number == last else \
+            start + self._schedule.size(number)
+        done = trio.Event()
+
+        async def job() -> None:
+            try:
+                await self._base_call(session.copy(number, self.key, start, end,
+                                                   self.base.etag))
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(exc)
+            finally:
+                done.set()
+
+        await self._pool.submit(job)
+        return done
+
+    def _unpin(self, part: Part) -> None:
+        part.pins -= 1
+        self._free_if_done(part)
+
+    def _free_if_done(self, part: Part) -> None:
+        """Free a stored part (after its upload, or once the last request using it let go)
+        unless it is worth keeping -- part 1 for header patches, the part still filling --
+        and memory is not short."""
+        keep = part.number == 1 or part.number == self._last_part() and not part.full
+        if self._droppable(part) and (self._budget.under_pressure or not keep) \
+                and self._parts.get(part.number) is part:
+            self._free(part)
+
+    def _last_part(self) -> int:
+        return self._locate(self.size - 1)[0] if self.size else 1
+
+    async def _materialize(self) -> None:
+        """Every part 1..last in the session: held ones uploaded, base ones copied."""
+        last = self._last_part()
+        await self._ensure_session()
+        session = self._session
+        copies = []
+        for number in range(1, last + 1):
+            if number in self._parts:
+                part = await self._hold(number, 0)
+                try:
+                    if part.stored != "session" or not session.has(number):
+                        await self._start_upload(part)
+                finally:
+                    self._unpin(part)
+            elif not session.has(number):
+                if self.base is None or self._schedule.start(number) >= self.base.size:
+                    raise FsError(f"{self.name}: part {number} is neither held nor stored",
+                                  errno.EIO)
+                copies.append(await self._copy_from_base(number, last))
+        for done in copies:
+            await done.wait()
+        for part in list(self._parts.values()):
+            await part.idle.wait()
+        self._check_failed()
+
+    async def _complete_upload(self) -> str:
+        await self._materialize()
+        last = self._last_part()
+        sizes = [self._schedule.size(n) for n in range(1, last)]
+        sizes.append(self.size - self._schedule.start(last))
+        session = self._session
+        etag = await session.complete(sizes, self.name)
+        self._session = None
+        wanted = self._options(with_mtime=self.meta.mtime_explicit)
+        if wanted.metadata != session.options.metadata:
+            # chmod/chown/utimes while writing: rewrite the metadata server-side
+            etag = await self._store.copy(self.key, self.key, wanted, self.size)
+        return etag
+
+    async def _put_small(self) -> str:
+        """A file of at most one part is one PutObject (its metadata with it)."""
+        options = self._options(with_mtime=True)
+        if self.size == 0:
+            return await self._store.put(self.key, b"", options)
+        part = await self._hold(1, 0)
+        part.idle = trio.Event()
+        try:
+            return await self._store.put(self.key, part.payload(), options)
+        finally:
+            part.idle.set()
+            self._unpin(part)
+
+    async def _complete(self) -> None:
+        if self._session is None and self._last_part() == 1:
+            etag = await self._put_small()
+        else:
+            etag = await self._complete_upload()
+        self._became_base(etag)
+        self.state = State.COMPLETE
+        self.changed = False
+        self._meta_dirty = False
+        if self._on_complete:
+            self._on_complete(etag, self.size)
+
+    async def _rebase(self) -> None:
+        """Complete the upload as it stands so that its parts can be read back (the base).
+
+        Needed to change bytes that were uploaded and freed. Until the final completion the
+        object shows the bytes written so far; a recorder's header patch under memory
+        pressure costs this one server-side copy of the file.
+        """
+        log.info("%s: changing bytes already uploaded: completing the upload at %d bytes and "
+                 "continuing from the stored object", self.name, self.size)
+        etag = await self._sticky(self._complete_upload())
+        self._became_base(etag)
+
+    def _became_base(self, etag: str) -> None:
+        """The object at the key now holds every byte: held parts are stored there."""
+        self.base = Base(etag, self.size)
+        self._session = None
+        last = self._last_part()
+        for part in list(self._parts.values()):
+            part.stored = "base"
+            if part.number not in (1, last) and self._droppable(part):
+                self._free(part)
+
+    async def _rewrite_meta(self) -> None:
+        """The object is complete but its attributes changed: a server-side copy onto itself."""
+        try:
+            etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
+                                          self.size)
+        except FsError as exc:
+            raise FsError(f"{self.name}: could not store new attributes: {exc}",
+                          errno.EIO) from None
+        self.base = Base(etag, self.size)
+        self._meta_dirty = False
+        if self._on_complete:
+            self._on_complete(etag, self.size)
+
+    # -- memory: what the reclaimer may do (no lock; see the module docstring) -------------
+
+    def _droppable(self, part: Part) -> bool:
+        """Its bytes can come back from S3: idle, unpinned, stored where the writer can read
+        (the base, or the session for full parts: a short one there is a provisional tail
+        that only a spill keeps readable)."""
+        return (not part.busy and not part.pins and part.whole and part.stored is not None
+                and (part.stored == "base" or part.full))
+
+    def drop_stored(self) -> None:
+        for part in list(self._parts.values()):
+            if self._droppable(part):
+                self._free(part)
+
+    def busy(self) -> bool:
+        return any(part.busy for part in self._parts.values())
+
+    def eviction_candidate(self) -> tuple[int, float, Part] | None:
+        best = None
+        for part in self._parts.values():
+            if part.busy or part.pins or not part.in_memory or self._droppable(part):
+                continue
+            cost = 0 if self._uploadable(part) else 1
+            if best is None or (cost, part.last_used) < best[:2]:
+                best = (cost, part.last_used, part)
+        return best
+
+    def _uploadable(self, part: Part) -> bool:
+        return part.full and part.whole and self._session is not None \
+            and not self._session.closed
+
+    async def evict(self, part: Part) -> None:
+        if part.busy or part.pins or self._parts.get(part.number) is not part:
+            return
+        if self._uploadable(part):
+            await self._start_upload(part)
+        else:
+            await self._spill_part(part)
+
+    async def _spill_part(self, part: Part) -> None:
+        """Move a part's held bytes to a temporary object and free its buffer."""
+        part.idle = trio.Event()
+        try:
+            data = part.buf if len(part.buf) == part.in_memory else \
+                bytes(part.view(part.mem_start, part.length))
+            segment = await self._spill.put(data, part.mem_start)
+        except FsError as exc:
+            log.warning("%s: could not spill %d bytes to the bucket to free memory: %s",
+                        self.name, part.in_memory, exc)
+        else:
+            part.segments.append(segment)
+            part.mem_start = part.length
+            self._release_buffer(part)
+            self._budget.spills += 1
+            log.debug("%s: spilled bytes %d-%d of part %d to free memory", self.name,
+                      segment.start, segment.end, part.number)
+        finally:
+            part.idle.set()
+
+    def _release_buffer(self, part: Part) -> None:
+        self._budget.release(part.reserved)
+        if len(part.buf) == part.capacity:
+            self._budget.recycle(part.buf)
+        part.buf = bytearray()
+        part.reserved = 0
+
+    def _free(self, part: Part) -> None:
+        if part.stored is not None and part.full and self._drop_pages:
+            self._drop_pages(self._schedule.start(part.number), part.length)
+        self._release_buffer(part)
+        self._parts.pop(part.number, None)
+
+    async def _drop_all_parts(self) -> list[Segment]:
+        """Free every part once no upload runs; their spilled segments are returned for the
+        caller to delete."""
+        while any(part.busy for part in self._parts.values()):
+            await next(p for p in self._parts.values() if p.busy).idle.wait()
+        segments = [segment for part in self._parts.values() for segment in part.segments]
+        for part in list(self._parts.values()):
+            self._release_buffer(part)
+        self._parts.clear()
+        return segments
+
+    # -- failure ---------------------------------------------------------------------------
+
+    async def _sticky(self, awaitable):
+        """Await a step whose failure fails the whole file (logged once, kept for later)."""
+        try:
+            return await awaitable
+        except FsError as exc:
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: FsError) -> FsError:
+        if self.error is None:
+            kept = (" Its multipart upload is left in S3: 's3stream recover' can complete or "
+                    "abort it." if self._session is not None else "")
+            log.error("%s: the object is not written: %s.%s", self.name, exc, kept)
+            self.error = exc
+            self.state = State.FAILED
+        return FsError("", self._failure_errno())
+
+    def _failure_errno(self) -> int:
+        if isinstance(self.error, NoSuchUpload):
+            return errno.EIO
+        return self.error.errno if self.error.errno in (errno.EFBIG, errno.ENOSPC) else errno.EIO
+
+    def _check_failed(self) -> None:
+        if self.error is not None:
+            raise FsError("", self._failure_errno())
