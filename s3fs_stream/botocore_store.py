@@ -137,9 +137,10 @@ def profile_exists(name: str) -> bool:
 
 def log_requests(events) -> None:
     """At debug level, one line per S3 request (after botocore's retries): operation, key,
-    range or part, HTTP status and milliseconds. The line is built from the API parameters
-    and the status alone, never from the signed request, so no access key, token, signature
-    or URL reaches the log. Off debug, the one cost is a level check per request."""
+    range or part, HTTP status and milliseconds until the response (a GET's body is read
+    after). The line is built from the API parameters and the status alone, never from the
+    signed request, so no access key, token, signature or presigned URL reaches the log.
+    Off debug, the one cost is a level check per request."""
     events.register("before-parameter-build.s3", _request_started)
     events.register("after-call.s3", _request_done)
     events.register("after-call-error.s3", _request_failed)
@@ -149,7 +150,7 @@ def _request_started(params, model, context, **_) -> None:
     if not log.isEnabledFor(logging.DEBUG):
         return
     key = params.get("Key", params.get("Prefix", ""))
-    text = f"{model.name} {params.get('Bucket', '')}/{key}"
+    text = f"{model.name} s3://{params.get('Bucket', '')}/{key}"
     source = params.get("CopySource")
     if isinstance(source, dict):
         text += f" from {source.get('Key', '')}"
