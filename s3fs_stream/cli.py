@@ -266,7 +266,7 @@ def mount_main(argv: list[str] | None = None, prog: str = "mount.s3stream") -> i
             setup_logging(config, to_stderr=True)
             trio.run(_run, config, (lambda: None) if config.fake else notify_systemd)
             return 0
-        return _daemonize(config)
+        return _daemonize(config, prog)
     except QuietError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exitcode
@@ -280,7 +280,7 @@ async def _run(config: MountConfig, ready=lambda: None) -> None:
     await run_mount(config, ready)
 
 
-def _daemonize(config: MountConfig) -> int:
+def _daemonize(config: MountConfig, prog: str) -> int:
     """Fork; the child mounts and tells the parent through a pipe when it is ready."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -295,7 +295,7 @@ def _daemonize(config: MountConfig) -> int:
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             code = 1
-        print(f"mount.s3stream: {message or 'the mount process died before it was ready'}",
+        print(f"{prog}: {message or 'the mount process died before it was ready'}",
               file=sys.stderr)
         return code or 1
     os.close(read_fd)
@@ -383,8 +383,8 @@ def _local_server(argv: list[str]) -> int:
 
 def _install_helper(argv: list[str]) -> int:
     parser = Parser("s3stream install-helper", "Symlink mount.s3stream into the directory "
-                    "where mount(8) looks for helpers, so that `mount -t s3stream` and "
-                    "/etc/fstab lines with type s3stream work.")
+                    "where mount(8) looks for helpers,\nso that `mount -t s3stream` and "
+                    "/etc/fstab lines of type s3stream work.")
     parser.add_argument("--dir", default="/sbin", metavar="PATH",
                         help="where mount(8) looks for mount.TYPE helpers (default /sbin)")
     parser.add_argument("--force", action="store_true",

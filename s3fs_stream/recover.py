@@ -31,7 +31,8 @@ def recover_main(argv: list[str]) -> int:
     parser.add_argument("--key", metavar="KEY", help="only the upload(s) of this key")
     parser.add_argument("--endpoint-url", metavar="URL",
                         help="S3 endpoint of a non-AWS server, e.g. http://127.0.0.1:8333")
-    parser.add_argument("--region", metavar="REGION", help="AWS region (default: us-east-1)")
+    parser.add_argument("--region", metavar="REGION", help="AWS region (default: from the profile, else "
+                        "us-east-1)")
     parser.add_argument("--profile", metavar="NAME", help="credentials profile from ~/.aws")
     parser.add_argument("--force-path-style", action="store_true",
                         help="address buckets as URL/BUCKET (most non-AWS servers need it)")
