@@ -15,6 +15,7 @@ import functools
 import hashlib
 import http.client
 import logging
+import time
 import zlib
 
 import botocore.config
@@ -128,6 +129,53 @@ def _translate(exc: Exception, what: str) -> FsError:
     raise exc
 
 
+def profile_exists(name: str) -> bool:
+    """Whether ~/.aws/config or ~/.aws/credentials defines profile `name` (checked before
+    mounting: botocore would only fail once the mount process runs)."""
+    return name in botocore.session.Session().available_profiles
+
+
+def log_requests(events) -> None:
+    """At debug level, one line per S3 request (after botocore's retries): operation, key,
+    range or part, HTTP status and milliseconds until the response (a GET's body is read
+    after). The line is built from the API parameters and the status alone, never from the
+    signed request, so no access key, token, signature or presigned URL reaches the log.
+    Off debug, the one cost is a level check per request."""
+    events.register("before-parameter-build.s3", _request_started)
+    events.register("after-call.s3", _request_done)
+    events.register("after-call-error.s3", _request_failed)
+
+
+def _request_started(params, model, context, **_) -> None:
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    key = params.get("Key", params.get("Prefix", ""))
+    text = f"{model.name} s3://{params.get('Bucket', '')}/{key}"
+    source = params.get("CopySource")
+    if isinstance(source, dict):
+        text += f" from {source.get('Key', '')}"
+    for name in ("Range", "CopySourceRange", "PartNumber"):
+        if name in params:
+            text += f" {name}={params[name]}"
+    context["s3stream_request"] = (text, time.monotonic())
+
+
+def _request_done(http_response, parsed, context, **_) -> None:
+    if "s3stream_request" in context:
+        text, started = context.pop("s3stream_request")
+        retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        log.debug("S3 %s -> %s in %.1f ms%s", text, http_response.status_code,
+                  (time.monotonic() - started) * 1000,
+                  f" after {retries} retries" if retries else "")
+
+
+def _request_failed(exception, context, **_) -> None:
+    if "s3stream_request" in context:
+        text, started = context.pop("s3stream_request")
+        log.debug("S3 %s -> no response (%s) in %.1f ms", text, type(exception).__name__,
+                  (time.monotonic() - started) * 1000)
+
+
 class BotocoreStore:
     """ObjectStore over one botocore S3 client."""
 
@@ -150,6 +198,7 @@ class BotocoreStore:
         )
         self._client = session.create_client(
             "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
+        log_requests(self._client.meta.events)
         self.limiter = trio.CapacityLimiter(config.max_connections)
 
     async def _call(self, what: str, fn, /, **kwargs):

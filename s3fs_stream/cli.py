@@ -4,100 +4,37 @@
     s3stream mount ...          the same
     s3stream local-server --dir DIR [--port N]
     s3stream recover BUCKET[:PREFIX] [--complete | --abort] [--endpoint-url URL ...]
+    s3stream install-helper [--dir /sbin]
 
-Every option works as `-o name=value` (fstab, mount -t s3stream) and as `--name value`.
+Every option works as `-o name=value` (fstab, mount -t s3stream) and as `--name value`; the
+table of options and their value checks is in options.py. Every command has --version, and
+a bad value is one line naming the option, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib.metadata
 import logging
 import logging.handlers
 import os
-import re
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import trio
 
-from .config import FsConfig, MiB, MountConfig, StoreConfig
+from . import __version__
+from .config import FsConfig, MountConfig, StoreConfig
 from .errors import QuietError
+from .options import OPTIONS, is_generic, show_size
 
 log = logging.getLogger("s3fs_stream")
 
 USAGE_ERROR = 2
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use e.g. 8M, 64MiB, 1G or bytes)")
-    return int(match.group(1)) * 1024 ** "_kmgt".index(match.group(2).lower() or "_")
-
-
-def parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on", ""):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
-
-
-def parse_mode(text: str) -> int:
-    return int(text, 8)
-
-
-@dataclass(frozen=True)
-class Option:
-    section: str  # "store", "fs" or "mount": which config dataclass holds it
-    field: str
-    parse: object = str
-    flag: bool = False  # valid without a value
-    help: str = ""
-
-
-OPTIONS: dict[str, Option] = {
-    "endpoint_url": Option("store", "endpoint_url", help="S3 endpoint URL (non-AWS servers)"),
-    "region": Option("store", "region"),
-    "profile": Option("store", "profile", help="profile from ~/.aws/config"),
-    "force_path_style": Option("store", "force_path_style", parse_bool, True),
-    "max_connections": Option("store", "max_connections", int),
-    "retries": Option("store", "max_attempts", int, help="attempts per request (default 5)"),
-    "checksum": Option("store", "checksum", help="crc32 (default), md5 or off"),
-    "sign_payload": Option("store", "sign_payload",
-                           help="SigV4 SHA-256 of each body: auto (only without a checksum), "
-                                "on or off"),
-    "storage_class": Option("store", "storage_class"),
-    "sse": Option("store", "sse", help="AES256 or aws:kms"),
-    "sse_kms_key_id": Option("store", "sse_kms_key_id"),
-    "acl": Option("store", "acl", help="canned ACL, e.g. public-read"),
-    "ro": Option("fs", "read_only", parse_bool, True),
-    "read_only": Option("fs", "read_only", parse_bool, True),
-    "uid": Option("fs", "uid", int),
-    "gid": Option("fs", "gid", int),
-    "file_mode": Option("fs", "file_mode", parse_mode),
-    "dir_mode": Option("fs", "dir_mode", parse_mode),
-    "part_size": Option("fs", "part_size", parse_size, help="first part size (default 8M)"),
-    "max_memory": Option("fs", "max_memory", parse_size, help="memory budget (default: an eighth of RAM, 256M to 4G)"),
-    "upload_concurrency": Option("fs", "upload_concurrency", int),
-    "read_ahead_max": Option("fs", "read_ahead_max", parse_size),
-    "read_concurrency": Option("fs", "read_concurrency", int),
-    "attr_timeout": Option("fs", "attr_timeout", float),
-    "entry_timeout": Option("fs", "entry_timeout", float),
-    "content_type": Option("fs", "content_type", help="auto (default), none, or a MIME type"),
-    "writeback_cache": Option("fs", "writeback_cache", parse_bool, True),
-    "allow_other": Option("mount", "allow_other", parse_bool, True),
-    "foreground": Option("mount", "foreground", parse_bool, True),
-    "log_level": Option("mount", "log_level"),
-    "log_file": Option("mount", "log_file"),
-}
-
-# what mount(8) and fstab pass along that means nothing to us
-GENERIC_OPTIONS = {"rw", "defaults", "_netdev", "nofail", "noauto", "auto", "user", "users",
-                   "nouser", "owner", "group", "exec", "noexec", "suid", "nosuid", "dev",
-                   "nodev", "async", "sync", "atime", "noatime", "relatime", "nodiratime"}
 
 
 def _split_options(values: list[str]) -> list[tuple[str, str | None]]:
@@ -113,75 +50,164 @@ def _split_options(values: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def build_config(argv: list[str]) -> MountConfig:
-    parser = argparse.ArgumentParser(
-        prog="mount.s3stream", description="Mount an S3 bucket; writes stream into multipart "
-        "uploads.", epilog="Options: " + ", ".join(sorted(OPTIONS)))
-    parser.add_argument("source", help="BUCKET or BUCKET:PREFIX")
-    parser.add_argument("mountpoint")
-    parser.add_argument("-o", dest="options", action="append", default=[],
-                        metavar="OPT[,OPT...]")
-    parser.add_argument("-s", dest="sloppy", action="store_true", help="ignore unknown options")
-    parser.add_argument("-f", dest="fake", action="store_true",
-                        help="fake: check everything, mount nothing")
-    parser.add_argument("-n", dest="no_mtab", action="store_true", help="ignored")
-    parser.add_argument("-v", dest="verbose", action="store_true")
-    for name, option in OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        if option.flag:
-            parser.add_argument(flag, dest="long_" + name, nargs="?", const="true",
-                                help=option.help)
-        else:
-            parser.add_argument(flag, dest="long_" + name, help=option.help)
-    args = parser.parse_args(argv)
+MOUNT_EPILOG = """\
+Every --NAME VALUE option also works as -o NAME=VALUE (comma-separated; a yes|no option
+given as -o NAME means yes), which is the form mount(8) and /etc/fstab use. Sizes take
+K, M, G suffixes (powers of 1024). Credentials and region come from botocore's usual
+chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile in ~/.aws, instance metadata.
 
+examples:
+  AWS:
+    mount.s3stream my-bucket /mnt/s3 -o region=eu-west-1
+  an S3-compatible server (MinIO, SeaweedFS, Ceph, Garage, ...), only keys under rec/:
+    mount.s3stream my-bucket:rec /mnt/rec -o endpoint_url=http://127.0.0.1:8333,force_path_style
+  the same through mount(8), once `s3stream install-helper` has put the helper in /sbin:
+    mount -t s3stream my-bucket /mnt/s3 -o region=eu-west-1
+  /etc/fstab (root's credentials: /root/.aws or profile=NAME):
+    my-bucket  /mnt/s3  s3stream  _netdev,nofail,region=eu-west-1,allow_other  0  0
+  debugging (stays in the foreground, logs every S3 request to stderr):
+    mount.s3stream my-bucket /mnt/s3 --foreground --log-level debug
+  unmount: fusermount3 -u /mnt/s3 (or umount /mnt/s3 as root)
+"""
+
+
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when not installed."""
+    try:
+        return importlib.metadata.version("s3fs-stream")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with --version, and usage errors as one line with exit code 2."""
+
+    def __init__(self, prog: str, description: str, **kwargs):
+        super().__init__(prog=prog, description=description, allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        self.add_argument("--version", action="version",
+                          version=f"%(prog)s {package_version()}",
+                          help="print the version and exit")
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def mount_parser(prog: str) -> Parser:
+    parser = Parser(prog, "Mount an S3 bucket as a directory: files written there stream "
+                    "into S3\nmultipart uploads while they are being written.",
+                    usage="%(prog)s BUCKET[:PREFIX] MOUNTPOINT [-sfnv] [-o OPT[,OPT...]] "
+                    "[--OPTION VALUE ...]", epilog=MOUNT_EPILOG)
+    parser.add_argument("source", metavar="BUCKET[:PREFIX]",
+                        help="the bucket, and optionally the key prefix to mount")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    helper = parser.add_argument_group("mount(8) helper flags")
+    helper.add_argument("-o", dest="options", action="append", default=[],
+                        metavar="OPT[,OPT...]",
+                        help="options as NAME=VALUE or NAME, the same as the --NAME below")
+    helper.add_argument("-s", dest="sloppy", action="store_true",
+                        help="sloppy: ignore unknown options")
+    helper.add_argument("-f", dest="fake", action="store_true",
+                        help="fake: check the options, credentials and bucket, mount nothing")
+    helper.add_argument("-n", dest="no_mtab", action="store_true",
+                        help="no mtab entry (ignored: there is no mtab to write)")
+    helper.add_argument("-v", dest="verbose", action="store_true",
+                        help="verbose: log at least at info level")
+    groups = {"store": parser.add_argument_group("S3 options"),
+              "fs": parser.add_argument_group("file system options"),
+              "mount": parser.add_argument_group("mount and log options")}
+    for name, option in OPTIONS.items():
+        extra = {"nargs": "?", "const": "yes"} if option.flag else {}
+        groups[option.section].add_argument("--" + name.replace("_", "-"), dest="long_" + name,
+                                            metavar=option.metavar, help=option.help, **extra)
+    return parser
+
+
+def _parse_value(name: str, value: str | None):
+    option = OPTIONS[name]
+    if not value and not option.flag:
+        raise QuietError(f"option {name} needs a value: -o {name}={option.metavar}",
+                         USAGE_ERROR)
+    try:
+        return option.parse("yes" if value is None else value)
+    except ValueError as exc:
+        raise QuietError(f"option {name}: {exc}", USAGE_ERROR) from None
+
+
+def build_config(argv: list[str], prog: str = "mount.s3stream") -> MountConfig:
+    """argv -> MountConfig; every value is checked here (pure: no files, no network)."""
+    args = mount_parser(prog).parse_args(argv)
     pairs = _split_options(args.options)
     pairs += [(name, value) for name in OPTIONS
               if (value := getattr(args, "long_" + name)) is not None]
     sections: dict[str, dict] = {"store": {}, "fs": {}, "mount": {}}
     unknown = []
     for name, value in pairs:
-        option = OPTIONS.get(name)
-        if option is None:
-            if name in GENERIC_OPTIONS or name.startswith(("x-systemd.", "x-", "comment")):
-                continue
+        if name in OPTIONS:
+            option = OPTIONS[name]
+            sections[option.section][option.field] = _parse_value(name, value)
+        elif not is_generic(name):
             unknown.append(name)
-            continue
-        if value is None and not option.flag:
-            raise QuietError(f"option {name} needs a value ({name}=...)", USAGE_ERROR)
-        try:
-            parsed = option.parse(value if value is not None else "true")
-        except ValueError as exc:
-            raise QuietError(f"option {name}: {exc}", USAGE_ERROR) from None
-        sections[option.section][option.field] = parsed
     if unknown and not args.sloppy:
         raise QuietError(f"unknown option(s): {', '.join(unknown)}; valid options: "
                          f"{', '.join(sorted(OPTIONS))}", USAGE_ERROR)
 
     bucket, _, prefix = args.source.partition(":")
-    if not bucket:
-        raise QuietError("no bucket given (BUCKET or BUCKET:PREFIX)", USAGE_ERROR)
+    if not bucket or "/" in bucket:
+        raise QuietError(f"{args.source!r} is not BUCKET or BUCKET:PREFIX (e.g. "
+                         "my-bucket:some/prefix)", USAGE_ERROR)
     prefix = prefix.strip("/")
     store = StoreConfig(bucket=bucket, prefix=prefix + "/" if prefix else "",
                         **sections["store"])
-    if store.checksum not in ("crc32", "md5", "off"):
-        raise QuietError("option checksum: use crc32, md5 or off", USAGE_ERROR)
-    if store.sign_payload not in ("auto", "on", "off"):
-        raise QuietError("option sign_payload: use auto, on or off", USAGE_ERROR)
-    fs_defaults = FsConfig(uid=os.getuid(), gid=os.getgid())
-    fs = replace(fs_defaults, **sections["fs"])
-    if fs.part_size < 5 * MiB:
-        raise QuietError("option part_size: S3 needs parts of at least 5 MiB", USAGE_ERROR)
+    if store.sse_kms_key_id and not (store.sse or "").startswith("aws:kms"):
+        raise QuietError("option sse_kms_key_id: needs sse=aws:kms", USAGE_ERROR)
+    fs = replace(FsConfig(uid=os.getuid(), gid=os.getgid()), **sections["fs"])
     if fs.max_memory < 2 * fs.part_size:
-        raise QuietError(f"option max_memory: needs at least twice part_size "
-                         f"({2 * fs.part_size >> 20} MiB)", USAGE_ERROR)
+        raise QuietError(f"option max_memory: must be at least twice part_size "
+                         f"({show_size(2 * fs.part_size)}), not {show_size(fs.max_memory)}",
+                         USAGE_ERROR)
     mount = sections["mount"]
+    if mount.get("log_file"):
+        mount["log_file"] = os.path.abspath(mount["log_file"])
     return MountConfig(store=store, fs=fs, mountpoint=os.path.abspath(args.mountpoint),
                        fake=args.fake, verbose=args.verbose, **mount)
 
 
+def check_before_mount(config: MountConfig) -> None:
+    """The checks that touch the system, done before daemonizing so that a failure is one
+    line on the terminal with exit code 2 rather than a dead background process."""
+    if config.log_file:
+        try:
+            with open(config.log_file, "a"):
+                pass
+        except OSError as exc:
+            raise QuietError(f"option log_file: cannot append to {config.log_file} "
+                             f"({exc.strerror}); give a writable file", USAGE_ERROR) from None
+    if config.store.profile:
+        from .botocore_store import profile_exists
+
+        if not profile_exists(config.store.profile):
+            raise QuietError(f"option profile: no profile {config.store.profile!r} in "
+                             "~/.aws/config or ~/.aws/credentials", USAGE_ERROR)
+
+
+class KernelGaveUpFilter(logging.Filter):
+    """pyfuse3 logs an ERROR when a reply finds the kernel no longer waiting for it
+    (fuse_reply_* fails with ENOENT): the request was interrupted, or dropped because the
+    file system is being unmounted, as the RELEASE of a file read just before `umount` is.
+    Nothing is lost, so it becomes a debug line."""
+
+    GONE = os.strerror(errno.ENOENT)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "fuse_reply_* failed" in str(record.msg) and record.getMessage().endswith(self.GONE):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(config: MountConfig, to_stderr: bool) -> None:
-    level = getattr(logging, config.log_level.upper(), logging.INFO)
+    level = getattr(logging, config.log_level.upper())
     if config.verbose:
         level = min(level, logging.INFO)
     root = logging.getLogger()
@@ -205,23 +231,44 @@ def setup_logging(config: MountConfig, to_stderr: bool) -> None:
             "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
+    # botocore's and urllib3's debug lines carry signatures and credentials headers: our own
+    # request lines (botocore_store) replace them
     logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
     logging.getLogger("urllib3").setLevel(max(level, logging.WARNING))
-    logging.getLogger("pyfuse3").setLevel(max(level, logging.INFO))
+    fuse_log = logging.getLogger("pyfuse3")
+    fuse_log.setLevel(max(level, logging.INFO))
+    fuse_log.addFilter(KernelGaveUpFilter())
 
 
-def mount_main(argv: list[str] | None = None) -> int:
+def notify_systemd(state: str = "READY=1") -> None:
+    """Tell systemd (a Type=notify unit) that the mount is ready, as sd_notify(3) does:
+    one datagram to the unix socket in $NOTIFY_SOCKET ('@' starts an abstract name).
+    Without the variable there is nobody to tell."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not tell systemd %s at NOTIFY_SOCKET=%s: %s", state, address, exc)
+
+
+def mount_main(argv: list[str] | None = None, prog: str = "mount.s3stream") -> int:
     """Entry point of mount.s3stream."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = build_config(argv)
+        config = build_config(argv, prog)
+        check_before_mount(config)
         if config.foreground or config.fake:
             setup_logging(config, to_stderr=True)
-            trio.run(_run, config)
+            trio.run(_run, config, (lambda: None) if config.fake else notify_systemd)
             return 0
-        return _daemonize(config)
+        return _daemonize(config, prog)
     except QuietError as exc:
-        print(f"mount.s3stream: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exitcode
     except KeyboardInterrupt:
         return 130
@@ -233,7 +280,7 @@ async def _run(config: MountConfig, ready=lambda: None) -> None:
     await run_mount(config, ready)
 
 
-def _daemonize(config: MountConfig) -> int:
+def _daemonize(config: MountConfig, prog: str) -> int:
     """Fork; the child mounts and tells the parent through a pipe when it is ready."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -248,7 +295,7 @@ def _daemonize(config: MountConfig) -> int:
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             code = 1
-        print(f"mount.s3stream: {message or 'the mount process died before it was ready'}",
+        print(f"{prog}: {message or 'the mount process died before it was ready'}",
               file=sys.stderr)
         return code or 1
     os.close(read_fd)
@@ -256,7 +303,6 @@ def _daemonize(config: MountConfig) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    setup_logging(config, to_stderr=False)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reported = False
 
@@ -268,6 +314,7 @@ def _daemonize(config: MountConfig) -> int:
 
     code = 0
     try:
+        setup_logging(config, to_stderr=False)
         trio.run(_run, config, ready)
     except QuietError as exc:
         log.error("%s", exc)
@@ -283,39 +330,42 @@ def _daemonize(config: MountConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `s3stream`."""
+    """Entry point of `s3stream`: dispatch to a subcommand, each with its own --help."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else USAGE_ERROR
-    command, rest = argv[0], argv[1:]
-    if command == "mount":
-        return mount_main(rest)
-    if command == "local-server":
-        return _local_server(rest)
-    if command == "recover":
-        from .recover import recover_main
-
-        return recover_main(rest)
-    print(f"s3stream: unknown command {command!r}; use mount, local-server or recover",
-          file=sys.stderr)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][1](argv[1:])
+    listing = "\n".join(f"  {name:<15} {text}" for name, (text, _) in COMMANDS.items())
+    parser = Parser("s3stream", "Stream files into S3 through a FUSE mount.",
+                    usage="%(prog)s COMMAND [ARGS...]",
+                    epilog=f"commands:\n{listing}\n\n`s3stream COMMAND --help` describes "
+                    "each; mount.s3stream is the same as `s3stream mount`.")
+    parser.add_argument("command", metavar="COMMAND", choices=list(COMMANDS),
+                        help="one of the commands below")
+    parser.parse_args(argv[:1])  # --help, --version, or one line naming what is wrong
     return USAGE_ERROR
+
+
+def _recover(argv: list[str]) -> int:
+    from .recover import recover_main
+
+    return recover_main(argv)
 
 
 def _local_server(argv: list[str]) -> int:
     from .local_server import start_local_server
 
-    parser = argparse.ArgumentParser(prog="s3stream local-server",
-                                     description="Run an embedded SeaweedFS S3 server on "
-                                     "127.0.0.1 (data kept in --dir).")
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--port", type=int)
+    parser = Parser("s3stream local-server", "Run an embedded SeaweedFS S3 server on "
+                    "127.0.0.1 to try s3stream out (data kept in --dir).")
+    parser.add_argument("--dir", required=True, metavar="PATH",
+                        help="directory for the server's data (created if missing)")
+    parser.add_argument("--port", type=int, metavar="N",
+                        help="S3 port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args(argv)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         server = start_local_server(args.dir, args.port)
-    except (RuntimeError, FileNotFoundError) as exc:
+    except (RuntimeError, OSError) as exc:
         print(f"s3stream local-server: {exc}", file=sys.stderr)
         return 1
     print(f"endpoint_url=http://127.0.0.1:{server.endpoint_url.rsplit(':', 1)[1]}\n"
@@ -330,3 +380,61 @@ def _local_server(argv: list[str]) -> int:
         server.stop()
     return 0
 
+
+def _install_helper(argv: list[str]) -> int:
+    parser = Parser("s3stream install-helper", "Symlink mount.s3stream into the directory "
+                    "where mount(8) looks for helpers,\nso that `mount -t s3stream` and "
+                    "/etc/fstab lines of type s3stream work.")
+    parser.add_argument("--dir", default="/sbin", metavar="PATH",
+                        help="where mount(8) looks for mount.TYPE helpers (default /sbin)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a different mount.s3stream already there")
+    args = parser.parse_args(argv)
+    try:
+        link, target, changed = install_helper(args.dir, args.force)
+    except QuietError as exc:
+        print(f"s3stream install-helper: {exc}", file=sys.stderr)
+        return exc.exitcode
+    print(f"{link} -> {target}" + ("" if changed else " (already installed)"))
+    return 0
+
+
+def helper_script() -> str:
+    """The mount.s3stream script installed beside this `s3stream` (or this interpreter)."""
+    for directory in (os.path.dirname(os.path.abspath(sys.argv[0])),
+                      os.path.dirname(sys.executable)):
+        candidate = os.path.join(directory, "mount.s3stream")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return os.path.realpath(candidate)
+    raise QuietError("no mount.s3stream script next to s3stream or the Python interpreter; "
+                     "install the package first (pip install s3fs-stream)")
+
+
+def install_helper(directory: str, force: bool = False) -> tuple[str, str, bool]:
+    """Make DIRECTORY/mount.s3stream a symlink to our helper: (link, target, changed)."""
+    target = helper_script()
+    link = os.path.join(directory, "mount.s3stream")
+    if os.path.lexists(link):
+        if os.path.realpath(link) == target:
+            return link, target, False
+        if not force:
+            raise QuietError(f"{link} exists and is not this installation's helper "
+                             f"({os.path.realpath(link)}); use --force to replace it")
+    try:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(target, link)
+    except OSError as exc:
+        raise QuietError(f"cannot create {link} ({exc.strerror}); run it as root "
+                         "(sudo s3stream install-helper) or choose --dir") from None
+    return link, target, True
+
+
+COMMANDS = {
+    "mount": ("mount a bucket (the same as mount.s3stream)",
+              lambda argv: mount_main(argv, "s3stream mount")),
+    "recover": ("list, complete or abort the uploads a dead mount left behind", _recover),
+    "local-server": ("run an embedded SeaweedFS S3 server to try s3stream out", _local_server),
+    "install-helper": ("symlink mount.s3stream into /sbin for mount -t s3stream and fstab",
+                       _install_helper),
+}

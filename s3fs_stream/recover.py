@@ -7,7 +7,6 @@ truncated but playable object and never one with bytes silently missing in the m
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -20,17 +19,23 @@ from .part_schedule import recoverable_prefix
 
 
 def recover_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="s3stream recover", description=__doc__)
-    parser.add_argument("source", help="BUCKET or BUCKET:PREFIX")
+    from .cli import Parser  # cli imports this module lazily: no import cycle at load time
+
+    parser = Parser("s3stream recover", __doc__)
+    parser.add_argument("source", metavar="BUCKET[:PREFIX]",
+                        help="the bucket, and optionally the prefix, of the dead mount")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--complete", action="store_true",
                         help="complete each upload from its recoverable parts")
     action.add_argument("--abort", action="store_true", help="abort each upload")
-    parser.add_argument("--key", help="only the upload(s) of this key")
-    parser.add_argument("--endpoint-url")
-    parser.add_argument("--region")
-    parser.add_argument("--profile")
-    parser.add_argument("--force-path-style", action="store_true")
+    parser.add_argument("--key", metavar="KEY", help="only the upload(s) of this key")
+    parser.add_argument("--endpoint-url", metavar="URL",
+                        help="S3 endpoint of a non-AWS server, e.g. http://127.0.0.1:8333")
+    parser.add_argument("--region", metavar="REGION", help="AWS region (default: from the profile, else "
+                        "us-east-1)")
+    parser.add_argument("--profile", metavar="NAME", help="credentials profile from ~/.aws")
+    parser.add_argument("--force-path-style", action="store_true",
+                        help="address buckets as URL/BUCKET (most non-AWS servers need it)")
     args = parser.parse_args(argv)
     bucket, _, prefix = args.source.partition(":")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""

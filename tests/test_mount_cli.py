@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
 
 import pytest
-from conftest import VENV_BIN, fuse_available, new_bucket, require
+from conftest import VENV_BIN, bucket_with, fuse_available, new_bucket, require, wait_until
 
 from s3fs_stream.local_server import free_port
 
@@ -176,3 +178,129 @@ def test_bucket_prefix_mounts_only_the_prefix(seaweed, mount_factory):
     assert os.listdir(m.path / "sub") == ["b"]
     assert (m.path / "sub/b").read_bytes() == b"pre/sub/b"
     assert not (m.path / "other").exists()
+
+
+def kill_own(pids: list[int], mountpoint) -> None:
+    """SIGKILL what is left of the daemons this test started (their PIDs, taken earlier)."""
+    for pid in daemon_pids(mountpoint):
+        if pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_systemd_notify_ready_once_mounted(seaweed, mountpoint, tmp_path, abstract):
+    """Type=notify: READY=1 arrives on $NOTIFY_SOCKET only when the mount is usable."""
+    bucket = bucket_with(seaweed, {"hello": b"hi"})
+    name = f"@s3stream-notify-{uuid.uuid4().hex}" if abstract else str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name[1:] if abstract else name)
+        sock.settimeout(30)
+        env = dict(seaweed.env(), NOTIFY_SOCKET=name)
+        process = subprocess.Popen([MOUNT, bucket, str(mountpoint), "--foreground", "-o",
+                                    opts(seaweed)], env=env, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            message = sock.recv(200)
+            assert message == b"READY=1"
+            assert os.path.ismount(mountpoint)
+            assert os.listdir(mountpoint) == ["hello"]
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=30)
+            assert process.returncode == 0, err
+            assert "Traceback" not in err and " WARNING " not in err, err
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture
+def sbin_helper():
+    """/sbin/mount.s3stream, where mount(8) looks for the helper, installed by
+    `s3stream install-helper` for this test and removed afterwards (a symlink that was
+    there before is put back)."""
+    require(os.geteuid() == 0, "root: the test installs /sbin/mount.s3stream and runs mount(8)")
+    require(shutil.which("mount") is not None and shutil.which("umount") is not None,
+            "mount(8) and umount(8) from util-linux")
+    link = "/sbin/mount.s3stream"
+    previous = os.readlink(link) if os.path.islink(link) else None
+    if os.path.lexists(link) and previous is None:
+        pytest.fail(f"{link} is a file, not a symlink: not replacing it")
+    result = subprocess.run([str(VENV_BIN / "s3stream"), "install-helper", "--force"],
+                            capture_output=True, text=True, timeout=30)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert os.path.realpath(link) == os.path.realpath(MOUNT)
+        yield link
+    finally:
+        if os.path.lexists(link):
+            os.unlink(link)
+        if previous is not None:
+            os.symlink(previous, link)
+
+
+def object_reader(server, bucket: str, prefix: str = ""):
+    client = server.client()
+    return lambda name: client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
+
+
+def check_mount8_result(result, mountpoint, stored, log_file) -> None:
+    """mount(8) returned once the daemonized helper was ready: usable at once; umount(8)
+    ends the daemon; the log is clean. `stored(name)`: the object behind a file name."""
+    pids = daemon_pids(mountpoint)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+        assert os.path.ismount(mountpoint)
+        assert len(pids) == 1, pids
+        assert sorted(os.listdir(mountpoint)) == ["hello"]
+        (mountpoint / "new.txt").write_bytes(b"written through mount(8)")
+        assert stored("new.txt") == b"written through mount(8)"
+        unmount = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True,
+                                 timeout=30)
+        assert unmount.returncode == 0, unmount.stderr
+        assert wait_until(lambda: not daemon_pids(mountpoint), 15), "daemon still running"
+        assert not os.path.ismount(mountpoint)
+        text = log_file.read_text(errors="replace")
+        assert "mounted s3://" in text and "unmounted" in text, text
+        assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+    finally:
+        kill_own(pids, mountpoint)
+
+
+def test_mount_t_s3stream_through_mount8(seaweed, mountpoint, sbin_helper, tmp_path):
+    """mount -t s3stream BUCKET DIR -o ...: mount(8) runs /sbin/mount.s3stream with the
+    options it keeps (adding rw,noexec,nosuid,nodev for `user`) and our environment."""
+    bucket = bucket_with(seaweed, {"hello": b"hi"})
+    log_file = tmp_path / "mount8.log"
+    options = opts(seaweed, f"log_file={log_file}", "_netdev", "nofail", "x-systemd.automount",
+                   "user")
+    result = subprocess.run(["mount", "-t", "s3stream", bucket, str(mountpoint), "-o", options],
+                            env=seaweed.env(), capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    check_mount8_result(result, mountpoint, object_reader(seaweed, bucket), log_file)
+
+
+def test_fstab_line_through_mount8(seaweed, mountpoint, sbin_helper, tmp_path):
+    """An /etc/fstab line, from a temporary fstab (mount -T) so the real one is untouched."""
+    bucket = bucket_with(seaweed, {"pre/hello": b"hi", "outside": b"no"})
+    log_file = tmp_path / "fstab.log"
+    fstab = tmp_path / "fstab"
+    options = opts(seaweed, f"log_file={log_file}", "_netdev", "nofail", "noauto", "user",
+                   "x-systemd.automount", "x-systemd.mount-timeout=30")
+    fstab.write_text(f"# s3stream test\n{bucket}:pre  {mountpoint}  s3stream  {options}  0  0\n")
+    result = subprocess.run(["mount", "-T", str(fstab), str(mountpoint)], env=seaweed.env(),
+                            capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    check_mount8_result(result, mountpoint, object_reader(seaweed, bucket, "pre/"), log_file)
+
+
+def test_bad_option_through_mount8_is_one_line(mountpoint, sbin_helper):
+    result = subprocess.run(["mount", "-t", "s3stream", "bucket", str(mountpoint), "-o",
+                             "uid=no-such-user-here"], capture_output=True, text=True,
+                            timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    assert result.stderr.strip().splitlines() == [
+        "mount.s3stream: option uid: no user named 'no-such-user-here' (give a user name or a "
+        "numeric id)"], result.stderr
+    assert not os.path.ismount(mountpoint)
