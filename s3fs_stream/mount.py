@@ -190,7 +190,9 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                 await fs.files.shutdown()
                 await pool.close()
             pyfuse3.close(unmount=True)
-            log.info("unmounted %s", config.mountpoint)
+            log.info("unmounted %s (memory: peak %d of %d MiB, %d parts spilled to the bucket "
+                     "while memory was short)", config.mountpoint, budget.peak >> 20,
+                     budget.limit >> 20, budget.spills)
             nursery.cancel_scope.cancel()
 
 

@@ -90,3 +90,12 @@ class ObjectStore(Protocol):
         """Server-side copy; options=None keeps the metadata, otherwise replaces it."""
 
     async def delete(self, key: str) -> None: ...
+
+
+async def read_into(store: ObjectStore, key: str, start: int, end: int, etag: str | None,
+                    into: bytearray | memoryview) -> None:
+    """Bytes [start, end) of the object into `into`, keeping no view of it: a buffer with a
+    live view cannot grow, and a part buffer loaded here is appended to afterwards."""
+    view = await store.get_range(key, start, end, etag, into=into)
+    if isinstance(view, memoryview):
+        view.release()

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from .errors import FsError
-from .object_store import ObjectStore, PutOptions
+from .object_store import ObjectStore, PutOptions, read_into
 from .part_buffer import Segment
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ class SpillArea:
         return Segment(key, etag, start, start + len(data))
 
     async def read_into(self, segment: Segment, into: memoryview) -> None:
-        await self._store.get_range(segment.key, 0, segment.end - segment.start, segment.etag,
-                                    into=into)
+        await read_into(self._store, segment.key, 0, segment.end - segment.start, segment.etag,
+                        into)
 
     async def read(self, segment: Segment, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) of the part, all within the segment."""

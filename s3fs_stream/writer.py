@@ -50,7 +50,7 @@ import trio
 from .errors import FsError, NoSuchUpload, PreconditionFailed
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta
-from .object_store import ObjectStore, PutOptions
+from .object_store import ObjectStore, PutOptions, read_into
 from .part_buffer import Part, Segment
 from .part_schedule import PartSchedule
 from .spill_area import SpillArea
@@ -406,8 +406,8 @@ class StreamingWriter:
         self._credit -= length
         part.idle = trio.Event()
         try:
-            await self._base_call(self._store.get_range(
-                self.key, start, start + length, self.base.etag, into=part.buf))
+            await self._base_call(read_into(self._store, self.key, start, start + length,
+                                            self.base.etag, part.buf))
         except BaseException:
             self._free(part)
             raise
