@@ -325,10 +325,10 @@ class StreamingWriter:
         part.cut(within + 1)
         self._unpin(part)
         self.size = size
-        dropped = [p for n, p in self._parts.items() if n > number]
         segments: list[Segment] = []
-        for later in dropped:
-            await later.idle.wait()
+        for later in [p for n, p in self._parts.items() if n > number]:
+            while later.busy:  # re-checked after every wait: a spill may start meanwhile
+                await later.idle.wait()
             if self._parts.get(later.number) is later:
                 segments += later.segments
                 self._free(later)
@@ -688,6 +688,7 @@ class StreamingWriter:
         part.reserved = 0
 
     def _free(self, part: Part) -> None:
+        assert not part.busy, "freeing a part whose buffer is in use"
         if part.stored is not None and part.full and self._drop_pages:
             self._drop_pages(self._schedule.start(part.number), part.length)
         self._release_buffer(part)
