@@ -409,10 +409,10 @@ class StreamingWriter:
             await self._base_call(read_into(self._store, self.key, start, start + length,
                                             self.base.etag, part.buf))
         except BaseException:
+            part.idle.set()
             self._free(part)
             raise
-        finally:
-            part.idle.set()
+        part.idle.set()
         part.length = length
         part.stored = "base"
 
