@@ -27,6 +27,7 @@ from .upload_pool import UploadPool
 log = logging.getLogger(__name__)
 
 MOUNT_FAILURE = 32  # mount(8)'s exit code for "mount failure"
+UPLOADS_LEFT = 3  # unmounted with files still open: their uploads wait for `recover`
 
 
 async def check_access(store: BotocoreStore, prefix: str) -> None:
@@ -162,6 +163,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         return
     limit_malloc_caching()
     budget = MemoryBudget(config.fs.max_memory)
+    left: list[str] = []
     async with trio.open_nursery() as nursery:
         pool = UploadPool(nursery, config.fs.upload_concurrency)
         pages = PageCacheDropper()
@@ -169,6 +171,8 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
                         pages.drop)
         nursery.start_soon(budget.reclaim_forever)
         nursery.start_soon(_delete_stale_spills, fs)
+        if config.fs.max_unsynced:
+            nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
         operations = FuseOperations(fs, config.fs.writeback_cache)
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
@@ -186,14 +190,17 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
         finally:
             pages.stop()  # nobody answers the kernel any more
-            with trio.move_on_after(60, shield=True):
-                await fs.files.shutdown()
+            with trio.move_on_after(150, shield=True):
+                left = await fs.files.shutdown()
                 await pool.close()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s (memory: peak %d of %d MiB, %d parts spilled to the bucket "
                      "while memory was short)", config.mountpoint, budget.peak >> 20,
                      budget.limit >> 20, budget.spills)
             nursery.cancel_scope.cancel()
+    if left:
+        raise QuietError(f"{len(left)} file(s) were still open at unmount; their uploads are "
+                         "left for 's3stream recover'", UPLOADS_LEFT)
 
 
 async def _delete_stale_spills(fs: FileSystem) -> None:

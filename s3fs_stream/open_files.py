@@ -241,16 +241,30 @@ class OpenFiles:
             await writer.release()
             node.expires = 0.0
 
-    async def shutdown(self) -> None:
-        """Unmounting: files still open are left as recoverable uploads, never completed."""
-        for _, writer in self.writers():
-            if writer.state is State.WRITING and writer.changed:
-                log.warning("%s: still open at unmount; its upload is left for "
-                            "'s3stream recover'", writer.name)
-            with trio.move_on_after(30):
-                await writer.release()
-        self._writers.clear()
+    async def sync_forever(self, seconds: float) -> None:
+        """Store what every writer holds once its oldest unstored change is `seconds` old
+        (the mount's `max_unsynced` bound on what a crash loses); owned by the mount."""
+        while True:
+            await trio.sleep(max(0.2, min(seconds / 4, 5.0)))
+            for _, writer in self.writers():
+                await writer.sync_if_older(seconds)
 
+    async def shutdown(self) -> list[str]:
+        """Unmounting: files still open have everything they wrote uploaded and are left as
+        recoverable uploads, never completed. Returns their names."""
+        left = []
+        for _, writer in self.writers():
+            with trio.move_on_after(120) as scope:
+                if await writer.abandon():
+                    left.append(writer.name)
+            if scope.cancelled_caught:
+                left.append(writer.name)
+        self._writers.clear()
+        if left:
+            log.warning("%d file(s) still open at unmount (%s): everything written to them is "
+                        "uploaded and left for 's3stream recover'", len(left),
+                        ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
+        return left
 
 def _for_writing(flags: int) -> bool:
     return flags & os.O_ACCMODE != os.O_RDONLY

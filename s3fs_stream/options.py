@@ -213,6 +213,10 @@ OPTIONS: dict[str, Option] = {
     "max_memory": Option("fs", "max_memory", size_between(10 * MiB), "SIZE",
                          "memory for all part buffers and read-ahead, at least twice "
                          "part_size (default: an eighth of RAM, 256M to 4G)"),
+    "max_unsynced": Option("fs", "max_unsynced", seconds(0), "SECONDS",
+                           "upload what a file holds in memory once its oldest unstored "
+                           "write is this old, fsync or not: the most a crash loses "
+                           "(default 30; 0: only at fsync and close)"),
     "upload_concurrency": Option("fs", "upload_concurrency", integer(1), "N",
                                  "parts uploaded at once (default 4)"),
     "read_ahead_max": Option("fs", "read_ahead_max", size_between(MiB), "SIZE",

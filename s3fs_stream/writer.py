@@ -108,6 +108,7 @@ class StreamingWriter:
         self._parts: dict[int, Part] = {}
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
+        self._unsynced_since: float | None = None  # first change not yet stored in S3
         budget.register(self)
 
     # -- requests (each under the lock) ------------------------------------------------
@@ -165,6 +166,38 @@ class StreamingWriter:
             if self.state is not State.WRITING or not self.changed or self.size == 0:
                 return
             await self._sticky(self._materialize())
+
+    async def sync_if_older(self, seconds: float) -> None:
+        """Store what was written if the oldest change not yet in S3 is `seconds` old: a
+        program that never calls fsync loses at most that much in a crash. A writer busy
+        with a request is left for the next round."""
+        since = self._unsynced_since
+        if since is None or time.monotonic() - since < seconds or self._lock.locked() \
+                or self.state is not State.WRITING or not self.size:
+            return
+        try:
+            await self.fsync()
+        except FsError:
+            pass  # logged once by the writer; the program sees it at its next call
+
+    async def abandon(self) -> bool:
+        """Unmounting with the file still open: upload everything written (the tail as a
+        short last part) and leave the upload for `s3stream recover`. Returns whether an
+        upload was left."""
+        async with self._lock:
+            try:
+                if self.state is State.WRITING and self.changed and self.size \
+                        and self.error is None:
+                    try:
+                        await self._sticky(self._materialize())
+                    except FsError:
+                        pass  # logged by _fail: what was uploaded before stays
+                left = self.changed and self._session is not None
+                segments = await self._drop_all_parts()
+                await self._spill.delete(segments)
+                return left
+            finally:
+                self._budget.unregister(self)
 
     async def flush(self) -> None:
         """Complete the object if anything changed since the last completion."""
@@ -248,6 +281,8 @@ class StreamingWriter:
         if self.state is State.COMPLETE:
             self.state = State.WRITING
         self.changed = True
+        if self._unsynced_since is None:
+            self._unsynced_since = time.monotonic()
 
     # -- writing -----------------------------------------------------------------------
 
@@ -546,6 +581,7 @@ class StreamingWriter:
         for part in list(self._parts.values()):
             await part.idle.wait()
         self._check_failed()
+        self._unsynced_since = None
 
     async def _complete_upload(self) -> str:
         await self._materialize()
@@ -582,6 +618,7 @@ class StreamingWriter:
         self._became_base(etag)
         self.state = State.COMPLETE
         self.changed = False
+        self._unsynced_since = None
         self._meta_dirty = False
         if self._on_complete:
             self._on_complete(etag, self.size)
