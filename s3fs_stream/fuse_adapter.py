@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import time
 
 import pyfuse3
 import trio
@@ -29,6 +30,7 @@ BLOCK_SIZE = 512
 def _converted(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
+        self.in_flight += 1
         try:
             return await method(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -41,6 +43,9 @@ def _converted(method):
         except Exception:
             log.exception("unexpected error in %s; answering EIO", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.in_flight -= 1
+            self.last_request = time.monotonic()
 
     return wrapper
 
@@ -57,6 +62,15 @@ class FuseOperations(pyfuse3.Operations):
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+        self.in_flight = 0  # requests being handled
+        self.last_request = time.monotonic()  # when the last one ended
+
+    async def quiet(self, pause: float, limit: float) -> None:
+        """Return once no request is in flight and none came for `pause` seconds, or after
+        `limit`: a close() in progress sends its writeback, FLUSH and RELEASE first."""
+        with trio.move_on_after(limit):
+            while self.in_flight or time.monotonic() - self.last_request < pause:
+                await trio.sleep(0.05)
 
     def init(self):
         # called while pyfuse3 answers INIT; the reply is sent before any other task runs

@@ -81,6 +81,8 @@ KERNEL_DIRTY_MAX = 16 * 1024 * 1024
 # writeback cache, one of the kernel's background slots), so both are raised well above
 # what a few dozen files written at once park, leaving room for lookups and reads.
 MAX_TASKS = 48
+DRAIN_PAUSE = 0.5  # after a signal, unmount once no request came for this long ...
+DRAIN_LIMIT = 10.0  # ... or after this long (files still written to are left for recover)
 MAX_BACKGROUND = 32
 
 
@@ -182,7 +184,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         log.info("mounted s3://%s/%s on %s (max object size %d GiB at max_memory=%d MiB)",
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
-        nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_terminate_on_signals, operations)
         nursery.start_soon(tune_kernel_bdi, operations.initialized, config.mountpoint)
         nursery.start_soon(pages.run, find_fuse_fd())
         ready()
@@ -210,9 +212,22 @@ async def _delete_stale_spills(fs: FileSystem) -> None:
         log.warning("could not look for temporary objects of crashed mounts: %s", exc)
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(operations: FuseOperations) -> None:
+    """SIGINT/SIGTERM/SIGHUP unmount, once requests in progress are done (a close() being
+    written back completes instead of failing); a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("received %s, unmounting", signal.Signals(signum).name)
+            log.info("received %s, unmounting once requests in progress are done",
+                     signal.Signals(signum).name)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
+                await operations.quiet(DRAIN_PAUSE, DRAIN_LIMIT)
+                nursery.cancel_scope.cancel()
             pyfuse3.terminate()
             return
+
+
+async def _second_signal(signals, scope: trio.CancelScope) -> None:
+    async for _ in signals:
+        scope.cancel()
+        return
