@@ -44,6 +44,12 @@ class Node:
         return time.monotonic() < self.expires
 
 
+def _replaces(node: Node, attrs: dict) -> bool:
+    size, mode = attrs.get("size"), attrs.get("mode")
+    return (size is not None and size != node.size and attrs.get("etag") != node.etag) or \
+        (mode is not None and stat.S_IFMT(mode) != stat.S_IFMT(node.mode))
+
+
 def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
@@ -78,13 +84,12 @@ class InodeTable:
         """The node for `path`, created or updated with fresh attributes. An object that
         another client replaced (a new ETag) under a node the kernel holds gets a new inode:
         with the writeback cache the kernel trusts its own size of a cached inode, so the old
-        one must not come back for the new object."""
+        one must not come back for the new object. A new object of the same size keeps the
+        inode: its new ETag makes the next open drop the cached pages, and readers of the old
+        one get ESTALE from If-Match."""
         node = self._by_path.get(path)
-        etag = attrs.get("etag")
-        mode = attrs.get("mode")
-        replaced = (node is not None and not is_dir and (node.lookups or node.open_handles)
-                    and ((etag and node.etag and etag != node.etag)
-                         or (mode is not None and stat.S_IFMT(mode) != stat.S_IFMT(node.mode))))
+        replaced = node is not None and not is_dir and (node.lookups or node.open_handles) \
+            and _replaces(node, attrs)
         if node is None or node.is_dir != is_dir or replaced:
             old = node
             if node is not None:

@@ -293,13 +293,9 @@ class Namespace:
                 return node
             if node.path != path or self.files.writer(node.inode) is not None:
                 return node
-            attrs = file_attrs(info, self.config)
-            if stat.S_IFMT(attrs["mode"]) != stat.S_IFMT(node.mode) or info.etag != node.etag:
-                self.table.upsert(path, False, **attrs)  # a new inode for the new object
+            if self.table.upsert(path, False, **file_attrs(info, self.config)) is not node:
+                # a new inode for the new object; the kernel's stays as it was
                 node.expires = time.monotonic() + self.config.attr_timeout
-                return node
-            for name, value in attrs.items():
-                setattr(node, name, value)
             return node
         finally:
             node.fetching = None
@@ -374,6 +370,9 @@ class Namespace:
                 node.atime_ns = change.atime_ns
             return self.files.view(node)
         if not change.changes_meta:
+            return node
+        if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
+            self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
             return node
         if not node.fresh or not node.has_metadata:
             await self._fetch_meta(node, raising=True)
