@@ -53,7 +53,7 @@ RENAME_EXCHANGE = 2
 # differs from the entry it was given, so readdir HEADs these before answering.
 SYMLINK_MAX = 4095
 HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
-READDIR_CHUNK = 64  # entries whose HEADs run together before they are answered
+READDIR_CHUNK = 256  # entries whose HEADs run together (the kernel takes ~30 per call)
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
@@ -65,6 +65,7 @@ class _DirHandle:
         self.node = node
         self.stream = stream
         self.known = False
+        self.unsent: list[Node] = []  # looked at but not yet taken by the kernel
 
 
 class Namespace:
@@ -482,8 +483,9 @@ class Namespace:
             for index, (name, node, next_offset) in enumerate(batch):
                 node = self.table.get(node.inode) or node
                 if not reply(name, self.files.view(node), next_offset):
-                    for _, unsent, _ in batch[index:]:  # unless the kernel holds them
-                        self.table.forget(unsent.inode, 0)
+                    # the next call starts here: keep what the HEADs found until then
+                    self._drop_unsent(handle)
+                    handle.unsent = [unsent for _, unsent, _ in batch[index:]]
                     return
                 node.lookups += 1
                 if not node.has_metadata:
@@ -514,7 +516,14 @@ class Namespace:
         return self.table.upsert(path, False, **file_attrs(entry.info, self.config))
 
     def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
+        handle = self._dir_handles.pop(fh, None)
+        if handle is not None:
+            self._drop_unsent(handle)
+
+    def _drop_unsent(self, handle: _DirHandle) -> None:
+        for node in handle.unsent:
+            self.table.forget(node.inode, 0)  # dropped unless the kernel holds it
+        handle.unsent = []
 
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Node:
         self._check_writable()

@@ -205,7 +205,7 @@ def test_two_mounts_see_each_others_changes(seaweed, mount_factory):
     for size in (20 * MiB, 5, 5, 3 * MiB):
         data = os.urandom(size)
         (a.path / "f").write_bytes(data)
-        assert wait_until(lambda: os.stat(b.path / "f").st_size == size, 3), size
+        assert wait_until(lambda size=size: os.stat(b.path / "f").st_size == size, 3), size
         assert (b.path / "f").read_bytes() == data, size
     with pytest.raises(OSError) as info:
         held.seek(0)
@@ -218,3 +218,73 @@ def test_two_mounts_see_each_others_changes(seaweed, mount_factory):
         lambda: (a.path / "g").read_bytes() == b"one", 3)
     (b.path / "g").write_bytes(b"second, longer")
     assert (a.path / "g").read_bytes() == b"second, longer"
+
+
+def _s3fs_mount(server, bucket: str, path: Path, tmp_path: Path) -> subprocess.Popen:
+    require(shutil.which("s3fs") is not None, "s3fs (apt install s3fs)")
+    passwd = tmp_path / "s3fs.passwd"
+    passwd.write_text(f"{server.access_key}:{server.secret_key}\n")
+    passwd.chmod(0o600)
+    path.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["s3fs", bucket, str(path), "-f", "-o",
+         f"url={server.endpoint_url},use_path_request_style,passwd_file={passwd},"
+         "endpoint=us-east-1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL)
+    if not wait_until(lambda: os.path.ismount(path), 30):
+        process.kill()
+        pytest.fail("s3fs did not mount")
+    return process
+
+
+def _s3fs_unmount(process: subprocess.Popen, path: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
+def _write_tree(root: Path) -> None:
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"file")
+    (root / "d" / "f").chmod(0o600)
+    (root / "d" / "x").write_bytes(b"#!/bin/sh\n")
+    (root / "d" / "x").chmod(0o755)
+    os.symlink("f", root / "d" / "l")
+    for path in (root / "d" / "f", root / "d" / "x", root / "d" / "l"):
+        os.utime(path, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000),
+                 follow_symlinks=False)
+
+
+def _tree(root: Path) -> list[tuple]:
+    out = []
+    for name in ("f", "x", "l"):
+        st = os.lstat(root / "d" / name)
+        link = os.readlink(root / "d" / name) if name == "l" else None
+        out.append((name, oct(st.st_mode), int(st.st_mtime), link))
+    return out
+
+
+def test_trees_shared_with_s3fs(seaweed, mount_factory, tmp_path):
+    bucket = new_bucket(seaweed)
+    theirs = tmp_path / "s3fs"
+    process = _s3fs_mount(seaweed, bucket, theirs, tmp_path)
+    try:
+        _write_tree(theirs / "by-s3fs")
+        expected = _tree(theirs / "by-s3fs")
+    finally:
+        _s3fs_unmount(process, theirs)
+    assert expected[2][3] == "f" and expected[0][1] == oct(0o100600)
+    m = mount_factory(seaweed, bucket=bucket)
+    assert _tree(m.path / "by-s3fs") == expected
+    _write_tree(m.path / "by-s3stream")
+    ours = _tree(m.path / "by-s3stream")
+    assert ours == expected
+    m.unmount()
+    process = _s3fs_mount(seaweed, bucket, theirs, tmp_path)
+    try:
+        assert _tree(theirs / "by-s3stream") == expected
+    finally:
+        _s3fs_unmount(process, theirs)
