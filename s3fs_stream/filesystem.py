@@ -24,7 +24,8 @@ from .upload_pool import UploadPool
 class FileSystem:
     def __init__(self, store: ObjectStore, prefix: str, config: FsConfig,
                  nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget,
-                 drop_pages: Callable[[int, int, int], None] | None = None):
+                 drop_pages: Callable[[int, int, int], None] | None = None,
+                 notify: Callable[..., None] | None = None):
         self.store = store
         self.config = config
         self.budget = budget
@@ -32,7 +33,8 @@ class FileSystem:
         self.spill = SpillArea(store, prefix)
         self.files = OpenFiles(store, prefix, config, self.table, nursery, pool, budget,
                                self.spill, drop_pages)
-        self.namespace = Namespace(store, prefix, config, self.table, self.files)
+        self.namespace = Namespace(store, prefix, config, self.table, self.files, nursery,
+                                   notify)
 
     @property
     def schedule(self):

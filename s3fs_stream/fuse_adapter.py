@@ -25,6 +25,50 @@ from .object_meta import SetAttr
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 512
+NOTIFY_QUEUE = 1024  # invalidations waiting; more are dropped (the timeouts still apply)
+
+
+class KernelNotifier:
+    """Tells the kernel that entries and inodes it caches changed in S3 (another client
+    replaced an object). pyfuse3's invalidate_entry waits for requests on the same directory
+    and invalidate_inode for writeback of the inode, which only this daemon can answer: so
+    they are never called from a request handler, but queued (`notify`, which never blocks)
+    and sent one at a time from a worker thread; nothing is sent once requests are no longer
+    answered (`stop`)."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[tuple](NOTIFY_QUEUE)
+        self._running = False
+
+    def notify(self, kind: str, *args) -> None:
+        if not self._running:
+            return
+        try:
+            self._send.send_nowait((kind, *args))
+        except trio.WouldBlock:
+            log.debug("kernel notification queue full; dropped %s %s", kind, args)
+
+    def stop(self) -> None:
+        self._running = False
+
+    async def run(self) -> None:
+        self._running = True
+        async for kind, *args in self._receive:
+            if not self._running:
+                return
+            try:
+                if kind == "entry":
+                    parent, name, old = args
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent,
+                                                  os.fsencode(name), old,
+                                                  abandon_on_cancel=True)
+                else:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, args[0],
+                                                  abandon_on_cancel=True)
+            except OSError as exc:
+                # ENOENT: the kernel no longer knows it, which is just as good
+                if exc.errno != errno.ENOENT:
+                    log.debug("kernel notification %s %s failed: %s", kind, args, exc)
 
 
 def _converted(method):
@@ -90,12 +134,23 @@ class FuseOperations(pyfuse3.Operations):
         attr.st_size = node.size
         attr.st_blksize = 1 << 20
         attr.st_blocks = (node.size + BLOCK_SIZE - 1) // BLOCK_SIZE
-        attr.st_mtime_ns = attr.st_ctime_ns = attr.st_atime_ns = node.mtime_ns
+        attr.st_mtime_ns = node.mtime_ns
+        attr.st_atime_ns = node.atime_ns or node.mtime_ns
+        attr.st_ctime_ns = node.ctime_ns or node.mtime_ns
         return attr
 
     @_converted
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._attributes(await self.namespace.lookup(parent_inode, os.fsdecode(name)))
+        try:
+            node = await self.namespace.lookup(parent_inode, os.fsdecode(name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or exc.message:
+                raise
+            missing = pyfuse3.EntryAttributes()  # a negative entry the kernel caches
+            missing.st_ino = 0
+            missing.entry_timeout = self._entry_timeout
+            return missing
+        return self._attributes(node)
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -115,7 +170,8 @@ class FuseOperations(pyfuse3.Operations):
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None)
         return self._attributes(await self.namespace.setattr(inode, change, fh))
 
     @_converted
@@ -124,11 +180,12 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def readdir(self, fh, start_id, token):
-        for name, node, next_id in await self.namespace.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(node),
-                                         next_id):
-                break
-            node.lookups += 1  # readdirplus: each accepted entry is a lookup
+        def reply(name: str, node: Node, next_id: int) -> bool:
+            # readdirplus: the namespace counts a lookup for each accepted entry
+            return pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(node),
+                                         next_id)
+
+        await self.namespace.readdir(fh, start_id, reply)
 
     @_converted
     async def releasedir(self, fh):
@@ -151,6 +208,26 @@ class FuseOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         await self.namespace.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
                              os.fsdecode(name_new), flags)
+
+    @_converted
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = await self.namespace.symlink(parent_inode, os.fsdecode(name), target, ctx.uid,
+                                            ctx.gid)
+        return self._attributes(node)
+
+    @_converted
+    async def readlink(self, inode, ctx):
+        return await self.namespace.readlink(inode)
+
+    @_converted
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._attributes(await self.namespace.link(inode, new_parent_inode,
+                                                          os.fsdecode(new_name)))
+
+    @_converted
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._attributes(await self.namespace.mknod(parent_inode, os.fsdecode(name),
+                                                           mode, ctx.uid, ctx.gid))
 
     @_converted
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -30,6 +30,10 @@ class Node:
     lookups: int = 0
     open_handles: int = 0
     cached_etag: str | None = None  # ETag whose data the kernel page cache may hold
+    atime_ns: int = 0  # 0: the mtime
+    ctime_ns: int = 0  # 0: the mtime
+    target: bytes | None = None  # a symbolic link's target, once read
+    fetching: object = None  # trio.Event while a HEAD for these attributes is in flight
 
     @property
     def name(self) -> str:
@@ -38,6 +42,12 @@ class Node:
     @property
     def fresh(self) -> bool:
         return time.monotonic() < self.expires
+
+
+def _replaces(node: Node, attrs: dict) -> bool:
+    size, mode = attrs.get("size"), attrs.get("mode")
+    return (size is not None and size != node.size and attrs.get("etag") != node.etag) or \
+        (mode is not None and stat.S_IFMT(mode) != stat.S_IFMT(node.mode))
 
 
 def join(parent: str, name: str) -> str:
@@ -55,6 +65,8 @@ class InodeTable:
         root.lookups = 1
         self._by_inode: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
+        # (old, new): the kernel may still hold `old` for the path; the namespace tells it
+        self.on_replaced = None
 
     def __getitem__(self, inode: int) -> Node:
         return self._by_inode[inode]
@@ -65,16 +77,29 @@ class InodeTable:
     def by_path(self, path: str) -> Node | None:
         return self._by_path.get(path)
 
+    def __len__(self) -> int:
+        return len(self._by_inode)
+
     def upsert(self, path: str, is_dir: bool, **attrs) -> Node:
-        """The node for `path`, created or updated with fresh attributes."""
+        """The node for `path`, created or updated with fresh attributes. An object that
+        another client replaced (a new ETag) under a node the kernel holds gets a new inode:
+        with the writeback cache the kernel trusts its own size of a cached inode, so the old
+        one must not come back for the new object. A new object of the same size keeps the
+        inode: its new ETag makes the next open drop the cached pages, and readers of the old
+        one get ESTALE from If-Match."""
         node = self._by_path.get(path)
-        if node is None or node.is_dir != is_dir:
+        replaced = node is not None and not is_dir and (node.lookups or node.open_handles) \
+            and _replaces(node, attrs)
+        if node is None or node.is_dir != is_dir or replaced:
+            old = node
             if node is not None:
                 self._unlink_path(node)
             node = Node(self._next, path, is_dir, **attrs)
             self._next += 1
             self._by_inode[node.inode] = node
             self._by_path[path] = node
+            if old is not None and self.on_replaced is not None:
+                self.on_replaced(old, node)
         else:
             for name, value in attrs.items():
                 setattr(node, name, value)

@@ -19,7 +19,7 @@ from .botocore_store import BotocoreStore
 from .config import MountConfig
 from .errors import AccessDenied, NoSuchBucket, NotFound, QuietError, StoreError, Unreachable
 from .filesystem import FileSystem
-from .fuse_adapter import FuseOperations
+from .fuse_adapter import FuseOperations, KernelNotifier
 from .memory_budget import MemoryBudget
 from .page_cache import PageCacheDropper, find_fuse_fd
 from .upload_pool import UploadPool
@@ -169,8 +169,9 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     async with trio.open_nursery() as nursery:
         pool = UploadPool(nursery, config.fs.upload_concurrency)
         pages = PageCacheDropper()
+        notifier = KernelNotifier()
         fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
-                        pages.drop)
+                        pages.drop, notifier.notify)
         nursery.start_soon(budget.reclaim_forever)
         nursery.start_soon(_delete_stale_spills, fs)
         if config.fs.max_unsynced:
@@ -187,11 +188,13 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         nursery.start_soon(_terminate_on_signals, operations)
         nursery.start_soon(tune_kernel_bdi, operations.initialized, config.mountpoint)
         nursery.start_soon(pages.run, find_fuse_fd())
+        nursery.start_soon(notifier.run)
         ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
         finally:
             pages.stop()  # nobody answers the kernel any more
+            notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
                 await pool.close()

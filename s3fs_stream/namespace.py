@@ -8,17 +8,28 @@ is the mount's own (spilled parts) and never shown.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
 import os
 import stat
 import time
+from collections.abc import Callable
+
+import trio
 
 from .config import FsConfig
-from .directory_listing import Entry, invalid_name_reason, list_directory
+from .directory_listing import (
+    KEY_MAX,
+    DirectoryStream,
+    Entry,
+    Warnings,
+    invalid_name_reason,
+    list_names,
+)
 from .errors import FsError, NotFound, run_parallel
-from .inode_table import InodeTable, Node, join, parent_of
+from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
 from .object_meta import (
     FileMeta,
     SetAttr,
@@ -37,30 +48,70 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
+# Objects this small may be symbolic links (s3fs-fuse's: the body is the target, at most
+# PATH_MAX - 1 bytes); a listing cannot say, and the kernel fails a getattr whose file type
+# differs from the entry it was given, so readdir HEADs these before answering.
+SYMLINK_MAX = 4095
+HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
+READDIR_CHUNK = 256  # entries whose HEADs run together (the kernel takes ~30 per call)
+BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
+NEGATIVE_MAX = 20_000  # remembered missing names
+KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
+KNOWN_DIRS = 256
+
+
+class _DirHandle:
+    def __init__(self, node: Node, stream: DirectoryStream):
+        self.node = node
+        self.stream = stream
+        self.known = False
+        self.unsent: list[Node] = []  # looked at but not yet taken by the kernel
+
+
 class Namespace:
     def __init__(self, store: ObjectStore, prefix: str, config: FsConfig, table: InodeTable,
-                 files: OpenFiles):
+                 files: OpenFiles, nursery: trio.Nursery | None = None,
+                 notify: Callable[..., None] | None = None):
         self.store = store
         self.prefix = prefix
         self.config = config
         self.table = table
         self.files = files
-        self._dir_handles: dict[int, Node] = {}
-        self._listings: dict[int, list[Entry]] = {}
+        self._nursery = nursery
+        # ("entry", parent inode, name, old inode) / ("inode", inode): tell the kernel
+        self._notify = notify or (lambda *args: None)
+        table.on_replaced = self._replaced
+        self._dir_handles: dict[int, _DirHandle] = {}
         self._fh_numbers = iter(range(1, 1 << 62))
+        self.warnings = Warnings()
+        self._negative: dict[str, float] = {}  # path -> monotonic expiry
+        # directory path -> (expiry, every name in it): lookups of other names need no request
+        self._known: collections.OrderedDict[str, tuple[float, set[str]]] = \
+            collections.OrderedDict()
+        self._refreshing: dict[str, trio.Event] = {}
+        # directory path -> listed nodes whose metadata nobody has asked for yet
+        self._backlog: dict[str, collections.deque[Node]] = {}
+        self._draining: set[str] = set()
+        self._heads = trio.CapacityLimiter(HEAD_CONCURRENCY)
 
     # -- keys and nodes --------------------------------------------------------------------
 
     def key(self, path: str) -> str:
         return self.prefix + path
 
-    def _child_path(self, parent: int, name: str) -> str:
+    def _child_path(self, parent: int, name: str, creating: bool = False) -> str:
         reason = invalid_name_reason(name)
         if reason is not None:
             raise FsError(f"invalid name {name!r}: {reason}",
                           errno.ENAMETOOLONG if "longer" in reason else errno.EINVAL)
         path = join(self._node(parent).path, name)
         if path == RESERVED_NAME:
+            raise FsError("", errno.EACCES if creating else errno.ENOENT)
+        # a directory's marker adds "/": both must fit S3's key limit
+        if len(self.key(path).encode("utf-8", "surrogateescape")) + 1 > KEY_MAX:
+            if creating:
+                raise FsError(f"{path!r}: the key would be longer than S3's {KEY_MAX} bytes",
+                              errno.ENAMETOOLONG)
             raise FsError("", errno.ENOENT)
         return path
 
@@ -69,6 +120,87 @@ class Namespace:
         if node is None:
             raise FsError(f"inode {inode} is not known", errno.ENOENT)
         return node
+
+    def _replaced(self, old: Node, new: Node) -> None:
+        """Another client replaced the object (or its type) under an inode the kernel holds:
+        its entry must lead to the new inode, and the old inode's cached pages go."""
+        parent = self.table.by_path(parent_of(new.path))
+        log.debug("%s changed in S3: inode %d replaces %d", new.path, new.inode, old.inode)
+        if parent is not None:
+            self._notify("entry", parent.inode, new.name, old.inode)
+        self._notify("inode", old.inode)
+
+    # -- what is known without asking --------------------------------------------------------
+
+    def _forget_missing(self, path: str) -> None:
+        """`path` exists now (created here): no cache may call it missing."""
+        self._negative.pop(path, None)
+        known = self._known.get(parent_of(path))
+        if known is not None:
+            known[1].add(path.rpartition("/")[2])
+
+    def _gone(self, path: str) -> None:
+        """`path` was removed here."""
+        known = self._known.get(parent_of(path))
+        if known is not None:
+            known[1].discard(path.rpartition("/")[2])
+        self._known.pop(path, None)
+
+    def _remember_missing(self, path: str) -> None:
+        if len(self._negative) >= NEGATIVE_MAX:
+            now = time.monotonic()
+            self._negative = {p: t for p, t in self._negative.items() if t > now}
+            if len(self._negative) >= NEGATIVE_MAX:
+                self._negative.clear()
+        self._negative[path] = time.monotonic() + self.config.entry_timeout
+
+    def _know_dir(self, path: str, names: set[str]) -> None:
+        self._known[path] = (time.monotonic() + self.config.entry_timeout, names)
+        self._known.move_to_end(path)
+        while len(self._known) > KNOWN_DIRS:
+            self._known.popitem(last=False)
+
+    async def _known_missing(self, path: str) -> bool:
+        """True when `path` is known not to exist: a missing name seen within the entry
+        timeout, or a directory listed whole (or made) within it that lacks the name. A small
+        directory known before is listed again (one request) rather than HEAD + LIST."""
+        expiry = self._negative.get(path)
+        now = time.monotonic()
+        if expiry is not None:
+            if expiry > now:
+                return True
+            del self._negative[path]
+        parent = parent_of(path)
+        known = self._known.get(parent)
+        if known is None:
+            return False
+        if known[0] <= now:
+            known = await self._refresh_known(parent)
+            if known is None:
+                return False
+        return path.rpartition("/")[2] not in known[1]
+
+    async def _refresh_known(self, parent: str) -> tuple[float, set[str]] | None:
+        busy = self._refreshing.get(parent)
+        if busy is not None:
+            await busy.wait()
+            known = self._known.get(parent)
+            return known if known is not None and known[0] > time.monotonic() else None
+        done = self._refreshing[parent] = trio.Event()
+        try:
+            key_prefix = self.key(parent) + "/" if parent else self.prefix
+            names = await list_names(self.store, key_prefix, self.warnings, KNOWN_DIR_MAX)
+        finally:
+            del self._refreshing[parent]
+            done.set()
+        if names is None:
+            self._known.pop(parent, None)
+            return None
+        names |= {n.name for i, _ in self.files.writers()
+                  if (n := self.table.get(i)) is not None and parent_of(n.path) == parent}
+        names.discard(RESERVED_NAME)
+        self._know_dir(parent, names)
+        return self._known[parent]
 
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
@@ -82,6 +214,16 @@ class Namespace:
         node = self.table.by_path(path)
         if node is not None and (node.fresh or self.files.writer(node.inode) is not None):
             return node
+        if node is None and await self._known_missing(path):
+            raise FsError("", errno.ENOENT)
+        if node is not None and not node.is_dir:
+            # a file seen before: one HEAD answers unless it is gone
+            try:
+                info = await self.store.head(self.key(path))
+            except NotFound:
+                pass
+            else:
+                return self.table.upsert(path, False, **file_attrs(info, self.config))
         return await self._resolve(path)
 
     async def _resolve(self, path: str) -> Node:
@@ -98,36 +240,124 @@ class Namespace:
         async def list_prefix():
             page = await self.store.list_page(key + "/", "/", max_keys=1)
             found["dir"] = bool(page.objects or page.prefixes)
+            found["marker"] = bool(page.objects) and page.objects[0].key == key + "/"
 
         await run_parallel([head, list_prefix])
         if found.get("dir"):
             if "info" in found:
-                log.warning("object %r is hidden by the directory of the same name", key)
-            return self.table.upsert(path, True, **dir_attrs(self.config))
+                self.warnings.once(key, "object %r is hidden by the directory of the same "
+                                   "name", key)
+            marker = await self._head_marker(path) if found.get("marker") else None
+            return self.table.upsert(path, True, **dir_attrs(self.config, marker))
         if "info" in found:
             return self.table.upsert(path, False, **file_attrs(found["info"], self.config))
         self.table.remove_path(path)
+        self._remember_missing(path)
         raise FsError("", errno.ENOENT)
+
+    async def _head_marker(self, path: str) -> ObjectInfo | None:
+        try:
+            return await self.store.head(self.key(path) + "/")
+        except NotFound:
+            return None
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
         if self.files.writer(inode) is not None:
             return self.files.view(node)
-        if node.fresh or node.is_dir or node.path.startswith("\0"):
+        if node.fresh or node.path.startswith("\0") or inode == ROOT_INODE:
             return node
-        try:
-            info = await self.store.head(self.key(node.path))
-        except NotFound:
-            raise FsError("", errno.ENOENT) from None
-        for name, value in file_attrs(info, self.config).items():
-            setattr(node, name, value)
+        self._demand(node)
+        if node.fetching is not None:
+            await node.fetching.wait()
+            if node.fresh:
+                return node
+        await self._fetch_meta(node, raising=True)
         return node
+
+    async def _fetch_meta(self, node: Node, raising: bool = False) -> Node:
+        """HEAD the node's object (or directory marker) and take what it says; the kernel
+        keeps the node it asked about, a replaced object gets a new one (`_replaced`)."""
+        done = node.fetching = trio.Event()
+        path = node.path
+        try:
+            if node.is_dir:
+                marker = await self._head_marker(path)
+                if node.path == path:
+                    self.table.upsert(path, True, **dir_attrs(self.config, marker))
+                return node
+            try:
+                info = await self.store.head(self.key(path))
+            except NotFound:
+                if raising:
+                    raise FsError("", errno.ENOENT) from None
+                return node
+            if node.path != path or self.files.writer(node.inode) is not None:
+                return node
+            if self.table.upsert(path, False, **file_attrs(info, self.config)) is not node:
+                # a new inode for the new object; the kernel's stays as it was
+                node.expires = time.monotonic() + self.config.attr_timeout
+            return node
+        finally:
+            node.fetching = None
+            done.set()
+
+    # -- metadata of listed entries, fetched in parallel ------------------------------------
+
+    async def _head_nodes(self, nodes: list[Node]) -> None:
+        async def one(node: Node) -> None:
+            async with self._heads:
+                if node.fresh and node.has_metadata or node.fetching is not None:
+                    return
+                try:
+                    await self._fetch_meta(node)
+                except FsError as exc:
+                    log.debug("HEAD for %s failed: %s", node.path, exc)
+
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(one, node)
+
+    def _demand(self, node: Node) -> None:
+        """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD
+        the rest of what was listed in parallel instead of one getattr at a time."""
+        parent = parent_of(node.path)
+        backlog = self._backlog.get(parent)
+        if backlog is None or parent in self._draining or self._nursery is None:
+            return
+        self._draining.add(parent)
+        self._nursery.start_soon(self._drain, parent, backlog)
+
+    async def _drain(self, parent: str, backlog: collections.deque[Node]) -> None:
+        try:
+            while backlog:
+                batch = [backlog.popleft() for _ in range(min(len(backlog), 256))]
+                await self._head_nodes([n for n in batch if n.lookups and not n.has_metadata])
+        finally:
+            self._draining.discard(parent)
+            if self._backlog.get(parent) is backlog and not backlog:
+                del self._backlog[parent]
+
+    def _listed_without_meta(self, parent: str, node: Node) -> None:
+        backlog = self._backlog.get(parent)
+        if backlog is None:
+            if len(self._backlog) > 64:  # directories listed long ago and never stat'ed
+                for path in [p for p in self._backlog if p not in self._draining][:32]:
+                    del self._backlog[path]
+            backlog = self._backlog[parent] = collections.deque(maxlen=BACKLOG_MAX)
+        backlog.append(node)
+        if parent in self._draining:
+            return
+
+    # -- setattr -----------------------------------------------------------------------------
 
     async def setattr(self, inode: int, change: SetAttr, fh: int | None = None) -> Node:
         node = self._node(inode)
+        if inode == ROOT_INODE:
+            return self._set_times(node, change)  # the mount point's own times, in memory
         self._check_writable()
         if node.is_dir:
-            return node  # directory markers carry no attributes we could keep (SeaweedFS)
+            return await self._setattr_dir(node, change)
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
         if change.size is not None and (change.size != node.size
@@ -136,22 +366,55 @@ class Namespace:
         writer = self.files.writer(inode)
         if writer is not None:
             writer.set_meta(changed_meta(writer.meta, change, writer.started_ns))
+            node.ctime_ns = time.time_ns()
+            if change.atime_ns is not None:
+                node.atime_ns = change.atime_ns
             return self.files.view(node)
-        if change.mode is None and change.uid is None and change.gid is None and \
-                change.mtime_ns is None:
+        if not change.changes_meta:
             return node
-        await self.getattr(inode)
-        current = FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True)
+        if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
+            self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
+            return node
+        if not node.fresh or not node.has_metadata:
+            await self._fetch_meta(node, raising=True)
+        current = self._meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or not node.has_metadata:
             key = self.key(node.path)
             options = PutOptions(meta.to_headers(), content_type(node.path,
                                                                  self.config.content_type))
             node.etag = await self.store.copy(key, key, options, node.size)
+        self._apply_meta(node, meta)
+        return node
+
+    def _meta_of(self, node: Node) -> FileMeta:
+        return FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,
+                        atime_ns=node.atime_ns or None, ctime_ns=node.ctime_ns or None)
+
+    def _apply_meta(self, node: Node, meta: FileMeta) -> None:
         node.mode, node.uid, node.gid, node.mtime_ns = meta.mode, meta.uid, meta.gid, \
             meta.mtime_ns
+        node.atime_ns = meta.atime_ns or meta.mtime_ns
+        node.ctime_ns = meta.ctime_ns or meta.mtime_ns
         node.expires = time.monotonic() + self.config.attr_timeout
         node.has_metadata = True
+
+    def _set_times(self, node: Node, change: SetAttr) -> Node:
+        meta = changed_meta(self._meta_of(node), change, time.time_ns())
+        self._apply_meta(node, meta)
+        node.expires = float("inf")
+        return node
+
+    async def _setattr_dir(self, node: Node, change: SetAttr) -> Node:
+        """A directory's attributes live on its marker `dir/`, rewritten whole (servers that
+        keep directories as such, SeaweedFS, cannot copy a marker onto itself); where the
+        server drops a marker's metadata they last until the attribute timeout."""
+        if not change.changes_meta:
+            return node
+        meta = changed_meta(self._meta_of(node), change, time.time_ns())
+        await self.store.put(self.key(node.path) + "/", b"",
+                             PutOptions(meta.to_headers(), None))
+        self._apply_meta(node, meta)
         return node
 
     def _check_writable(self) -> None:
@@ -165,66 +428,125 @@ class Namespace:
         if not node.is_dir:
             raise FsError("", errno.ENOTDIR)
         fh = next(self._fh_numbers)
-        self._dir_handles[fh] = node
+        key_prefix = self.key(node.path) + "/" if node.path else self.prefix
+        skip = frozenset({RESERVED_NAME}) if not node.path else frozenset()
+        stream = DirectoryStream(self.store, key_prefix, self.warnings,
+                                 functools.partial(self._unlisted_writers, node.path), skip)
+        self._dir_handles[fh] = _DirHandle(node, stream)
         return fh
 
-    async def readdir(self, fh: int, offset: int) -> list[tuple[str, Node, int]]:
-        """Entries from `offset` on, each with the offset of the one after it. The caller
-        takes one lookup on each entry it passes to the kernel (readdirplus)."""
-        directory = self._dir_handles[fh]
-        entries = self._listings.get(fh)
-        if entries is None or offset == 0:
-            entries = await self._snapshot(directory)
-            self._listings[fh] = entries
-        result = []
-        for index in range(offset, len(entries)):
-            entry = entries[index]
-            path = join(directory.path, entry.name)
-            node = self.table.by_path(path)
-            if entry.is_dir:
-                if node is None or not node.is_dir:
-                    node = self.table.upsert(path, True, **dir_attrs(self.config))
-            elif node is None or node.is_dir or (not node.fresh and
-                                                 self.files.writer(node.inode) is None):
-                if entry.info is not None:
-                    node = self.table.upsert(path, False, **file_attrs(entry.info, self.config))
-            result.append((entry.name, self.files.view(node), index + 1))
-        return result
-
-    async def _snapshot(self, directory: Node) -> list[Entry]:
-        key_prefix = self.key(directory.path) + "/" if directory.path else self.prefix
-        entries = await list_directory(self.store, key_prefix)
-        if not directory.path:
-            entries = [entry for entry in entries if entry.name != RESERVED_NAME]
-        listed = {entry.name for entry in entries}
+    def _unlisted_writers(self, directory: str, listed: set[str]) -> list[Entry]:
+        """Files being written here whose objects the listing did not show."""
+        entries = []
         for writer_inode, _ in self.files.writers():
             node = self.table.get(writer_inode)
-            if node is not None and parent_of(node.path) == directory.path and \
-                    not node.path.startswith("\0") and node.name not in listed:
+            if node is not None and parent_of(node.path) == directory and \
+                    not node.path.startswith("\0") and node.name not in listed and \
+                    node.path != RESERVED_NAME:
                 entries.append(Entry(node.name, False, None))
-        entries.sort(key=lambda e: e.name)
         return entries
 
+    async def readdir(self, fh: int, offset: int,
+                      reply: Callable[[str, Node, int], bool]) -> None:
+        """Hand entries from `offset` on to `reply(name, node, next_offset)` until it
+        returns False (the kernel's buffer is full); each accepted entry is a lookup.
+
+        Entries come as the pages do; small objects (possible symbolic links) are HEADed in
+        parallel before they are handed on, the metadata of the others when someone asks for
+        it (`_demand`)."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise FsError("", errno.EBADF)
+        directory, stream = handle.node, handle.stream
+        stream.seek(offset)
+        position = offset
+        while True:
+            batch: list[tuple[str, Node, int]] = []
+            need_head: list[Node] = []
+            while len(batch) < READDIR_CHUNK:
+                item = await stream.entry_at(position)
+                if item is None:
+                    break
+                entry, position = item
+                node = self._entry_node(directory.path, entry, stream)
+                if node is None:
+                    continue
+                batch.append((entry.name, node, position))
+                if not node.has_metadata and not node.is_dir and \
+                        self.files.writer(node.inode) is None and \
+                        0 < node.size <= SYMLINK_MAX:
+                    need_head.append(node)
+            if self._nursery is not None:
+                stream.prefetch_next(self._nursery)
+            if need_head:
+                await self._head_nodes(need_head)
+            for index, (name, node, next_offset) in enumerate(batch):
+                node = self.table.get(node.inode) or node
+                if not reply(name, self.files.view(node), next_offset):
+                    # the next call starts here: keep what the HEADs found until then
+                    self._drop_unsent(handle)
+                    handle.unsent = [unsent for _, unsent, _ in batch[index:]]
+                    return
+                node.lookups += 1
+                if not node.has_metadata:
+                    self._listed_without_meta(directory.path, node)
+            if len(batch) < READDIR_CHUNK:
+                if stream.names is not None and not handle.known:
+                    handle.known = True  # listed whole: other names need no request
+                    self._know_dir(directory.path, set(stream.names))
+                return
+
+    def _entry_node(self, directory: str, entry: Entry, stream: DirectoryStream) -> Node | None:
+        path = join(directory, entry.name)
+        node = self.table.by_path(path)
+        if entry.is_dir:
+            if node is None or not node.is_dir:
+                attrs = dir_attrs(self.config)
+                attrs["has_metadata"] = False
+                node = self.table.upsert(path, True, **attrs)
+            return node
+        if node is not None and self.files.writer(node.inode) is not None:
+            stream.seen_writing.add(entry.name)
+            return node
+        if entry.info is None:
+            return node  # a file being written, not listed: its writer knows
+        if node is not None and not node.is_dir and node.etag == entry.info.etag and \
+                node.fresh and node.has_metadata:
+            return node
+        return self.table.upsert(path, False, **file_attrs(entry.info, self.config))
+
     def releasedir(self, fh: int) -> None:
-        self._dir_handles.pop(fh, None)
-        self._listings.pop(fh, None)
+        handle = self._dir_handles.pop(fh, None)
+        if handle is not None:
+            self._drop_unsent(handle)
+
+    def _drop_unsent(self, handle: _DirHandle) -> None:
+        for node in handle.unsent:
+            self.table.forget(node.inode, 0)  # dropped unless the kernel holds it
+        handle.unsent = []
 
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Node:
         self._check_writable()
-        path = self._child_path(parent, name)
-        if self.table.by_path(path) is not None or await self._exists(path):
+        path = self._child_path(parent, name, creating=True)
+        if await self._exists(path):
             raise FsError("", errno.EEXIST)
-        meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, time.time_ns())
+        now = time.time_ns()
+        meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
         await self.store.put(self.key(path) + "/", b"", PutOptions(meta.to_headers(), None))
+        self._forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
+        self._apply_meta(node, meta)
+        self._know_dir(path, set())  # made here: empty, no lookup inside needs a request
         node.lookups += 1
         return node
 
     async def _exists(self, path: str) -> bool:
         try:
-            await self._resolve(path)
-        except FsError:
-            return False
+            await self._lookup_quiet(path)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
         return True
 
     async def rmdir(self, parent: int, name: str) -> None:
@@ -237,6 +559,7 @@ class Namespace:
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
         self.table.remove_path(path)
+        self._gone(path)
 
     async def _dir_is_empty(self, path: str) -> bool:
         """No key under the directory but its own marker, and no file being written in it."""
@@ -252,7 +575,8 @@ class Namespace:
     async def create(self, parent: int, name: str, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, Node]:
         self._check_writable()
-        path = self._child_path(parent, name)
+        path = self._child_path(parent, name, creating=True)
+        self._forget_missing(path)
         existing = self.table.by_path(path)
         if existing is not None and self.files.writer(existing.inode) is not None:
             fh = await self.files.open(existing, flags | os.O_TRUNC)
@@ -261,7 +585,8 @@ class Namespace:
         now = time.time_ns()
         meta = FileMeta(stat.S_IFREG | stat.S_IMODE(mode), uid, gid, now)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
-                                 size=0, etag="", has_metadata=True, expires=0.0)
+                                 atime_ns=now, ctime_ns=now, size=0, etag="",
+                                 has_metadata=True, expires=0.0)
         node.lookups += 1
         return self.files.create(node, meta, flags), node
 
@@ -273,7 +598,13 @@ class Namespace:
             self._check_writable()
         if self.files.writer(inode) is None:
             node.expires = 0.0  # close-to-open consistency: see the object as it is now
+            path = node.path
             await self.getattr(inode)
+            if node.path != path and not path.startswith("\0"):
+                # another client replaced the object: the kernel's inode (and its size) is
+                # the old one; ESTALE makes the kernel look the path up again and open the
+                # new inode (the VFS retries an open that fails so with LOOKUP_REVAL)
+                raise FsError("", errno.ESTALE)
         return await self.files.open(node, flags)
 
     async def unlink(self, parent: int, name: str) -> None:
@@ -290,6 +621,7 @@ class Namespace:
         except NotFound:
             pass
         self.table.remove_path(path)
+        self._gone(path)
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str,
                      flags: int) -> None:
@@ -298,7 +630,7 @@ class Namespace:
         if flags & RENAME_EXCHANGE:
             raise FsError("rename: RENAME_EXCHANGE is not supported", errno.EINVAL)
         old = self._child_path(parent, name)
-        new = self._child_path(new_parent, new_name)
+        new = self._child_path(new_parent, new_name, creating=True)
         source = await self._lookup_quiet(old)
         writer = self.files.writer(source.inode)
         try:
@@ -330,6 +662,11 @@ class Namespace:
         else:
             await self._move_object(old, new, source.size)
         self.table.move(old, new)
+        self._gone(old)
+        self._forget_missing(new)
+        if source.is_dir:
+            for path in [p for p in self._known if p.startswith(old + "/")]:
+                del self._known[path]
 
     async def _move_object(self, old: str, new: str, size: int) -> str:
         etag = await self.store.copy(self.key(old), self.key(new), None, size)
@@ -360,3 +697,51 @@ class Namespace:
         else:
             await self.store.copy(info.key, target, None, info.size)
 
+
+    # -- symbolic links, and what an object store cannot be ----------------------------------
+
+    async def symlink(self, parent: int, name: str, target: bytes, uid: int,
+                      gid: int) -> Node:
+        """Stored as s3fs-fuse stores links: the target is the body, the mode has S_IFLNK."""
+        self._check_writable()
+        path = self._child_path(parent, name, creating=True)
+        if await self._exists(path):
+            raise FsError("", errno.EEXIST)
+        now = time.time_ns()
+        meta = FileMeta(stat.S_IFLNK | 0o777, uid, gid, now)
+        etag = await self.store.put(self.key(path), target, PutOptions(meta.to_headers(), None))
+        self._forget_missing(path)
+        node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
+                                 atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
+                                 has_metadata=True,
+                                 expires=time.monotonic() + self.config.attr_timeout)
+        node.target = bytes(target)
+        node.lookups += 1
+        return node
+
+    async def readlink(self, inode: int) -> bytes:
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.mode):
+            raise FsError("", errno.EINVAL)
+        if node.target is None or not node.fresh:
+            if node.size > SYMLINK_MAX:
+                raise FsError(f"{node.path}: a link target of {node.size} bytes", errno.EIO)
+            data = await self.store.get_range(self.key(node.path), 0, node.size,
+                                              node.etag or None)
+            node.target = bytes(data)
+        return node.target
+
+    async def link(self, inode: int, parent: int, name: str) -> Node:
+        raise FsError("", errno.EOPNOTSUPP)  # an object has one key: no hard links
+
+    async def mknod(self, parent: int, name: str, mode: int, uid: int,
+                    gid: int) -> Node:
+        """Regular files only (an empty object); devices, FIFOs and sockets have no object."""
+        if not stat.S_ISREG(mode):
+            raise FsError("", errno.EOPNOTSUPP)
+        fh, node = await self.create(parent, name, mode, os.O_WRONLY | os.O_CREAT, uid, gid)
+        try:
+            await self.files.flush(fh)
+        finally:
+            await self.files.release(fh)
+        return node

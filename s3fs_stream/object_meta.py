@@ -1,8 +1,12 @@
 """Object metadata ↔ file attributes, in s3fs-fuse's headers and formats (pure functions).
 
-mode, uid, gid and mtime travel as `x-amz-meta-mode`, `-uid`, `-gid` and `-mtime` (seconds,
-optionally with a fraction), so buckets written by s3fs-fuse look right here and the other
-way round. Objects without them get the mount's defaults and their LastModified.
+mode, uid, gid, mtime, atime and ctime travel as `x-amz-meta-mode`, `-uid`, `-gid`,
+`-mtime`, `-atime` and `-ctime` (times in seconds, optionally with a fraction), so buckets
+written by s3fs-fuse look right here and the other way round. Objects without them get the
+mount's defaults and their LastModified. The mode carries the file type as s3fs-fuse writes
+it: a symbolic link is an object whose body is the target and whose mode has S_IFLNK; a
+directory marker `dir/` may carry S_IFDIR and the directory's attributes (servers that keep
+no metadata on markers, SeaweedFS, give directories the mount's defaults).
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ class FileMeta:
     gid: int
     mtime_ns: int
     mtime_explicit: bool = False  # set by utimes to a time other than "now"
+    atime_ns: int | None = None  # stored only once set (touch -a, cp -p): else mtime
+    ctime_ns: int | None = None  # stored only once attributes changed: else mtime
 
     def to_headers(self, with_mtime: bool = True) -> dict[str, str]:
         headers = {"mode": str(self.mode), "uid": str(self.uid), "gid": str(self.gid)}
         if with_mtime:
             headers["mtime"] = format_mtime(self.mtime_ns)
+        if self.atime_ns is not None:
+            headers["atime"] = format_mtime(self.atime_ns)
+        if self.ctime_ns is not None:
+            headers["ctime"] = format_mtime(self.ctime_ns)
         return headers
 
 
@@ -42,6 +52,12 @@ class SetAttr:
     uid: int | None = None
     gid: int | None = None
     mtime_ns: int | None = None
+    atime_ns: int | None = None
+
+    @property
+    def changes_meta(self) -> bool:
+        return any(v is not None for v in (self.mode, self.uid, self.gid, self.mtime_ns,
+                                           self.atime_ns))
 
 
 def format_mtime(mtime_ns: int) -> str:
@@ -64,7 +80,7 @@ def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
     seconds of `started_ns` is left to the completion time; an older one is kept as given."""
     updates: dict = {}
     if change.mode is not None:
-        updates["mode"] = stat.S_IFREG | stat.S_IMODE(change.mode)
+        updates["mode"] = stat.S_IFMT(meta.mode) | stat.S_IMODE(change.mode)
     if change.uid is not None:
         updates["uid"] = change.uid
     if change.gid is not None:
@@ -72,26 +88,52 @@ def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
     if change.mtime_ns is not None:
         updates["mtime_ns"] = change.mtime_ns
         updates["mtime_explicit"] = change.mtime_ns < started_ns - 2_000_000_000
+    if change.atime_ns is not None:
+        updates["atime_ns"] = change.atime_ns
+    if updates:
+        updates["ctime_ns"] = time.time_ns()  # ctime moves on every change of attributes
     return replace(meta, **updates) if updates else meta
 
 
+def _time(meta: dict[str, str], name: str) -> int | None:
+    return parse_mtime(meta[name]) if name in meta else None
+
+
 def file_attrs(info: ObjectInfo, config: FsConfig) -> dict:
-    """Node attributes of an object, from its metadata where it has some."""
+    """Node attributes of an object, from its metadata where it has some. A listing's entry
+    (no metadata) gets the mount's defaults and LastModified until a HEAD tells more."""
     meta = info.metadata
     mode = to_int(meta.get("mode"), config.file_mode)
-    mtime_ns = parse_mtime(meta["mtime"]) if "mtime" in meta else None
-    return dict(mode=stat.S_IFREG | stat.S_IMODE(mode),
+    kind = stat.S_IFLNK if stat.S_ISLNK(mode) else stat.S_IFREG
+    mtime_ns = _time(meta, "mtime")
+    if mtime_ns is None:
+        mtime_ns = int(info.last_modified * 1e9)
+    return dict(mode=kind | stat.S_IMODE(mode),
                 uid=to_int(meta.get("uid"), config.uid),
                 gid=to_int(meta.get("gid"), config.gid),
-                mtime_ns=mtime_ns if mtime_ns is not None else int(info.last_modified * 1e9),
+                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime") or mtime_ns,
+                ctime_ns=_time(meta, "ctime") or mtime_ns,
                 size=info.size, etag=info.etag, has_metadata=info.has_metadata,
-                expires=time.monotonic() + config.attr_timeout if info.has_metadata else 0.0)
+                expires=time.monotonic() + config.attr_timeout)
 
 
-def dir_attrs(config: FsConfig) -> dict:
-    return dict(mode=stat.S_IFDIR | config.dir_mode, uid=config.uid, gid=config.gid,
-                mtime_ns=time.time_ns(), expires=time.monotonic() + config.attr_timeout,
-                has_metadata=True)
+def dir_attrs(config: FsConfig, marker: ObjectInfo | None = None) -> dict:
+    """A directory's attributes: from its marker's metadata where the server kept some,
+    else the mount's defaults (and the marker's LastModified, or the mount's start)."""
+    meta = marker.metadata if marker is not None else {}
+    mode = to_int(meta.get("mode"), config.dir_mode)
+    mtime_ns = _time(meta, "mtime")
+    if mtime_ns is None:
+        mtime_ns = int(marker.last_modified * 1e9) if marker is not None else MOUNT_TIME_NS
+    return dict(mode=stat.S_IFDIR | stat.S_IMODE(mode),
+                uid=to_int(meta.get("uid"), config.uid),
+                gid=to_int(meta.get("gid"), config.gid),
+                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime") or mtime_ns,
+                ctime_ns=_time(meta, "ctime") or mtime_ns,
+                expires=time.monotonic() + config.attr_timeout, has_metadata=True)
+
+
+MOUNT_TIME_NS = time.time_ns()  # directories without a time of their own
 
 
 def content_type(path: str, choice: str) -> str | None:

@@ -489,8 +489,8 @@ class StreamingWriter:
 
     async def _ensure_session(self) -> None:
         if self._session is None:
-            # mtime is the completion time unless the program set it explicitly
-            options = self._options(with_mtime=self.meta.mtime_explicit)
+            # every object carries its mtime: the upload's start unless the program sets one
+            options = self._options(with_mtime=True)
             self._session = await self._sticky(UploadSession.start(self._store, self.key,
                                                                    options))
 
@@ -591,7 +591,9 @@ class StreamingWriter:
         session = self._session
         etag = await session.complete(sizes, self.name)
         self._session = None
-        wanted = self._options(with_mtime=self.meta.mtime_explicit)
+        wanted = self._options(with_mtime=True)
+        if not self.meta.mtime_explicit:  # a "now" from the kernel: the start time stays
+            wanted.metadata["mtime"] = session.options.metadata.get("mtime", "")
         if wanted.metadata != session.options.metadata:
             # chmod/chown/utimes while writing: rewrite the metadata server-side
             etag = await self._store.copy(self.key, self.key, wanted, self.size)

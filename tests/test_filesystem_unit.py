@@ -42,12 +42,31 @@ class Fs:
         raise AttributeError(name)
 
 
-async def names(fs, inode=ROOT_INODE):
+async def listing(fs, inode=ROOT_INODE, limit=None):
+    """(name, node, next offset) of every entry, as the kernel takes them (at most `limit`
+    per readdir call, each call from where the last one stopped)."""
     fh = await fs.opendir(inode)
+    entries = []
     try:
-        return [name for name, _, _ in await fs.readdir(fh, 0)]
+        while True:
+            got = []
+
+            def reply(name, node, next_offset, got=got):
+                if limit is not None and len(got) >= limit:
+                    return False
+                got.append((name, node, next_offset))
+                return True
+
+            await fs.readdir(fh, entries[-1][2] if entries else 0, reply)
+            if not got:
+                return entries
+            entries += got
     finally:
         fs.releasedir(fh)
+
+
+async def names(fs, inode=ROOT_INODE):
+    return [name for name, _, _ in await listing(fs, inode)]
 
 
 async def test_create_write_flush_and_read_back(fs):
@@ -145,3 +164,122 @@ async def test_open_during_release_gets_a_fresh_writer(fs):
     await fs.release(fh2)
     assert fs.store.objects["pre/f"][0] == b"two"
     assert fs.budget.used == 0
+
+
+async def test_listing_streams_pages_with_stable_offsets_and_hides_objects(fs, caplog):
+    fs.store.page_size = 7
+    for i in range(100):
+        fs.store._store(f"pre/d/f{i:03d}", b"x" * 5000, {})
+    fs.store._store("pre/d/f050/inner", b"1", {})  # the directory f050 hides the object
+    fs.store._store("pre/d/f050.txt", b"y" * 5000, {})  # sorts between "f050" and "f050/"
+    fs.store._store("pre/d/../b", b"bad", {})  # no file name: logged once per mount
+    d = await fs.lookup(ROOT_INODE, "d")
+    fs.store.calls.clear()
+    entries = await listing(fs, d.inode, limit=9)
+    got = [name for name, _, _ in entries]
+    assert sorted(got) == sorted([f"f{i:03d}" for i in range(100)] + ["f050.txt"])
+    assert len(got) == len(set(got))
+    assert [n for n, node, _ in entries if node.is_dir] == ["f050"]
+    assert [off for _, _, off in entries] == list(range(1, len(entries) + 1))
+    # one LIST per page, no HEAD: objects this large cannot be symbolic links
+    assert {c[0] for c in fs.store.calls} == {"list_page"}
+    assert len(fs.store.calls) <= 102 // 7 + 3
+    # only what the kernel accepted stays in the table
+    assert len(fs.inner.table) <= len(entries) + 3
+    await listing(fs, d.inode)
+    assert caplog.text.count("skipping key") == 1
+    assert caplog.text.count("hidden by the directory") == 1
+
+
+async def test_rejected_entries_are_not_kept(fs):
+    for i in range(50):
+        fs.store._store(f"pre/f{i:02d}", b"x" * 5000, {})
+    fh = await fs.opendir(ROOT_INODE)
+    taken = []
+    await fs.readdir(fh, 0, lambda name, node, off: len(taken) < 3 and not taken.append(name))
+    fs.releasedir(fh)
+    assert taken == ["f00", "f01", "f02"]
+    assert len(fs.inner.table) == 4  # the root and the three the kernel took
+
+
+async def test_small_listed_objects_are_headed_in_parallel_and_symlinks_read(fs):
+    for i in range(40):
+        fs.store._store(f"pre/s{i:02d}", b"tiny", {"mode": str(stat.S_IFREG | 0o600),
+                                                  "mtime": "1000"})
+    fs.store._store("pre/link", b"s00", {"mode": str(stat.S_IFLNK | 0o777)})
+    fs.store.delay = 0.01
+    started = trio.current_time()
+    entries = await listing(fs)
+    assert trio.current_time() - started < 0.3  # 41 HEADs of 10 ms each, not one by one
+    nodes = {name: node for name, node, _ in entries}
+    assert stat.S_ISLNK(nodes["link"].mode)
+    assert nodes["s01"].mode == stat.S_IFREG | 0o600 and nodes["s01"].mtime_ns == 10**12
+    assert await fs.readlink(nodes["link"].inode) == b"s00"
+
+
+async def test_missing_names_cost_no_request_once_known(fs):
+    d = await fs.mkdir(ROOT_INODE, "new", 0o755, 0, 0)
+    fs.store.calls.clear()
+    for i in range(20):
+        with pytest.raises(FsError) as info:
+            await fs.lookup(d.inode, f"f{i}")
+        assert info.value.errno == errno.ENOENT
+        fh, _ = await fs.create(d.inode, f"f{i}", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        await fs.write(fh, 0, b"small")
+        await fs.flush(fh)
+        await fs.release(fh)
+    assert [c[0] for c in fs.store.calls] == ["put"] * 20  # one PutObject per file
+    assert fs.store.objects["pre/new/f3"][1]["mtime"]
+    with pytest.raises(FsError):  # a missing name is remembered
+        await fs.lookup(ROOT_INODE, "nothing")
+    fs.store.calls.clear()
+    with pytest.raises(FsError):
+        await fs.lookup(ROOT_INODE, "nothing")
+    assert fs.store.calls == []
+    await fs.mkdir(ROOT_INODE, "nothing", 0o755, 0, 0)  # ... until made here
+    assert (await fs.lookup(ROOT_INODE, "nothing")).is_dir
+
+
+async def test_symlinks_links_devices_and_long_names(fs):
+    node = await fs.symlink(ROOT_INODE, "l", b"../target dir/f", 5, 6)
+    data, meta, _ = fs.store.objects["pre/l"]
+    assert data == b"../target dir/f" and stat.S_ISLNK(int(meta["mode"]))
+    assert await fs.readlink(node.inode) == b"../target dir/f"
+    for call in (fs.link(node.inode, ROOT_INODE, "hard"),
+                 fs.mknod(ROOT_INODE, "fifo", stat.S_IFIFO | 0o644, 0, 0)):
+        with pytest.raises(FsError) as info:
+            await call
+        assert info.value.errno == errno.EOPNOTSUPP
+    deep = ROOT_INODE
+    for i in range(4):
+        deep = (await fs.mkdir(deep, "d" * 250 + str(i), 0o755, 0, 0)).inode
+    for call in (fs.create(deep, "f" * 60, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0),
+                 fs.mkdir(deep, "e" * 60, 0o755, 0, 0),
+                 fs.rename(ROOT_INODE, "l", deep, "g" * 60, 0)):
+        with pytest.raises(FsError) as info:
+            await call
+        assert info.value.errno == errno.ENAMETOOLONG
+
+
+async def test_times_and_root(fs):
+    fs.store._store("pre/f", b"x", {"mode": "33188", "mtime": "5"})
+    node = await fs.lookup(ROOT_INODE, "f")
+    await fs.setattr(node.inode, SetAttr(atime_ns=7_000_000_000))
+    meta = fs.store.objects["pre/f"][1]
+    assert meta["atime"] == "7" and meta["mtime"] == "5" and float(meta["ctime"]) > 7
+    root = await fs.setattr(ROOT_INODE, SetAttr(mtime_ns=9_000_000_000))
+    assert (await fs.getattr(ROOT_INODE)).mtime_ns == 9_000_000_000 == root.mtime_ns
+
+
+async def test_replaced_object_gets_a_new_inode(fs):
+    fs.store._store("pre/f", b"old", {})
+    node = await fs.lookup(ROOT_INODE, "f")
+    fh = await fs.open(node.inode, os.O_RDONLY)
+    await fs.release(fh)
+    fs.store._store("pre/f", b"new and longer", {})
+    node.expires = 0.0
+    with pytest.raises(FsError) as info:
+        await fs.open(node.inode, os.O_RDONLY)  # the kernel looks the name up again
+    assert info.value.errno == errno.ESTALE
+    again = await fs.lookup(ROOT_INODE, "f")
+    assert again.inode != node.inode and again.size == 14
