@@ -22,6 +22,7 @@ from .filesystem import FileSystem
 from .fuse_adapter import FuseOperations
 from .memory_budget import MemoryBudget
 from .page_cache import PageCacheDropper, find_fuse_fd
+from .recover import warn_of_old_uploads
 from .upload_pool import UploadPool
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     """Check access, mount, serve until unmounted; `ready` is called once the mount works."""
     store = BotocoreStore(config.store)
     await check_access(store, config.store.prefix)
+    await warn_of_old_uploads(store, config.store.prefix)
     check_mountpoint(config.mountpoint)
     if config.fake:
         ready()
