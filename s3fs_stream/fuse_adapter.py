@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import time
 
 import pyfuse3
 import trio
@@ -24,6 +25,35 @@ from .object_meta import SetAttr
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 512
+BAD_NAME_LOG_INTERVAL = 60.0  # seconds between warnings about names that are not UTF-8
+
+
+class BadNames:
+    """Names from the kernel must be UTF-8, as S3 keys are: other bytes would reach botocore
+    as surrogates and fail deep inside it. They are refused with EILSEQ; the log gets one
+    warning a minute at most (any local user can send such names), the rest at debug."""
+
+    def __init__(self) -> None:
+        self._last_warning = -BAD_NAME_LOG_INTERVAL
+        self._quiet = 0  # refusals since the last warning
+
+    def decode(self, raw: bytes, operation: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._log(raw, operation)
+            raise pyfuse3.FUSEError(errno.EILSEQ) from None
+
+    def _log(self, raw: bytes, operation: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning < BAD_NAME_LOG_INTERVAL:
+            self._quiet += 1
+            log.debug("%s: name %r is not UTF-8; answering EILSEQ", operation, raw)
+            return
+        more = f" ({self._quiet} more since the last such line)" if self._quiet else ""
+        log.warning("%s: name %r is not UTF-8 (S3 keys are); answering EILSEQ%s", operation,
+                    raw, more)
+        self._last_warning, self._quiet = now, 0
 
 
 def _converted(method):
@@ -57,6 +87,7 @@ class FuseOperations(pyfuse3.Operations):
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+        self._names = BadNames()
 
     def init(self):
         # called while pyfuse3 answers INIT; the reply is sent before any other task runs
@@ -81,7 +112,8 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def lookup(self, parent_inode, name, ctx=None):
-        return self._attributes(await self.namespace.lookup(parent_inode, os.fsdecode(name)))
+        name = self._names.decode(name, "lookup")
+        return self._attributes(await self.namespace.lookup(parent_inode, name))
 
     async def forget(self, inode_list):
         for inode, count in inode_list:
@@ -122,26 +154,28 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = await self.namespace.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        name = self._names.decode(name, "mkdir")
+        node = await self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
         return self._attributes(node)
 
     @_converted
     async def rmdir(self, parent_inode, name, ctx):
-        await self.namespace.rmdir(parent_inode, os.fsdecode(name))
+        await self.namespace.rmdir(parent_inode, self._names.decode(name, "rmdir"))
 
     @_converted
     async def unlink(self, parent_inode, name, ctx):
-        await self.namespace.unlink(parent_inode, os.fsdecode(name))
+        await self.namespace.unlink(parent_inode, self._names.decode(name, "unlink"))
 
     @_converted
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.namespace.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-                             os.fsdecode(name_new), flags)
+        await self.namespace.rename(parent_inode_old, self._names.decode(name_old, "rename"),
+                                    parent_inode_new, self._names.decode(name_new, "rename"),
+                                    flags)
 
     @_converted
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, node = await self.namespace.create(parent_inode, os.fsdecode(name), mode, flags, ctx.uid,
-                                        ctx.gid)
+        name = self._names.decode(name, "create")
+        fh, node = await self.namespace.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node)
 
     @_converted
