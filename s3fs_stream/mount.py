@@ -163,6 +163,20 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         ready()
         return
     limit_malloc_caching()
+    try:
+        await _serve(config, store, ready)
+    except* QuietError as group:  # one line and its exit code, not a group's traceback
+        raise _first(group) from None
+
+
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], None]) -> None:
+    """One nursery owns every task of the mount and the FUSE session."""
     budget = MemoryBudget(config.fs.max_memory)
     async with trio.open_nursery() as nursery:
         pool = UploadPool(nursery, config.fs.upload_concurrency)
