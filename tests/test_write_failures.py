@@ -7,11 +7,13 @@ import os
 import subprocess
 import time
 
+import pytest
 from conftest import VENV_BIN, new_bucket, run_with_timeout
 
 MiB = 1024 * 1024
 
 
+@pytest.mark.expect_log_errors("the object is not written", "closed without a successful")
 def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
                                                              restartable_seaweed):
     server = restartable_seaweed.server
