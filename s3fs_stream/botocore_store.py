@@ -392,21 +392,25 @@ class BotocoreStore:
             r = await self._call(self._where("ListParts", key), self._client.list_parts,
                                  Bucket=self.bucket, Key=key, UploadId=upload_id,
                                  PartNumberMarker=marker)
-            parts += [UploadedPart(p["PartNumber"], p["ETag"], p["Size"])
+            parts += [UploadedPart(p["PartNumber"], p["ETag"], p["Size"],
+                                   p["LastModified"].timestamp() if "LastModified" in p else 0.0)
                       for p in r.get("Parts", [])]
             if not r.get("IsTruncated"):
                 return parts
             marker = r["NextPartNumberMarker"]
 
-    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+    async def list_uploads(self, prefix: str = "",
+                           max_uploads: int | None = None) -> list[PendingUpload]:
         uploads: list[PendingUpload] = []
         args = {"Bucket": self.bucket, "Prefix": prefix}
+        if max_uploads is not None:
+            args["MaxUploads"] = max_uploads
         while True:
             r = await self._call(self._where("ListMultipartUploads", prefix),
                                  self._client.list_multipart_uploads, **args)
             uploads += [PendingUpload(u["Key"], u["UploadId"], u["Initiated"].timestamp())
                         for u in r.get("Uploads", [])]
-            if not r.get("IsTruncated"):
+            if not r.get("IsTruncated") or max_uploads is not None:
                 return uploads
             args["KeyMarker"] = r["NextKeyMarker"]
             args["UploadIdMarker"] = r["NextUploadIdMarker"]

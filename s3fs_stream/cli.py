@@ -3,12 +3,14 @@
     mount.s3stream BUCKET[:PREFIX] MOUNTPOINT [-sfnv] [-o OPT[,OPT...]] [--OPT VALUE] [--foreground]
     s3stream mount ...          the same
     s3stream local-server --dir DIR [--port N]
-    s3stream recover BUCKET[:PREFIX] [--complete | --abort] [--endpoint-url URL ...]
+    s3stream recover BUCKET[:PREFIX] [-o OPT[,OPT...]] [--list | --complete | --abort]
+                     [--older-than AGE] [--key KEY]
     s3stream install-helper [--dir /sbin]
 
-Every option works as `-o name=value` (fstab, mount -t s3stream) and as `--name value`; the
-table of options and their value checks is in options.py. Every command has --version, and
-a bad value is one line naming the option, exit code 2.
+Every option works as `-o name=value` (fstab, mount -t s3stream) and as `--name value`, for
+the mount and for recover (its S3 options); the table of options and their value checks is
+in options.py. Every command has --version, and a bad value is one line naming the option,
+exit code 2.
 """
 
 from __future__ import annotations
@@ -113,14 +115,55 @@ def mount_parser(prog: str) -> Parser:
                         help="no mtab entry (ignored: there is no mtab to write)")
     helper.add_argument("-v", dest="verbose", action="store_true",
                         help="verbose: log at least at info level")
-    groups = {"store": parser.add_argument_group("S3 options"),
-              "fs": parser.add_argument_group("file system options"),
-              "mount": parser.add_argument_group("mount and log options")}
-    for name, option in OPTIONS.items():
-        extra = {"nargs": "?", "const": "yes"} if option.flag else {}
-        groups[option.section].add_argument("--" + name.replace("_", "-"), dest="long_" + name,
-                                            metavar=option.metavar, help=option.help, **extra)
+    add_options(parser, SECTION_TITLES)
     return parser
+
+
+SECTION_TITLES = {"store": "S3 options", "fs": "file system options",
+                  "mount": "mount and log options"}
+
+
+def add_options(parser: argparse.ArgumentParser, sections: dict[str, str]) -> None:
+    """--NAME VALUE for every option of the given sections (section -> group title)."""
+    groups = {section: parser.add_argument_group(title) for section, title in sections.items()}
+    for name, option in OPTIONS.items():
+        if option.section in groups:
+            extra = {"nargs": "?", "const": "yes"} if option.flag else {}
+            groups[option.section].add_argument(
+                "--" + name.replace("_", "-"), dest="long_" + name, metavar=option.metavar,
+                help=option.help, **extra)
+
+
+def parse_options(args: argparse.Namespace, sections: set[str],
+                  sloppy: bool = False) -> dict[str, dict]:
+    """The -o and --NAME options of `args` as {section: {field: value}}; options of other
+    sections are unknown here (a mount option given to recover is a usage error)."""
+    pairs = _split_options(args.options)
+    pairs += [(name, value) for name in OPTIONS
+              if (value := getattr(args, "long_" + name, None)) is not None]
+    values: dict[str, dict] = {section: {} for section in sections}
+    unknown = []
+    for name, value in pairs:
+        if name in OPTIONS and OPTIONS[name].section in sections:
+            option = OPTIONS[name]
+            values[option.section][option.field] = _parse_value(name, value)
+        elif not is_generic(name):
+            unknown.append(name)
+    if unknown and not sloppy:
+        valid = sorted(name for name, option in OPTIONS.items() if option.section in sections)
+        raise QuietError(f"unknown option(s): {', '.join(unknown)}; valid options: "
+                         f"{', '.join(valid)}", USAGE_ERROR)
+    return values
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """BUCKET[:PREFIX] -> (bucket, "" or "prefix/")."""
+    bucket, _, prefix = source.partition(":")
+    if not bucket or "/" in bucket:
+        raise QuietError(f"{source!r} is not BUCKET or BUCKET:PREFIX (e.g. "
+                         "my-bucket:some/prefix)", USAGE_ERROR)
+    prefix = prefix.strip("/")
+    return bucket, prefix + "/" if prefix else ""
 
 
 def _parse_value(name: str, value: str | None):
@@ -137,28 +180,9 @@ def _parse_value(name: str, value: str | None):
 def build_config(argv: list[str], prog: str = "mount.s3stream") -> MountConfig:
     """argv -> MountConfig; every value is checked here (pure: no files, no network)."""
     args = mount_parser(prog).parse_args(argv)
-    pairs = _split_options(args.options)
-    pairs += [(name, value) for name in OPTIONS
-              if (value := getattr(args, "long_" + name)) is not None]
-    sections: dict[str, dict] = {"store": {}, "fs": {}, "mount": {}}
-    unknown = []
-    for name, value in pairs:
-        if name in OPTIONS:
-            option = OPTIONS[name]
-            sections[option.section][option.field] = _parse_value(name, value)
-        elif not is_generic(name):
-            unknown.append(name)
-    if unknown and not args.sloppy:
-        raise QuietError(f"unknown option(s): {', '.join(unknown)}; valid options: "
-                         f"{', '.join(sorted(OPTIONS))}", USAGE_ERROR)
-
-    bucket, _, prefix = args.source.partition(":")
-    if not bucket or "/" in bucket:
-        raise QuietError(f"{args.source!r} is not BUCKET or BUCKET:PREFIX (e.g. "
-                         "my-bucket:some/prefix)", USAGE_ERROR)
-    prefix = prefix.strip("/")
-    store = StoreConfig(bucket=bucket, prefix=prefix + "/" if prefix else "",
-                        **sections["store"])
+    sections = parse_options(args, set(SECTION_TITLES), args.sloppy)
+    bucket, prefix = parse_source(args.source)
+    store = StoreConfig(bucket=bucket, prefix=prefix, **sections["store"])
     if store.sse_kms_key_id and not (store.sse or "").startswith("aws:kms"):
         raise QuietError("option sse_kms_key_id: needs sse=aws:kms", USAGE_ERROR)
     fs = replace(FsConfig(uid=os.getuid(), gid=os.getgid()), **sections["fs"])

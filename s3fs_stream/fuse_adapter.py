@@ -71,6 +71,37 @@ class KernelNotifier:
                     log.debug("kernel notification %s %s failed: %s", kind, args, exc)
 
 
+BAD_NAME_LOG_INTERVAL = 60.0  # seconds between warnings about names that are not UTF-8
+
+
+class BadNames:
+    """Names from the kernel must be UTF-8, as S3 keys are: other bytes would reach botocore
+    as surrogates and fail deep inside it. They are refused with EILSEQ; the log gets one
+    warning a minute at most (any local user can send such names), the rest at debug."""
+
+    def __init__(self) -> None:
+        self._last_warning = -BAD_NAME_LOG_INTERVAL
+        self._quiet = 0  # refusals since the last warning
+
+    def decode(self, raw: bytes, operation: str) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._log(raw, operation)
+            raise pyfuse3.FUSEError(errno.EILSEQ) from None
+
+    def _log(self, raw: bytes, operation: str) -> None:
+        now = time.monotonic()
+        if now - self._last_warning < BAD_NAME_LOG_INTERVAL:
+            self._quiet += 1
+            log.debug("%s: name %r is not UTF-8; answering EILSEQ", operation, raw)
+            return
+        more = f" ({self._quiet} more since the last such line)" if self._quiet else ""
+        log.warning("%s: name %r is not UTF-8 (S3 keys are); answering EILSEQ%s", operation,
+                    raw, more)
+        self._last_warning, self._quiet = now, 0
+
+
 def _converted(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
@@ -106,6 +137,7 @@ class FuseOperations(pyfuse3.Operations):
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+        self._names = BadNames()
         self.in_flight = 0  # requests being handled
         self.last_request = time.monotonic()  # when the last one ended
 
@@ -141,8 +173,9 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def lookup(self, parent_inode, name, ctx=None):
+        name = self._names.decode(name, "lookup")
         try:
-            node = await self.namespace.lookup(parent_inode, os.fsdecode(name))
+            node = await self.namespace.lookup(parent_inode, name)
         except FsError as exc:
             if exc.errno != errno.ENOENT or exc.message:
                 raise
@@ -193,26 +226,28 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node = await self.namespace.mkdir(parent_inode, os.fsdecode(name), mode, ctx.uid, ctx.gid)
+        name = self._names.decode(name, "mkdir")
+        node = await self.namespace.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid)
         return self._attributes(node)
 
     @_converted
     async def rmdir(self, parent_inode, name, ctx):
-        await self.namespace.rmdir(parent_inode, os.fsdecode(name))
+        await self.namespace.rmdir(parent_inode, self._names.decode(name, "rmdir"))
 
     @_converted
     async def unlink(self, parent_inode, name, ctx):
-        await self.namespace.unlink(parent_inode, os.fsdecode(name))
+        await self.namespace.unlink(parent_inode, self._names.decode(name, "unlink"))
 
     @_converted
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        await self.namespace.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-                             os.fsdecode(name_new), flags)
+        await self.namespace.rename(parent_inode_old, self._names.decode(name_old, "rename"),
+                                    parent_inode_new, self._names.decode(name_new, "rename"),
+                                    flags)
 
     @_converted
     async def symlink(self, parent_inode, name, target, ctx):
-        node = await self.namespace.symlink(parent_inode, os.fsdecode(name), target, ctx.uid,
-                                            ctx.gid)
+        name = self._names.decode(name, "symlink")
+        node = await self.namespace.symlink(parent_inode, name, target, ctx.uid, ctx.gid)
         return self._attributes(node)
 
     @_converted
@@ -221,18 +256,19 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._attributes(await self.namespace.link(inode, new_parent_inode,
-                                                          os.fsdecode(new_name)))
+        new_name = self._names.decode(new_name, "link")
+        return self._attributes(await self.namespace.link(inode, new_parent_inode, new_name))
 
     @_converted
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._attributes(await self.namespace.mknod(parent_inode, os.fsdecode(name),
-                                                           mode, ctx.uid, ctx.gid))
+        name = self._names.decode(name, "mknod")
+        return self._attributes(await self.namespace.mknod(parent_inode, name, mode, ctx.uid,
+                                                           ctx.gid))
 
     @_converted
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, node = await self.namespace.create(parent_inode, os.fsdecode(name), mode, flags, ctx.uid,
-                                        ctx.gid)
+        name = self._names.decode(name, "create")
+        fh, node = await self.namespace.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node)
 
     @_converted

@@ -105,6 +105,10 @@ def start_local_server(data_dir: str | os.PathLike, port: int | None = None,
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
         "-master.volumeSizeLimitMB=1024",
+        # every bucket is a collection with volumes of its own; the automatic limit (free
+        # disk / volume size, ~60 here) ran out after about 200 test buckets ("No writable
+        # volumes"). Volumes are sparse files: a high count costs nothing until used.
+        "-volume.max=2000",
     ]
     log_file = open(log_path or (data_dir / "weed.log"), "ab")
     process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,

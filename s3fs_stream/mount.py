@@ -22,6 +22,7 @@ from .filesystem import FileSystem
 from .fuse_adapter import FuseOperations, KernelNotifier
 from .memory_budget import MemoryBudget
 from .page_cache import PageCacheDropper, find_fuse_fd
+from .recover import warn_of_old_uploads
 from .upload_pool import UploadPool
 
 log = logging.getLogger(__name__)
@@ -159,11 +160,26 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     """Check access, mount, serve until unmounted; `ready` is called once the mount works."""
     store = BotocoreStore(config.store)
     await check_access(store, config.store.prefix)
+    await warn_of_old_uploads(store, config.store.prefix)
     check_mountpoint(config.mountpoint)
     if config.fake:
         ready()
         return
     limit_malloc_caching()
+    try:
+        await _serve(config, store, ready)
+    except* QuietError as group:  # one line and its exit code, not a group's traceback
+        raise _first(group) from None
+
+
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], None]) -> None:
+    """One nursery owns every task of the mount and the FUSE session."""
     budget = MemoryBudget(config.fs.max_memory)
     left: list[str] = []
     async with trio.open_nursery() as nursery:

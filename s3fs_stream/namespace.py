@@ -101,9 +101,9 @@ class Namespace:
 
     def _child_path(self, parent: int, name: str, creating: bool = False) -> str:
         reason = invalid_name_reason(name)
-        if reason is not None:
-            raise FsError(f"invalid name {name!r}: {reason}",
-                          errno.ENAMETOOLONG if "longer" in reason else errno.EINVAL)
+        if reason is not None:  # at debug: any local user could flood the log with these
+            log.debug("invalid name %r: %s", name, reason)
+            raise FsError("", errno.ENAMETOOLONG if "longer" in reason else errno.EINVAL)
         path = join(self._node(parent).path, name)
         if path == RESERVED_NAME:
             raise FsError("", errno.EACCES if creating else errno.ENOENT)
@@ -567,6 +567,10 @@ class Namespace:
         page = await self.store.list_page(marker, None, max_keys=2)
         if any(o.key != marker for o in page.objects):
             return False
+        if any(o.key == marker and o.size for o in page.objects):
+            log.warning("directory %r: its marker object %r holds %d bytes (written by "
+                        "another tool); not deleting it", path, marker, page.objects[0].size)
+            return False
         return not any((node := self.table.get(i)) is not None and parent_of(node.path) == path
                        for i, _ in self.files.writers())
 
@@ -690,9 +694,10 @@ class Namespace:
 
     async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str) -> None:
         target = new_prefix + info.key[len(old_prefix):]
-        if info.key.endswith("/"):
+        if info.key.endswith("/") and not info.size:
             # a directory marker: some servers (SeaweedFS) keep these as real directories
-            # that CopyObject cannot read, so write a new marker instead
+            # that CopyObject cannot read, so write a new marker instead (one holding bytes,
+            # written by another tool, is copied: its bytes are data)
             await self.store.put(target, b"", PutOptions({}, None))
         else:
             await self.store.copy(info.key, target, None, info.size)

@@ -32,6 +32,7 @@ class UploadedPart:
     number: int
     etag: str
     size: int
+    last_modified: float = 0.0  # from ListParts only (seconds since the epoch)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ class ObjectStore(Protocol):
 
     async def list_parts(self, key: str, upload_id: str) -> list[UploadedPart]: ...
 
-    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]: ...
+    async def list_uploads(self, prefix: str = "",
+                           max_uploads: int | None = None) -> list[PendingUpload]:
+        """Incomplete multipart uploads under `prefix`; with `max_uploads`, one request."""
 
     async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
                    size: int) -> str:

@@ -46,6 +46,28 @@ def size_between(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_age(text: str) -> float:
+    """A duration such as 90s, 30m, 2h, 1d or 0 (plain numbers are seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"not an age: {text!r} (use e.g. 30m, 2h, 1d or 0)")
+    return float(match.group(1)) * AGE_UNITS[match.group(2).lower()]
+
+
+def show_age(seconds: float) -> str:
+    """1d2h, 2h5m, 3m10s, 42s: the two largest units."""
+    seconds = max(0, int(seconds))
+    parts = []
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= scale or (unit == "s" and not parts):
+            parts.append(f"{seconds // scale}{unit}")
+            seconds %= scale
+    return "".join(parts[:2])
+
+
 def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on", ""):
         return True

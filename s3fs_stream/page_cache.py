@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 
 import trio
 
@@ -55,11 +56,19 @@ def find_fuse_fd() -> int | None:
 
 
 class PageCacheDropper:
-    """Best-effort, never blocking the caller: `drop` queues, `run` sends."""
+    """Best-effort, never blocking the caller: `drop` queues, `run` sends.
+
+    Messages go to a duplicate of pyfuse3's descriptor, closed only once no write is in
+    flight: pyfuse3 closes its own at unmount, and a write abandoned by cancellation must not
+    land on whatever reuses that number. After `stop` nothing is written."""
 
     def __init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[tuple[int, int, int]](QUEUE)
         self._running = False
+        self._lock = threading.Lock()  # guards the three fields below, shared with the thread
+        self._fd: int | None = None
+        self._writing = False
+        self._stopped = False
 
     def drop(self, inode: int, start: int, length: int) -> None:
         """Ask the kernel to forget the cached pages of `inode` in [start, start+length)."""
@@ -74,24 +83,61 @@ class PageCacheDropper:
 
     def stop(self) -> None:
         """No more messages: once the daemon stops answering requests, a message that has
-        to wait for writeback would wait forever."""
+        to wait for writeback would wait forever. The descriptor is closed now, or by the
+        write still in flight when it returns (the unmount ends its wait)."""
         self._running = False
+        self._send.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if not self._writing:
+                self._close_fd()
 
     async def run(self, fuse_fd: int | None) -> None:
         """Send queued ranges until stopped or cancelled (owned by the mount's nursery)."""
         if fuse_fd is None:
             log.debug("no /dev/fuse descriptor found: uploaded pages stay in the page cache")
             return
-        self._running = True
-        async for inode, start, length in self._receive:
-            if not self._running:
+        with self._lock:
+            if self._stopped:
                 return
-            message = _INVAL_INODE.pack(_INVAL_INODE.size, FUSE_NOTIFY_INVAL_INODE, 0,
-                                        inode, start, length)
-            try:
-                await trio.to_thread.run_sync(os.write, fuse_fd, message,
-                                              abandon_on_cancel=True)
-            except OSError as exc:
-                # ENOENT: the kernel has already forgotten the inode, and its pages with it
-                if exc.errno != errno.ENOENT:
-                    log.debug("page cache of inode %d not dropped: %s", inode, exc)
+            self._fd = os.dup(fuse_fd)
+        self._running = True
+        try:
+            async for inode, start, length in self._receive:
+                if not self._running:
+                    return
+                message = _INVAL_INODE.pack(_INVAL_INODE.size, FUSE_NOTIFY_INVAL_INODE, 0,
+                                            inode, start, length)
+                try:
+                    await trio.to_thread.run_sync(self._write, message, abandon_on_cancel=True)
+                except OSError as exc:
+                    # ENOENT: the kernel has already forgotten the inode, and its pages too
+                    if exc.errno != errno.ENOENT:
+                        log.debug("page cache of inode %d not dropped: %s", inode, exc)
+        finally:  # cancelled or stopped: the descriptor goes once no write is in flight
+            self._running = False
+            self._finish()
+
+    def _write(self, message: bytes) -> None:
+        """In a worker thread: one message, unless stopped meanwhile."""
+        with self._lock:
+            if self._stopped or self._fd is None:
+                return
+            self._writing = True
+            fd = self._fd
+        try:
+            os.write(fd, message)
+        finally:
+            with self._lock:
+                self._writing = False
+                if self._stopped:
+                    self._close_fd()
+
+    def _close_fd(self) -> None:
+        """With the lock held."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

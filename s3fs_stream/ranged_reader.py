@@ -161,7 +161,15 @@ class RangedReader:
         finally:
             segment.done.set()
             if segment.dropped:
-                self._release(segment)
+                self._release_in_task(segment)
+
+    def _release_in_task(self, segment: Segment) -> None:
+        """A fetch runs in the mount's nursery: whatever escapes it takes the mount down."""
+        try:
+            self._release(segment)
+        except Exception:
+            log.exception("%s: unexpected error releasing the read-ahead of bytes %d-%d",
+                          self._name, segment.start, segment.end)
 
     async def _collect(self, offset: int, end: int) -> bytes | memoryview:
         needed = [s for s in self._segments if s.end > offset and s.start < end]

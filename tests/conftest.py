@@ -233,8 +233,23 @@ def start_mount(server: Server, bucket: str, path: Path, log_path: Path, *option
     return Mount(path, bucket, server, process, log_path, server.client())
 
 
+def log_errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if " ERROR " in line or " CRITICAL " in line]
+
+
+def unexpected_errors(text: str, marker) -> list[str]:
+    """ERROR lines of a mount's log that the test did not declare with
+    @pytest.mark.expect_log_errors(*texts) (no texts: any ERROR line)."""
+    errors = log_errors(text)
+    if marker is None:
+        return errors
+    if not marker.args:
+        return []
+    return [line for line in errors if not any(text in line for text in marker.args)]
+
+
 @pytest.fixture
-def mount_factory(tmp_path):
+def mount_factory(tmp_path, request):
     mounts: list[Mount] = []
 
     def make(server: Server, *options: str, bucket: str | None = None,
@@ -255,6 +270,11 @@ def mount_factory(tmp_path):
             problems.append(f"mount exited with {code}")
         if "Traceback" in text or "unexpected error" in text:
             problems.append(f"unexpected error in the mount log:\n{text[-4000:]}")
+        errors = unexpected_errors(text, request.node.get_closest_marker("expect_log_errors"))
+        if errors:
+            problems.append("ERROR lines in the mount log (a test that causes them on purpose "
+                            "says so with @pytest.mark.expect_log_errors):\n" +
+                            "\n".join(errors[:20]))
     assert not problems, "\n".join(problems)
 
 

@@ -148,7 +148,7 @@ class MemoryStore:
         return [UploadedPart(n, e, len(d)) for n, (d, e) in
                 sorted(self.uploads[upload_id][1].items())]
 
-    async def list_uploads(self, prefix=""):
+    async def list_uploads(self, prefix="", max_uploads=None):
         return [PendingUpload(k, u, 0.0) for u, (k, _, _) in self.uploads.items()
                 if k.startswith(prefix)]
 

@@ -91,6 +91,25 @@ def test_missing_mountpoint(seaweed, tmp_path):
     assert not missing.exists() or not os.path.ismount(missing)
 
 
+@pytest.mark.timeout(60)
+def test_failed_fuse_mount_is_one_line_exit_32(seaweed, mountpoint):
+    """pyfuse3.init fails (here: /dev/fuse is /dev/null, in a mount namespace of the test's
+    own): mount(8)'s exit code 32 and one line, in both modes, not an exception group."""
+    require(shutil.which("unshare") is not None and os.geteuid() == 0,
+            "unshare(1) and root for a private mount namespace")
+    bucket = new_bucket(seaweed)
+    log_file = mountpoint.parent / "init-failure.log"
+    for mode in ([], ["--foreground"]):
+        result = subprocess.run(
+            ["unshare", "-m", "sh", "-c", 'mount --bind /dev/null /dev/fuse && exec "$@"', "sh",
+             MOUNT, bucket, str(mountpoint), *mode, "-o", opts(seaweed, f"log_file={log_file}")],
+            env=seaweed.env(), capture_output=True, text=True, timeout=50)
+        assert result.returncode == 32, (mode, result.stderr)
+        ours = [line for line in result.stderr.splitlines() if not line.startswith("fuse: ")]
+        assert len(ours) == 1 and "cannot mount on" in ours[0], (mode, result.stderr)
+    assert "Traceback" not in log_file.read_text()
+
+
 def test_unknown_option_is_usage_error(seaweed, mountpoint):
     bucket = new_bucket(seaweed)
     result = run_cli([bucket, str(mountpoint), "-o", opts(seaweed, "bogus_option=1")],

@@ -5,6 +5,8 @@ import os
 import random
 
 import pytest
+import trio
+import trio.testing
 
 from s3fs_stream.errors import FsError
 from s3fs_stream.memory_budget import MemoryBudget
@@ -128,3 +130,30 @@ async def test_a_far_forward_jump_starts_a_new_stream(setup):
     gets = [c for c in store.calls if c[0] == "get_range" and c[2] >= far]
     assert len(gets) < 10  # read-ahead, not one GET per read
     reader.close()
+
+
+async def test_an_error_releasing_a_dropped_segment_stays_in_its_fetch(setup, caplog):
+    """Fetches run in the mount's nursery: an exception in their cleanup must not escape
+    (it would take the mount down), only be logged."""
+    store, data, budget, make = setup
+    release_reads = trio.Event()
+    get_range = store.get_range
+
+    async def held_read_ahead(key, start, end, etag, into=None):
+        if start >= 128 * 1024:
+            await release_reads.wait()
+        return await get_range(key, start, end, etag, into)
+
+    store.get_range = held_read_ahead
+    reader = make()
+    await reader.read(0, 64 * 1024)
+    await reader.read(64 * 1024, 64 * 1024)  # in the stream: the read-ahead starts, held
+    reader.close()  # drops the segments in flight; each fetch releases its own when done
+
+    def broken(segment):
+        raise RuntimeError("release failed")
+
+    reader._release = broken
+    release_reads.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert "unexpected error releasing the read-ahead" in caplog.text

@@ -7,11 +7,13 @@ import os
 import subprocess
 import time
 
+import pytest
 from conftest import VENV_BIN, new_bucket, run_with_timeout
 
 MiB = 1024 * 1024
 
 
+@pytest.mark.expect_log_errors("the object is not written", "closed without a successful")
 def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
                                                              restartable_seaweed):
     server = restartable_seaweed.server
@@ -57,7 +59,8 @@ def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
     # and `s3stream recover --complete` joins the fsynced parts into an object
     result = subprocess.run(
         [str(VENV_BIN / "s3stream"), "recover", bucket, "--complete",
-         "--endpoint-url", server.endpoint_url, "--force-path-style"],
+         "--older-than", "0", "-o",
+         f"endpoint_url={server.endpoint_url},force_path_style"],
         env=server.env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     recovered = m.head("rec.bin")["ContentLength"]
