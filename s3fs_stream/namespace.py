@@ -9,6 +9,7 @@ is the mount's own (spilled parts) and never shown.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import functools
 import logging
@@ -82,6 +83,7 @@ class Namespace:
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
         self._dir_handles: dict[int, _DirHandle] = {}
+        self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
         self._negative: dict[str, float] = {}  # path -> monotonic expiry
@@ -353,6 +355,7 @@ class Namespace:
 
     async def setattr(self, inode: int, change: SetAttr, fh: int | None = None) -> Node:
         node = self._node(inode)
+        log.debug("setattr %s: %s", node.path, change)
         if inode == ROOT_INODE:
             return self._set_times(node, change)  # the mount point's own times, in memory
         self._check_writable()
@@ -372,6 +375,13 @@ class Namespace:
             return self.files.view(node)
         if not change.changes_meta:
             return node
+        async with self._meta_lock(inode):
+            return await self._rewrite_meta(node, change)
+
+    async def _rewrite_meta(self, node: Node, change: SetAttr) -> Node:
+        """Read, change and store a closed object's metadata. Callers hold the inode's
+        metadata lock: with the writeback cache the kernel sends its own time updates
+        while `chmod` or `touch` runs, and two overlapping rewrites would lose one change."""
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
             self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
             return node
@@ -386,6 +396,14 @@ class Namespace:
             node.etag = await self.store.copy(key, key, options, node.size)
         self._apply_meta(node, meta)
         return node
+
+    @contextlib.asynccontextmanager
+    async def _meta_lock(self, inode: int):
+        lock = self._meta_locks.setdefault(inode, trio.Lock())
+        async with lock:
+            yield
+        if not lock.locked() and not lock.statistics().tasks_waiting:
+            self._meta_locks.pop(inode, None)
 
     def _meta_of(self, node: Node) -> FileMeta:
         return FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,

@@ -115,7 +115,9 @@ class OpenFiles:
             return self._add_handle(node, reader=reader, keep_cache=keep_cache)
         if writer is None:
             # an existing object opened for writing continues it (append, in-place changes)
-            meta = FileMeta(node.mode, node.uid, node.gid, time.time_ns())
+            # its attributes as stored; a change to its bytes makes the mtime "now"
+            meta = FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,
+                            atime_ns=node.atime_ns or None, ctime_ns=node.ctime_ns or None)
             writer = self._writers[node.inode] = self._new_writer(
                 node, meta, Base(node.etag, node.size))
         fh = self._add_handle(node, writer, writing=True, wrote=bool(flags & os.O_TRUNC))
@@ -199,8 +201,12 @@ class OpenFiles:
             await self.release(own)
 
     async def flush(self, fh: int) -> None:
+        """close(): complete what this handle changed -- its writes, or attributes set
+        through it (GNU touch opens for writing and sets times on the descriptor): the
+        program's next command must see them, and RELEASE comes only after close returns."""
         handle = self._handles.get(fh)
-        if handle is None or not handle.writing or not handle.wrote:
+        if handle is None or not handle.writing or \
+                not (handle.wrote or handle.writer.meta_dirty):
             return
         await handle.writer.flush()
         handle.node.expires = time.monotonic() + self.config.attr_timeout

@@ -38,6 +38,7 @@ and only record their result.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import logging
@@ -257,6 +258,11 @@ class StreamingWriter:
                 self._budget.unregister(self)
 
     @property
+    def meta_dirty(self) -> bool:
+        """Attributes changed after the object was complete (touch, chmod through a handle)."""
+        return self._meta_dirty
+
+    @property
     def holds(self) -> int:
         """Bytes of memory this writer holds (for tests and status)."""
         return sum(part.reserved for part in self._parts.values())
@@ -280,6 +286,9 @@ class StreamingWriter:
         """A change to a completed object continues it (its bytes are the base)."""
         if self.state is State.COMPLETE:
             self.state = State.WRITING
+            # new bytes: modified now (a time the program sets afterwards still wins)
+            self.meta = dataclasses.replace(self.meta, mtime_ns=time.time_ns(),
+                                            mtime_explicit=False)
         self.changed = True
         if self._unsynced_since is None:
             self._unsynced_since = time.monotonic()
