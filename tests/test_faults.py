@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import errno
 import hashlib
 import os
 import random
-import subprocess
 import threading
-import time
 
 import pytest
-from conftest import VENV_BIN, new_bucket, run_with_timeout
+from conftest import new_bucket, run_with_timeout
 from fault_proxy import ALL_MODES, FaultProxy
 
 MiB = 1024 * 1024
