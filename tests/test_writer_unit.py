@@ -144,7 +144,7 @@ async def test_fsync_uploads_tail_as_provisional_part(env):
     await write_all(writer, data)
     await writer.fsync()
     (_, (_, parts, _)), = env.store.uploads.items()
-    assert b"".join(parts[n][0] for n in sorted(parts)) == data  # all durable
+    assert b"".join(parts[n][-1][0] for n in sorted(parts)) == data  # all durable (newest)
     more = os.urandom(PART)
     await write_all(writer, more, offset=len(data))
     await close(writer)
