@@ -85,8 +85,8 @@ class MemoryStore:
         return ListPage([entries[n] for n in page if entries[n] is not None],
                         [n for n in page if entries[n] is None], page[-1] if more else None)
 
-    def _store(self, key, data, meta):
-        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+    def _store(self, key, data, meta, etag=None):
+        etag = etag or '"' + hashlib.md5(data).hexdigest() + '"'
         self.objects[key] = (bytes(data), dict(meta), etag)
         return etag
 
@@ -153,7 +153,11 @@ class MemoryStore:
                 raise StoreError(f"EntityTooSmall: part {part.number}")
         del self.uploads[upload_id]
         data = b"".join(chosen[p.number] for p in sorted(parts, key=lambda p: p.number))
-        return self._store(key, data, options.metadata)
+        # S3's multipart ETag (MD5 of the parts' MD5s, "-N"): a copy of the object gets
+        # another ETag (the MD5 of its bytes), so a writer that keeps the old one is caught
+        digests = b"".join(hashlib.md5(chosen[p.number]).digest() for p in parts)
+        etag = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+        return self._store(key, data, options.metadata, etag)
 
     async def abort(self, key, upload_id):
         await self._step("abort", key)
