@@ -52,6 +52,7 @@ class FsConfig:
     part_size: int = 8 * MiB
     max_memory: int = field(default_factory=default_max_memory)
     upload_concurrency: int = 4
+    fsync_interval: float = 1.0  # an fsync this soon after the last one waits (one tail upload)
     max_unsynced: float = 30.0  # seconds before held data is uploaded without an fsync; 0: off
     read_ahead_initial: int = 1 * MiB
     read_ahead_max: int = 32 * MiB

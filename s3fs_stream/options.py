@@ -247,6 +247,9 @@ OPTIONS: dict[str, Option] = {
                            "upload what a file holds in memory once its oldest unstored "
                            "write is this old, fsync or not: the most a crash loses "
                            "(default 30; 0: only at fsync and close)"),
+    "fsync_interval": Option("fs", "fsync_interval", seconds(0), "SECONDS",
+                             "an fsync sooner than this after the last one waits for it: "
+                             "at most one tail upload per interval (default 1; 0: none)"),
     "upload_concurrency": Option("fs", "upload_concurrency", integer(1), "N",
                                  "parts uploaded at once (default 4)"),
     "read_ahead_max": Option("fs", "read_ahead_max", size_between(MiB), "SIZE",
