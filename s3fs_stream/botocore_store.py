@@ -5,6 +5,12 @@ every call runs through `trio.to_thread.run_sync` under one CapacityLimiter size
 connection pool. Retries happen inside the worker thread ("standard" mode, `max_attempts`
 tries with exponential backoff), timeouts are short so shutdown stays prompt, and every
 botocore exception leaves this module as an `errors.StoreError` carrying an errno.
+
+botocore's own budget is short (non-throttling backoff is at most 0.05 * 2^i s: 0.75 s over
+5 attempts), and its retry quota (500, 14 per retry) runs dry in an outage, after which it
+retries nothing. So a request that still fails with a connection error, a timeout or a 5xx
+is sent again from here, after 0.5, 1, 2, 4, 5, 5 ... s (trio sleeps: cancellable), until
+`retry_time` seconds have passed since its first attempt (docs/SEMANTICS.md "Failures").
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from .errors import (
 from .object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
 log = logging.getLogger(__name__)
+
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # between whole-request retries, then RETRY_DELAY_MAX
+RETRY_DELAY_MAX = 5.0
 
 _CLIENT_ERRORS: dict[str, type[StoreError]] = {
     "NoSuchKey": NotFound,
@@ -114,7 +123,10 @@ def _translate(exc: Exception, what: str) -> FsError:
             return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
         if code in ("InvalidRange",):
             return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
-        return cls(f"{what}: {code or status}: {message}")
+        error = cls(f"{what}: {code or status}: {message}")
+        error.transient = isinstance(status, int) and status >= 500 or code in (
+            "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
+        return error
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                             "AWS_SECRET_ACCESS_KEY, a profile, or instance credentials)")
@@ -176,6 +188,15 @@ def _request_failed(exception, context, **_) -> None:
                   (time.monotonic() - started) * 1000)
 
 
+def transient(exc: FsError) -> bool:
+    """Whether a failure may go away by itself: the endpoint unreachable, a timeout, a 5xx."""
+    return isinstance(exc, Unreachable) or getattr(exc, "transient", False)
+
+
+def retry_delay(retry: int) -> float:
+    return RETRY_DELAYS[retry] if retry < len(RETRY_DELAYS) else RETRY_DELAY_MAX
+
+
 class BotocoreStore:
     """ObjectStore over one botocore S3 client."""
 
@@ -208,7 +229,34 @@ class BotocoreStore:
             except Exception as exc:  # translated here, in the worker thread
                 raise _translate(exc, what) from None
 
-        return await trio.to_thread.run_sync(run, limiter=self.limiter)
+        return await self._retrying(what, run)
+
+    async def _retrying(self, what: str, run, retry_time: float | None = None):
+        """`run()` in a worker thread; while it fails transiently, again after a pause, until
+        `retry_time` (default: the config's) seconds have passed since the first attempt."""
+        budget = self.config.retry_time if retry_time is None else retry_time
+        started = trio.current_time()
+        retry = 0
+        while True:
+            try:
+                result = await trio.to_thread.run_sync(run, limiter=self.limiter)
+            except FsError as exc:
+                left = started + budget - trio.current_time()
+                if not transient(exc) or left <= 0:
+                    if retry:
+                        log.warning("%s: gave up after %.0f s of retries", what,
+                                    trio.current_time() - started)
+                    raise
+                if not retry:
+                    log.warning("%s: %s; retrying for up to %.0f s", what,
+                                exc.message.removeprefix(what + ": "), left)
+                await trio.sleep(min(retry_delay(retry), left))
+                retry += 1
+                continue
+            if retry:
+                log.warning("%s: succeeded after %.1f s of retries", what,
+                            trio.current_time() - started)
+            return result
 
     def _where(self, op: str, key: str = "") -> str:
         return f"{op} s3://{self.bucket}/{key}"
@@ -243,7 +291,16 @@ class BotocoreStore:
     # -- reads -------------------------------------------------------------------------
 
     async def check_bucket(self) -> None:
-        await self._call(self._where("HeadBucket"), self._client.head_bucket, Bucket=self.bucket)
+        """Before mounting: one answer, quickly (no retries beyond botocore's)."""
+        what = self._where("HeadBucket")
+
+        def run():
+            try:
+                return self._client.head_bucket(Bucket=self.bucket)
+            except Exception as exc:
+                raise _translate(exc, what) from None
+
+        await self._retrying(what, run, retry_time=0)
 
     async def head(self, key: str) -> ObjectInfo:
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
@@ -298,7 +355,7 @@ class BotocoreStore:
             raise IntegrityError(f"{what}: server kept returning short bodies for "
                                  f"bytes {start}-{end - 1}")
 
-        return await trio.to_thread.run_sync(fetch, limiter=self.limiter)
+        return await self._retrying(what, fetch)
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
                         token: str | None = None, max_keys: int = 1000) -> ListPage:

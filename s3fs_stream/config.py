@@ -31,6 +31,9 @@ class StoreConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     max_attempts: int = 5  # botocore "standard" retry mode, exponential backoff
+    # then the whole request again, until this many seconds after its first attempt, while
+    # the endpoint is unreachable or answers 5xx (docs/SEMANTICS.md "Failures")
+    retry_time: float = 60.0
     checksum: str = "crc32"  # crc32 | md5 | off
     sign_payload: str = "auto"  # auto (only when no checksum is sent) | on | off
     storage_class: str | None = None
@@ -49,6 +52,7 @@ class FsConfig:
     part_size: int = 8 * MiB
     max_memory: int = field(default_factory=default_max_memory)
     upload_concurrency: int = 4
+    fsync_interval: float = 1.0  # an fsync this soon after the last one waits (one tail upload)
     max_unsynced: float = 30.0  # seconds before held data is uploaded without an fsync; 0: off
     read_ahead_initial: int = 1 * MiB
     read_ahead_max: int = 32 * MiB

@@ -361,11 +361,16 @@ class Namespace:
         self._check_writable()
         if node.is_dir:
             return await self._setattr_dir(node, change)
+        await self.files.wait_closed(inode)
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
         if change.size is not None and (change.size != node.size
                                         or self.files.writer(inode) is not None):
             await self.files.truncate(fh, node, change.size)
+        if self.files.writer(inode) is None and change.changes_meta and \
+                not node.path.startswith("\0") and (not node.fresh or not node.has_metadata):
+            await self._fetch_meta(node, raising=True)
+        # after that HEAD: the file may have been unlinked, renamed or opened for writing
         writer = self.files.writer(inode)
         if writer is not None:
             writer.set_meta(changed_meta(writer.meta, change, writer.started_ns))
@@ -385,8 +390,6 @@ class Namespace:
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
             self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
             return node
-        if not node.fresh or not node.has_metadata:
-            await self._fetch_meta(node, raising=True)
         current = self._meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or not node.has_metadata:
@@ -600,6 +603,9 @@ class Namespace:
         path = self._child_path(parent, name, creating=True)
         self._forget_missing(path)
         existing = self.table.by_path(path)
+        if existing is not None:
+            await self.files.wait_closed(existing.inode)
+            existing = self.table.by_path(path)
         if existing is not None and self.files.writer(existing.inode) is not None:
             fh = await self.files.open(existing, flags | os.O_TRUNC)
             existing.lookups += 1  # a create reply is a lookup, whatever it found
@@ -618,6 +624,11 @@ class Namespace:
             raise FsError("", errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._check_writable()
+        await self.files.wait_closed(inode)  # a release still storing: see what it stores
+        if self.files.writer(inode) is None and node.path.startswith("\0"):
+            # unlinked (or replaced) after the kernel looked it up: nothing to open, no key
+            # to read or write; the kernel looks the name up again
+            raise FsError("", errno.ESTALE)
         if self.files.writer(inode) is None:
             node.expires = 0.0  # close-to-open consistency: see the object as it is now
             path = node.path
@@ -632,18 +643,39 @@ class Namespace:
     async def unlink(self, parent: int, name: str) -> None:
         self._check_writable()
         path = self._child_path(parent, name)
-        node = await self._lookup_quiet(path)
+        node = await self._settled(path)
         if node.is_dir:
             raise FsError("", errno.EISDIR)
-        writer = self.files.writer(node.inode)
-        if writer is not None:
-            await writer.detach()
-        try:
-            await self.store.delete(self.key(path))
-        except NotFound:
-            pass
+        detached = set()
+        while True:
+            writer = self.files.writer(node.inode)
+            if writer is not None and id(writer) not in detached:
+                await writer.detach()  # its upload aborted; later writes are dropped
+                detached.add(id(writer))
+            try:
+                await self.store.delete(self.key(path))
+            except NotFound:
+                pass
+            # an open of the node (looked up before) may have come during the delete, or its
+            # last release begun: detach that writer too, and delete what it stored meanwhile
+            writer = self.files.writer(node.inode)
+            if writer is not None and id(writer) not in detached:
+                continue
+            if not self.files.closing(node.inode):
+                break
+            await self.files.wait_closed(node.inode)
         self.table.remove_path(path)
         self._gone(path)
+
+    async def _settled(self, path: str) -> Node:
+        """The node at `path` once no last release of its writer is still storing it (an
+        unlink or rename would act on the object before that release's changes land, and
+        the release would then write to a deleted or moved key)."""
+        while True:
+            node = await self._lookup_quiet(path)
+            if not self.files.closing(node.inode):
+                return node
+            await self.files.wait_closed(node.inode)
 
     async def rename(self, parent: int, name: str, new_parent: int, new_name: str,
                      flags: int) -> None:
@@ -653,7 +685,7 @@ class Namespace:
             raise FsError("rename: RENAME_EXCHANGE is not supported", errno.EINVAL)
         old = self._child_path(parent, name)
         new = self._child_path(new_parent, new_name, creating=True)
-        source = await self._lookup_quiet(old)
+        source = await self._settled(old)
         writer = self.files.writer(source.inode)
         try:
             target = await self._lookup_quiet(new)

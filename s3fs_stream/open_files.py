@@ -12,7 +12,10 @@ leaves it streaming.
 What may change across an await here: the writer table (an open may bind to a writer, a
 release may take it out), a handle's node path (rename), and the writer's own state. So the
 check for an existing writer and the insert of a new one happen with no await in between,
-and release takes a writer out of the table before it awaits anything.
+and release takes a writer out of the table before it awaits anything. A writer whose last
+release is still completing is in `_closing`: an open of its inode waits for it (the
+namespace before it refreshes the attributes), so it starts from the object that release
+stores instead of the one before it (whose ETag the release is about to make stale).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class OpenFiles:
         self._handles: dict[int, Handle] = {}
         self._fh_numbers = itertools.count(1)
         self._writers: dict[int, StreamingWriter] = {}
+        self._closing: dict[int, trio.Event] = {}  # inode -> set when its last release ends
 
     # -- what the namespace asks ------------------------------------------------------------
 
@@ -81,6 +85,14 @@ class OpenFiles:
 
     def writers(self) -> list[tuple[int, StreamingWriter]]:
         return list(self._writers.items())
+
+    def closing(self, inode: int) -> bool:
+        return inode in self._closing
+
+    async def wait_closed(self, inode: int) -> None:
+        """Until no last release of a writer of `inode` is completing."""
+        while (closing := self._closing.get(inode)) is not None:
+            await closing.wait()
 
     def view(self, node: Node) -> Node:
         """The node with what its writer knows (size, attributes) while it is being written."""
@@ -102,6 +114,7 @@ class OpenFiles:
 
     async def open(self, node: Node, flags: int) -> int:
         """Open `node`, whose attributes the caller just refreshed (close-to-open)."""
+        await self.wait_closed(node.inode)
         writer = self._writers.get(node.inode)
         if not _for_writing(flags):
             if writer is not None:
@@ -136,10 +149,12 @@ class OpenFiles:
 
         drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages
                       else None)
-        return StreamingWriter(self.prefix + node.path, node.path, self.store, self._pool,
-                               self.budget, self.schedule, self._spill, meta,
-                               content_type(node.path, self.config.content_type), base,
-                               completed, drop_pages)
+        writer = StreamingWriter(self.prefix + node.path, node.path, self.store, self._pool,
+                                 self.budget, self.schedule, self._spill, meta,
+                                 content_type(node.path, self.config.content_type), base,
+                                 completed, drop_pages)
+        writer.fsync_interval = self.config.fsync_interval
+        return writer
 
     def _add_handle(self, node: Node, writer: StreamingWriter | None = None,
                     reader: RangedReader | None = None, keep_cache: bool = False,
@@ -236,6 +251,7 @@ class OpenFiles:
         # instead of one about to free its buffers
         if self._writers.get(node.inode) is writer:
             del self._writers[node.inode]
+        done = self._closing[node.inode] = trio.Event()
         try:
             if writer.state in (State.WRITING, State.COMPLETE):
                 try:  # writes or attributes that came after the last flush
@@ -244,8 +260,13 @@ class OpenFiles:
                     log.error("%s: completing at release failed: %s", writer.name,
                               exc.message or os.strerror(exc.errno))
         finally:
-            await writer.release()
-            node.expires = 0.0
+            try:
+                await writer.release()
+            finally:
+                node.expires = 0.0
+                if self._closing.get(node.inode) is done:
+                    del self._closing[node.inode]
+                done.set()
 
     async def sync_forever(self, seconds: float) -> None:
         """Store what every writer holds once its oldest unstored change is `seconds` old

@@ -201,7 +201,15 @@ OPTIONS: dict[str, Option] = {
     "max_connections": Option("store", "max_connections", integer(1), "N",
                               "HTTP connections to S3 (default 16)"),
     "retries": Option("store", "max_attempts", integer(1), "N",
-                      "attempts per request before giving up (default 5)"),
+                      "botocore's attempts per request, backoff up to 0.75 s (or 15 s "
+                      "for SlowDown) (default 5)"),
+    "retry_time": Option("store", "retry_time", seconds(0), "SECONDS",
+                         "while the endpoint is unreachable or answers 5xx, a request is "
+                         "retried this long before it fails with EIO (default 60)"),
+    "connect_timeout": Option("store", "connect_timeout", seconds(0, above=True), "SECONDS",
+                              "wait for a TCP connection to the endpoint (default 5)"),
+    "read_timeout": Option("store", "read_timeout", seconds(0, above=True), "SECONDS",
+                           "wait for each read from the socket (default 30)"),
     "checksum": Option("store", "checksum", choice("crc32", "md5", "off"), "crc32|md5|off",
                        "checksum sent with every body and verified by the server "
                        "(default crc32)"),
@@ -239,6 +247,9 @@ OPTIONS: dict[str, Option] = {
                            "upload what a file holds in memory once its oldest unstored "
                            "write is this old, fsync or not: the most a crash loses "
                            "(default 30; 0: only at fsync and close)"),
+    "fsync_interval": Option("fs", "fsync_interval", seconds(0), "SECONDS",
+                             "an fsync sooner than this after the last one waits for it: "
+                             "at most one tail upload per interval (default 1; 0: none)"),
     "upload_concurrency": Option("fs", "upload_concurrency", integer(1), "N",
                                  "parts uploaded at once (default 4)"),
     "read_ahead_max": Option("fs", "read_ahead_max", size_between(MiB), "SIZE",

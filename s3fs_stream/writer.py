@@ -110,6 +110,8 @@ class StreamingWriter:
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
         self._unsynced_since: float | None = None  # first change not yet stored in S3
+        self.fsync_interval = 0.0  # seconds between tail uploads of fsync (set by OpenFiles)
+        self._last_fsync = -float("inf")
         budget.register(self)
 
     # -- requests (each under the lock) ------------------------------------------------
@@ -162,7 +164,20 @@ class StreamingWriter:
             return b"".join(pieces)
 
     async def fsync(self) -> None:
-        """Make every byte written so far durable as parts of the open upload."""
+        """Make every byte written so far durable as parts of the open upload.
+
+        Each fsync uploads the tail part again (up to a part's size), so one that comes
+        within `fsync_interval` of the last fsync that stored everything first waits until
+        the interval has passed (without the lock: writes go on meanwhile, and are stored
+        too). At most one tail upload per interval, and every byte written before the call
+        is stored when it returns."""
+        wait = self._last_fsync + self.fsync_interval - trio.current_time()
+        if wait > 0:
+            await trio.sleep(wait)
+        await self._store_all()
+        self._last_fsync = trio.current_time()
+
+    async def _store_all(self) -> None:
         async with self._request():
             if self.state is not State.WRITING or not self.changed or self.size == 0:
                 return
@@ -177,7 +192,7 @@ class StreamingWriter:
                 or self.state is not State.WRITING or not self.size:
             return
         try:
-            await self.fsync()
+            await self._store_all()
         except FsError:
             pass  # logged once by the writer; the program sees it at its next call
 

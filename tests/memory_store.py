@@ -1,8 +1,11 @@
 """An in-memory ObjectStore for unit tests of pure logic (never for integration tests).
 
 It enforces the S3 rules the file system must live with: parts of at least 5 MiB except the
-last, part numbers 1..10,000, completion with the latest ETag of each part, copy ranges
-within the source, and listings in pages of at most `page_size` entries."""
+last, part numbers 1..10,000, copy ranges within the source, and listings in pages of at
+most `page_size` entries. Like SeaweedFS, it keeps every upload of a part number: ListParts
+lists each one (newest first within a number), and CompleteMultipartUpload with the ETag of
+an older upload uses that upload's old bytes -- so a writer completing with a stale ETag
+produces wrong bytes, which the tests comparing final bytes catch."""
 
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ class MemoryStore:
     def __init__(self, bucket: str = "unit"):
         self.bucket = bucket
         self.objects: dict[str, tuple[bytes, dict, str]] = {}
-        self.uploads: dict[str, tuple[str, dict[int, tuple[bytes, str]], PutOptions]] = {}
+        # upload id -> (key, part number -> every upload of it (bytes, ETag, time), options)
+        self.uploads: dict[str, tuple[str, dict[int, list[tuple[bytes, str, float]]],
+                                      PutOptions]] = {}
         self._ids = itertools.count(1)
+        self._part_clock = itertools.count(1)  # LastModified of part uploads, increasing
         self.calls: list[tuple] = []
         self.fail_parts = False  # make every UploadPart fail (a dead server)
         self.delay = 0.0
@@ -79,8 +85,8 @@ class MemoryStore:
         return ListPage([entries[n] for n in page if entries[n] is not None],
                         [n for n in page if entries[n] is None], page[-1] if more else None)
 
-    def _store(self, key, data, meta):
-        etag = '"' + hashlib.md5(data).hexdigest() + '"'
+    def _store(self, key, data, meta, etag=None):
+        etag = etag or '"' + hashlib.md5(data).hexdigest() + '"'
         self.objects[key] = (bytes(data), dict(meta), etag)
         return etag
 
@@ -104,8 +110,12 @@ class MemoryStore:
         if upload_id not in self.uploads:
             raise NoSuchUpload(upload_id)
         etag = '"' + hashlib.md5(data).hexdigest() + '"'
-        self.uploads[upload_id][1][number] = (data, etag)
+        self._add_part(upload_id, number, data, etag)
         return UploadedPart(number, etag, len(data))
+
+    def _add_part(self, upload_id, number, data, etag):
+        self.uploads[upload_id][1].setdefault(number, []).append(
+            (data, etag, float(next(self._part_clock))))
 
     async def upload_part_copy(self, key, upload_id, number, source_key, start, end,
                                source_etag):
@@ -121,7 +131,7 @@ class MemoryStore:
             raise PreconditionFailed(source_key)
         piece = data[start:end]
         part_etag = '"' + hashlib.md5(piece).hexdigest() + '"'
-        self.uploads[upload_id][1][number] = (piece, part_etag)
+        self._add_part(upload_id, number, piece, part_etag)
         return UploadedPart(number, part_etag, len(piece))
 
     async def complete(self, key, upload_id, parts):
@@ -130,23 +140,32 @@ class MemoryStore:
         numbers = [p.number for p in parts]
         if numbers != sorted(set(numbers)) or not numbers:
             raise StoreError("InvalidPartOrder")
+        chosen = {}
         for part in parts:
-            if part.number not in stored or stored[part.number][1] != part.etag:
+            # any upload of the number whose ETag is named, the newest such (SeaweedFS)
+            matching = [data for data, etag, _ in stored.get(part.number, [])
+                        if etag == part.etag]
+            if not matching:
                 raise StoreError(f"InvalidPart: {part.number}")
+            chosen[part.number] = matching[-1]
         for part in parts[:-1]:
-            if len(stored[part.number][0]) < MIN_PART:
+            if len(chosen[part.number]) < MIN_PART:
                 raise StoreError(f"EntityTooSmall: part {part.number}")
         del self.uploads[upload_id]
-        data = b"".join(stored[p.number][0] for p in sorted(parts, key=lambda p: p.number))
-        return self._store(key, data, options.metadata)
+        data = b"".join(chosen[p.number] for p in sorted(parts, key=lambda p: p.number))
+        # S3's multipart ETag (MD5 of the parts' MD5s, "-N"): a copy of the object gets
+        # another ETag (the MD5 of its bytes), so a writer that keeps the old one is caught
+        digests = b"".join(hashlib.md5(chosen[p.number]).digest() for p in parts)
+        etag = f'"{hashlib.md5(digests).hexdigest()}-{len(parts)}"'
+        return self._store(key, data, options.metadata, etag)
 
     async def abort(self, key, upload_id):
         await self._step("abort", key)
         self.uploads.pop(upload_id, None)
 
     async def list_parts(self, key, upload_id):
-        return [UploadedPart(n, e, len(d)) for n, (d, e) in
-                sorted(self.uploads[upload_id][1].items())]
+        return [UploadedPart(n, e, len(d), t) for n, uploads in
+                sorted(self.uploads[upload_id][1].items()) for d, e, t in reversed(uploads)]
 
     async def list_uploads(self, prefix="", max_uploads=None):
         return [PendingUpload(k, u, 0.0) for u, (k, _, _) in self.uploads.items()

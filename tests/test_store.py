@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import os
 
+import botocore.exceptions
 import pytest
 import trio
 from conftest import bucket_with
 
 from s3fs_stream.botocore_store import BotocoreStore, _read_body_into
 from s3fs_stream.config import StoreConfig
-from s3fs_stream.errors import IntegrityError
+from s3fs_stream.errors import IntegrityError, NotFound, Unreachable
 
 MiB = 1024 * 1024
 
@@ -65,10 +66,80 @@ async def test_a_server_ignoring_range_fails_fast_without_reading_the_body():
         def get_object(self, **args):
             return {"ContentLength": 100 * MiB, "Body": body}
 
-    store = BotocoreStore.__new__(BotocoreStore)
-    store.bucket = "b"
-    store._client = Client()
-    store.limiter = trio.CapacityLimiter(1)  # only what get_range uses
+    store = stand_in_store(Client())
     with pytest.raises(IntegrityError, match="does not honour Range"):
         await store.get_range("k", 0, 10, None)
     assert body.read_calls == 0
+
+
+def stand_in_store(client, retry_time: float = 60.0) -> BotocoreStore:
+    store = BotocoreStore.__new__(BotocoreStore)
+    store.config = StoreConfig(bucket="b", retry_time=retry_time)
+    store.bucket = "b"
+    store._client = client
+    store.limiter = trio.CapacityLimiter(1)
+    return store
+
+
+class FlakyClient:
+    """head_object fails with `error` `failures` times, then answers."""
+
+    def __init__(self, failures: int, error: Exception):
+        self.failures = failures
+        self.error = error
+        self.calls: list[float] = []
+
+    def head_object(self, **args):
+        self.calls.append(0.0)
+        if len(self.calls) <= self.failures:
+            raise self.error
+        return {"ContentLength": 3, "ETag": '"e"', "LastModified": _Stamp()}
+
+
+class _Stamp:
+    def timestamp(self) -> float:
+        return 0.0
+
+
+UNREACHABLE = botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+
+def server_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": code},
+         "ResponseMetadata": {"HTTPStatusCode": status}}, "HeadObject")
+
+
+async def test_an_unreachable_endpoint_is_retried_until_it_answers(autojump_clock):
+    client = FlakyClient(6, UNREACHABLE)
+    started = trio.current_time()
+    info = await stand_in_store(client).head("k")
+    assert info.size == 3 and len(client.calls) == 7
+    # 0.5 + 1 + 2 + 4 + 5 + 5 s of pauses between the whole-request retries
+    assert trio.current_time() - started == pytest.approx(17.5)
+
+
+@pytest.mark.parametrize("code,status", [("InternalError", 500), ("SlowDown", 503),
+                                         ("ServiceUnavailable", 503)])
+async def test_server_errors_are_retried(autojump_clock, code, status):
+    client = FlakyClient(2, server_error(code, status))
+    assert (await stand_in_store(client).head("k")).size == 3
+    assert len(client.calls) == 3
+
+
+async def test_retries_stop_at_retry_time_with_eio(autojump_clock):
+    client = FlakyClient(10**6, UNREACHABLE)
+    started = trio.current_time()
+    with pytest.raises(Unreachable) as info:
+        await stand_in_store(client, retry_time=30).head("k")
+    assert info.value.errno == 5
+    # the last attempt is made at the deadline: 0.5 + 1 + 2 + 4 + 4 x 5 + 2.5
+    assert trio.current_time() - started == pytest.approx(30)
+    assert len(client.calls) == 10
+
+
+async def test_other_errors_are_not_retried(autojump_clock):
+    client = FlakyClient(1, server_error("NoSuchKey", 404))
+    with pytest.raises(NotFound):
+        await stand_in_store(client).head("k")
+    assert len(client.calls) == 1

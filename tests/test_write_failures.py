@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -16,9 +17,11 @@ MiB = 1024 * 1024
 @pytest.mark.expect_log_errors("the object is not written", "closed without a successful")
 def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
                                                              restartable_seaweed):
+    """An outage longer than the retry budget (here 2 attempts, retry_time 3 s): EIO and a
+    recoverable upload."""
     server = restartable_seaweed.server
     bucket = new_bucket(server)
-    m = mount_factory(server, "retries=2", bucket=bucket)
+    m = mount_factory(server, "retries=2", "retry_time=3", bucket=bucket)
     chunk = os.urandom(MiB)
 
     def write_through_outage():
@@ -66,6 +69,45 @@ def test_server_killed_mid_upload_gives_eio_and_leaves_upload(mount_factory,
     recovered = m.head("rec.bin")["ContentLength"]
     assert recovered == 24 * MiB, recovered
     m.unmount()
+
+
+def test_outage_within_the_retry_budget_is_survived(mount_factory, restartable_seaweed):
+    """The server goes away mid-upload and comes back within `retry_time`: the writes wait,
+    close() returns 0 and the object is whole."""
+    server = restartable_seaweed.server
+    bucket = new_bucket(server)
+    m = mount_factory(server, "retries=2", "retry_time=30", bucket=bucket)
+    blocks = [os.urandom(MiB) for _ in range(40)]
+    timings = {}
+
+    def outage(seconds: float) -> None:
+        restartable_seaweed.stop()
+        stopped = time.monotonic()
+        time.sleep(seconds)
+        restartable_seaweed.restart()  # returns once S3 answers
+        timings["outage"] = time.monotonic() - stopped
+
+    def write_through_outage():
+        fd = os.open(m.path / "rec.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for block in blocks[:12]:  # part 1 uploads while the server is up
+                os.write(fd, block)
+            os.fsync(fd)
+            server_away = threading.Thread(target=outage, args=(3,))
+            server_away.start()
+            started = time.monotonic()
+            for block in blocks[12:]:  # parts 2 to 5 are retried until the server is back
+                os.write(fd, block)
+        finally:
+            os.close(fd)  # raises on EIO
+            server_away.join()
+        timings["close"] = time.monotonic() - started
+
+    run_with_timeout(write_through_outage, 120, m.log)
+    print(timings)
+    assert m.get("rec.bin") == b"".join(blocks)
+    assert not m.uploads()
+    assert "retrying for up to" in m.log() and "succeeded after" in m.log()
 
 
 def test_long_stream_keeps_memory_bounded(mount):

@@ -144,7 +144,7 @@ async def test_fsync_uploads_tail_as_provisional_part(env):
     await write_all(writer, data)
     await writer.fsync()
     (_, (_, parts, _)), = env.store.uploads.items()
-    assert b"".join(parts[n][0] for n in sorted(parts)) == data  # all durable
+    assert b"".join(parts[n][-1][0] for n in sorted(parts)) == data  # all durable (newest)
     more = os.urandom(PART)
     await write_all(writer, more, offset=len(data))
     await close(writer)
@@ -370,3 +370,26 @@ async def test_budget_counts_every_held_buffer(env):
     for writer in writers:
         await close(writer)
     assert env.budget.used == 0
+
+
+async def test_frequent_fsyncs_upload_the_tail_once_per_interval(env, autojump_clock):
+    """A program that fsyncs after every small write: each fsync returns with every byte
+    stored, but the tail part is uploaded at most once per `fsync_interval`."""
+    writer = env.make()
+    writer.fsync_interval = 1.0
+    data = b""
+    started = trio.current_time()
+    for _i in range(20):
+        piece = os.urandom(1000)
+        await writer.write(len(data), piece)
+        data += piece
+        await writer.fsync()
+        (_, (_, parts, _)), = env.store.uploads.items()
+        assert b"".join(parts[n][-1][0] for n in sorted(parts)) == data  # durable now
+        await trio.sleep(0.1)  # the program's own pace: 10 fsyncs a second
+    elapsed = trio.current_time() - started
+    uploads = len(env.calls("upload_part"))
+    assert uploads <= elapsed / 1.0 + 1, (uploads, elapsed)
+    assert elapsed < 20 * 1.1 + 1  # waits stretch the program, not beyond one interval each
+    await close(writer)
+    assert env.data() == data

@@ -1,0 +1,303 @@
+"""A fault-injecting HTTP/1.1 reverse proxy on loopback, for tests (pure Python, threads).
+
+The client (a mount, botocore) talks to the proxy as if it were the S3 endpoint; the proxy
+forwards each request byte for byte to the real server, Host header included: SigV4 signs
+the Host the client sent (the proxy's address), and the server checks the signature against
+the Host it receives, so nothing is rewritten. Bodies are streamed through in chunks, never
+gathered; Range, ETag, If-Match and every other header pass untouched.
+
+A fraction (`rate`) of requests, chosen by a seeded random generator (the same sequence of
+requests gets the same faults), get one of the faults in `modes`:
+
+  "500"        InternalError XML, the request is not forwarded
+  "503"        SlowDown XML, the request is not forwarded
+  "reset"      the request is forwarded (the server acts on it), the connection is reset
+               before any byte of the response
+  "reset_body" the response's status line and headers are relayed, then the connection is
+               reset before its body (a response without a body is relayed whole)
+  "truncate"   headers and half of the body, then a reset (a response without a body is
+               relayed whole)
+
+Faults happen at HTTP-message boundaries of a connection; everything else is a byte pump.
+`Expect: 100-continue` is relayed: the server's interim answer goes back to the client before
+the body is sent on (an injected 500/503 answers at once; the client then sends no body).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import socket
+import struct
+import threading
+
+ALL_MODES = ("500", "503", "reset", "reset_body", "truncate")
+CHUNK = 256 * 1024
+
+_ERRORS = {
+    "500": (500, "Internal Server Error", "InternalError",
+            "We encountered an internal error. Please try again."),
+    "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+}
+
+
+class _Closed(Exception):
+    """A peer closed its connection."""
+
+
+class _Reader:
+    """Buffered reads from a socket: lines, exact lengths, and chunks for pumping."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(CHUNK)
+        if not data:
+            raise _Closed()
+        self.buf += data
+
+    def line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[:end + 1])
+                del self.buf[:end + 1]
+                return line
+            if len(self.buf) > 65536:
+                raise _Closed()
+            self._fill()
+
+    def head(self) -> bytes:
+        """A start line and headers, up to and including the empty line."""
+        lines = [self.line()]
+        while lines[-1] not in (b"\r\n", b"\n"):
+            lines.append(self.line())
+        return b"".join(lines)
+
+    def some(self, limit: int) -> bytes:
+        if not self.buf:
+            self._fill()
+        data = bytes(self.buf[:limit])
+        del self.buf[:limit]
+        return data
+
+
+def _headers(head: bytes) -> tuple[bytes, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    return lines[0].encode("latin-1"), headers
+
+
+def _pump_length(src: _Reader, dst: socket.socket | None, length: int) -> None:
+    while length > 0:
+        data = src.some(min(length, CHUNK))
+        length -= len(data)
+        if dst is not None:
+            dst.sendall(data)
+
+
+def _pump_chunked(src: _Reader, dst: socket.socket | None) -> None:
+    while True:
+        size_line = src.line()
+        if dst is not None:
+            dst.sendall(size_line)
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while True:  # trailers, then the empty line
+                line = src.line()
+                if dst is not None:
+                    dst.sendall(line)
+                if line in (b"\r\n", b"\n"):
+                    return
+        _pump_length(src, dst, size + 2)  # the chunk and its CRLF
+
+
+def _pump_body(src: _Reader, dst: socket.socket | None, headers: dict[str, str]) -> None:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        _pump_chunked(src, dst)
+    else:
+        _pump_length(src, dst, int(headers.get("content-length", "0") or 0))
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP RST (SO_LINGER 0), as a dropped connection looks to the client."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int, rate: float = 0.1, seed: int = 0,
+                 modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1"):
+        unknown = set(modes) - set(ALL_MODES)
+        if unknown:
+            raise ValueError(f"unknown fault modes: {sorted(unknown)}")
+        self.upstream = (upstream_host, upstream_port)
+        self.rate = rate
+        self.modes = tuple(modes)
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.faulted: list[tuple[str, str, str]] = []  # (mode, method, target)
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._stopped = False
+        self._sockets: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, name="fault-proxy", daemon=True)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._acceptor.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._acceptor.join(5)
+        for thread in list(self._threads):
+            thread.join(5)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.add(client)
+                self._threads = [t for t in self._threads if t.is_alive()]
+                thread = threading.Thread(target=self._serve, args=(client,), daemon=True,
+                                          name="fault-proxy-conn")
+                self._threads.append(thread)
+            thread.start()
+
+    def _choose(self, method: str, target: str) -> str | None:
+        with self._lock:
+            self.requests += 1
+            if self._random.random() >= self.rate:
+                return None
+            mode = self._random.choice(self.modes)
+            self.faults[mode] += 1
+            self.faulted.append((mode, method, target))
+            return mode
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream: socket.socket | None = None
+        try:
+            reader = _Reader(client)
+            up_reader: _Reader | None = None
+            while not self._stopped:
+                try:
+                    head = reader.head()
+                except _Closed:
+                    return
+                start, headers = _headers(head)
+                method, target = start.decode("latin-1").split(" ")[:2]
+                mode = self._choose(method, target)
+                expect = headers.get("expect", "").lower() == "100-continue"
+                if mode in _ERRORS:
+                    if not expect:
+                        _pump_body(reader, None, headers)  # read and dropped
+                    client.sendall(_error_response(mode, target))
+                    return  # Connection: close
+                if upstream is None:
+                    upstream = socket.create_connection(self.upstream, timeout=120)
+                    with self._lock:
+                        self._sockets.add(upstream)
+                    up_reader = _Reader(upstream)
+                upstream.sendall(head)
+                response_head = None
+                if expect:
+                    response_head = up_reader.head()
+                    if _status(response_head) == 100:
+                        client.sendall(response_head)
+                        response_head = None
+                if response_head is None:
+                    _pump_body(reader, upstream, headers)
+                    response_head = up_reader.head()
+                    while _status(response_head) == 100:  # a late interim answer
+                        response_head = up_reader.head()
+                if mode == "reset":
+                    _reset(client)
+                    return
+                status, response_headers = _headers(response_head)
+                code = _status(response_head)
+                has_body = method != "HEAD" and code not in (204, 304) and (
+                    "chunked" in response_headers.get("transfer-encoding", "").lower()
+                    or int(response_headers.get("content-length", "0") or 0) > 0)
+                client.sendall(response_head)
+                if has_body and mode in ("reset_body", "truncate"):
+                    if mode == "truncate":
+                        length = int(response_headers.get("content-length", "0") or 0)
+                        _pump_length(up_reader, client, length // 2)
+                    _reset(client)
+                    return
+                if has_body:
+                    if "content-length" in response_headers or \
+                            "chunked" in response_headers.get("transfer-encoding", "").lower():
+                        _pump_body(up_reader, client, response_headers)
+                    else:  # the body ends when the server closes
+                        try:
+                            while True:
+                                client.sendall(up_reader.some(CHUNK))
+                        except _Closed:
+                            return
+                if "close" in response_headers.get("connection", "").lower() or \
+                        "close" in headers.get("connection", "").lower():
+                    return
+        except (OSError, _Closed, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._sockets.discard(client)
+                if upstream is not None:
+                    self._sockets.discard(upstream)
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+
+def _status(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+def _error_response(mode: str, target: str) -> bytes:
+    code, reason, error, message = _ERRORS[mode]
+    resource = target.split("?", 1)[0]
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{error}</Code>'
+            f"<Message>{message}</Message><Resource>{resource}</Resource>"
+            f"<RequestId>fault-proxy</RequestId></Error>").encode()
+    return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
