@@ -158,9 +158,13 @@ def _request_started(params, model, context, **_) -> None:
         if name in params:
             text += f" {name}={params[name]}"
     context["s3stream_request"] = (text, time.monotonic())
-    body = params.get("Body")
+    body = params.get("Body")  # bytes, or a BytesIO botocore made of them
     if isinstance(body, bytes | bytearray | memoryview):
         context["s3stream_sent"] = len(body)  # scripts/bench sums these
+    elif hasattr(body, "seek") and hasattr(body, "tell"):
+        position = body.tell()
+        context["s3stream_sent"] = body.seek(0, 2) - position
+        body.seek(position)
 
 
 def _request_done(http_response, parsed, context, **_) -> None:
