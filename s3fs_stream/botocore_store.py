@@ -170,15 +170,24 @@ def _request_started(params, model, context, **_) -> None:
         if name in params:
             text += f" {name}={params[name]}"
     context["s3stream_request"] = (text, time.monotonic())
+    body = params.get("Body")  # bytes, or a BytesIO botocore made of them
+    if isinstance(body, bytes | bytearray | memoryview):
+        context["s3stream_sent"] = len(body)  # scripts/bench sums these
+    elif hasattr(body, "seek") and hasattr(body, "tell"):
+        position = body.tell()
+        context["s3stream_sent"] = body.seek(0, 2) - position
+        body.seek(position)
 
 
 def _request_done(http_response, parsed, context, **_) -> None:
     if "s3stream_request" in context:
         text, started = context.pop("s3stream_request")
         retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-        log.debug("S3 %s -> %s in %.1f ms%s", text, http_response.status_code,
+        sent = context.pop("s3stream_sent", None)
+        log.debug("S3 %s -> %s in %.1f ms%s%s", text, http_response.status_code,
                   (time.monotonic() - started) * 1000,
-                  f" after {retries} retries" if retries else "")
+                  f" after {retries} retries" if retries else "",
+                  f", {sent} bytes sent" if sent is not None else "")
 
 
 def _request_failed(exception, context, **_) -> None:

@@ -571,9 +571,12 @@ class StreamingWriter:
 
     def _free_if_done(self, part: Part) -> None:
         """Free a stored part (after its upload, or once the last request using it let go)
-        unless it is worth keeping -- part 1 for header patches, the part still filling --
-        and memory is not short."""
-        keep = part.number == 1 or part.number == self._last_part() and not part.full
+        unless it is worth keeping -- part 1 for header patches, the part still filling, a
+        part of the base (an in-place change: the kernel's page reads and the writes that
+        follow, and readers, find it held instead of loading it again or, once uploaded,
+        completing the object to read it back) -- and memory is not short."""
+        keep = part.number == 1 or part.number == self._last_part() and not part.full \
+            or self.base is not None and self._schedule.start(part.number) < self.base.size
         if self._droppable(part) and (self._budget.under_pressure or not keep) \
                 and self._parts.get(part.number) is part:
             self._free(part)

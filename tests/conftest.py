@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from s3fs_stream.local_server import free_port, start_local_server
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 VENV_BIN = Path(sys.executable).parent
+MiB = 1024 * 1024
+# the daemon beside its budget: interpreter, botocore, pyfuse3's request buffers (one per
+# request in flight, up to MAX_TASKS), idle recycled buffers are inside the budget
+OVERHEAD = 200 * MiB
 
 
 def require(condition: bool, reason: str) -> None:
@@ -146,6 +151,17 @@ def wait_until(condition, timeout: float, interval: float = 0.05) -> bool:
     return True
 
 
+def assert_same(got: bytes, expected: bytes, name: str) -> None:
+    """Equal bytes, or a message naming the first differing offset and both sizes."""
+    if got == expected:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                 min(len(got), len(expected)))
+    raise AssertionError(f"{name}: {len(got)} bytes stored, {len(expected)} expected; first "
+                         f"difference at offset {first}: {got[first:first + 16]!r} != "
+                         f"{expected[first:first + 16]!r}")
+
+
 def run_with_timeout(fn, timeout: float, log=None):
     """Run fn in a thread; fail the test (instead of hanging) if it does not return in time,
     with the tail of `log()` (a mount's log) when given."""
@@ -169,6 +185,7 @@ class Mount:
     log_path: Path
     client: object = field(repr=False, default=None)
     expected_exit: int = 0  # a test that leaves uploads on purpose expects 3
+    disk_at_ready: int = 0  # the daemon's write_bytes once mounted (see `disk_writes`)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -211,15 +228,52 @@ class Mount:
         return self.process.returncode
 
 
+def peak_rss(mount) -> int:
+    """The mount daemon's peak resident memory so far (VmHWM), in bytes."""
+    with open(f"/proc/{mount.process.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def budget_of(mount) -> int:
+    """max_memory as the mount reported it at start."""
+    for line in mount.log().splitlines():
+        if "max_memory=" in line:
+            return int(line.rsplit("max_memory=", 1)[1].split()[0]) * MiB
+    raise AssertionError("the mount did not log its budget")
+
+
+def disk_writes(mount) -> int:
+    """Bytes the mount daemon has caused to be written to local disk since it was ready
+    (write_bytes of /proc/PID/io). Its own log counts too unless it is on a tmpfs
+    (`mount_factory(..., log_dir=shm_dir)`)."""
+    with open(f"/proc/{mount.process.pid}/io") as io:
+        for line in io:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1]) - mount.disk_at_ready
+    raise AssertionError("no write_bytes")
+
+
+def assert_no_disk_and_bounded(mount) -> None:
+    """Nothing written to local disk, and peak memory within the budget plus the overhead."""
+    assert disk_writes(mount) == 0, f"the daemon wrote {disk_writes(mount)} bytes to disk"
+    assert peak_rss(mount) < budget_of(mount) + OVERHEAD, \
+        f"peak RSS {peak_rss(mount) // MiB} MiB over budget {budget_of(mount) // MiB} MiB"
+
+
 def start_mount(server: Server, bucket: str, path: Path, log_path: Path, *options: str,
                 source: str | None = None) -> Mount:
     require(fuse_available(), "/dev/fuse and fusermount3")
     path.mkdir(parents=True, exist_ok=True)
     opts = ",".join([f"endpoint_url={server.endpoint_url}", "force_path_style",
                      f"log_file={log_path}", "log_level=debug", *options])
+    env = server.env()
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # the daemon's own disk writes are measured
     process = subprocess.Popen(
         [str(VENV_BIN / "mount.s3stream"), source or bucket, str(path), "--foreground",
-         "-o", opts], env=server.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+         "-o", opts], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while not os.path.ismount(path):
@@ -230,7 +284,9 @@ def start_mount(server: Server, bucket: str, path: Path, log_path: Path, *option
             process.kill()
             pytest.fail("mount did not become ready within 30 s")
         time.sleep(0.05)
-    return Mount(path, bucket, server, process, log_path, server.client())
+    mount = Mount(path, bucket, server, process, log_path, server.client())
+    mount.disk_at_ready = disk_writes(mount)
+    return mount
 
 
 def log_errors(text: str) -> list[str]:
@@ -253,11 +309,12 @@ def mount_factory(tmp_path, request):
     mounts: list[Mount] = []
 
     def make(server: Server, *options: str, bucket: str | None = None,
-             source: str | None = None) -> Mount:
+             source: str | None = None, log_dir: Path | None = None) -> Mount:
         bucket = bucket or new_bucket(server)
         index = len(mounts)
         mount = start_mount(server, bucket, tmp_path / f"mnt{index}",
-                            tmp_path / f"mount{index}.log", *options, source=source)
+                            (log_dir or tmp_path) / f"mount{index}.log", *options,
+                            source=source)
         mounts.append(mount)
         return mount
 
@@ -276,6 +333,18 @@ def mount_factory(tmp_path, request):
                             "says so with @pytest.mark.expect_log_errors):\n" +
                             "\n".join(errors[:20]))
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def shm_dir():
+    """A directory on a tmpfs (/dev/shm), removed afterwards: a mount's log there is not
+    local disk writes of the daemon (see `disk_writes`)."""
+    require(os.path.isdir("/dev/shm"), "/dev/shm (tmpfs)")
+    directory = Path(tempfile.mkdtemp(prefix="s3stream-test-", dir="/dev/shm"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,13 +12,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import run_with_timeout, sha, wait_until
+from conftest import (
+    OVERHEAD,
+    assert_same,
+    budget_of,
+    peak_rss,
+    run_with_timeout,
+    sha,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 CHUNK = 64 * 1024
-# the daemon beside its budget: interpreter, botocore, pyfuse3's request buffers (one per
-# request in flight, up to MAX_TASKS), idle recycled buffers are inside the budget
-OVERHEAD = 200 * MiB
 
 
 class Contents:
@@ -36,17 +41,6 @@ class Contents:
         return b"".join(self.chunk(k, i) for i in range(self.size // CHUNK))
 
 
-def assert_same(got: bytes, expected: bytes, name: str) -> None:
-    """Equal bytes, or a message naming the first differing offset and both sizes."""
-    if got == expected:
-        return
-    first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
-                 min(len(got), len(expected)))
-    raise AssertionError(f"{name}: {len(got)} bytes stored, {len(expected)} expected; first "
-                         f"difference at offset {first}: {got[first:first + 16]!r} != "
-                         f"{expected[first:first + 16]!r}")
-
-
 def write_file(path, contents: Contents, k: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -54,22 +48,6 @@ def write_file(path, contents: Contents, k: int) -> None:
             os.write(fd, contents.chunk(k, i))
     finally:
         os.close(fd)
-
-
-def peak_rss(mount) -> int:
-    with open(f"/proc/{mount.process.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
-def budget_of(mount) -> int:
-    """max_memory as the mount reported it at start."""
-    for line in mount.log().splitlines():
-        if "max_memory=" in line:
-            return int(line.rsplit("max_memory=", 1)[1].split()[0]) * MiB
-    raise AssertionError("the mount did not log its budget")
 
 
 def check_all(mount, contents: Contents, count: int, prefix: str = "s") -> None:

@@ -393,3 +393,28 @@ async def test_frequent_fsyncs_upload_the_tail_once_per_interval(env, autojump_c
     assert elapsed < 20 * 1.1 + 1  # waits stretch the program, not beyond one interval each
     await close(writer)
     assert env.data() == data
+
+
+async def test_in_place_change_of_a_base_part_loads_it_once(env):
+    """The kernel reads the pages around a partial-page write through the writing handle,
+    then writes: a base part is loaded once and held for what follows (it used to be freed
+    after each read and loaded again), and a later write into it, after its upload, does
+    not complete the object early to read it back."""
+    original = os.urandom(3 * PART)
+    etag = env.store._store("f", original, {})
+    writer = env.make(base=Base(etag, len(original)))
+    writer.handles = 1
+    expected = bytearray(original)
+    for offset, data in ((PART + 4096 * 3 + 5, b"x" * 5000), (PART + 7, b"later")):
+        first_page = offset // 4096 * 4096
+        await writer.read_held(first_page, 4096, for_writing=True)
+        await writer.read_held((offset + len(data)) // 4096 * 4096, 4096, for_writing=True)
+        await writer.write(offset, data)
+        expected[offset:offset + len(data)] = data
+        await trio.sleep(0.01)  # the part's upload finishes
+    readback = await writer.read_held(PART, PART)  # a reader sees the held, changed part
+    assert readback == bytes(expected[PART:2 * PART])
+    await close(writer)
+    assert env.data() == bytes(expected)
+    assert len(env.calls("get_range")) == 1, env.calls("get_range")
+    assert len(env.calls("complete")) == 1
