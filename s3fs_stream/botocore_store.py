@@ -10,6 +10,7 @@ botocore exception leaves this module as an `errors.StoreError` carrying an errn
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import functools
 import hashlib
@@ -135,21 +136,54 @@ def profile_exists(name: str) -> bool:
     return name in botocore.session.Session().available_profiles
 
 
-def log_requests(events) -> None:
+class RequestStats:
+    """Requests by operation, errors by operation and code, and retries (also by key, for
+    the few keys that needed any), as `s3stream status` shows them. Updated by botocore's
+    hooks in worker threads: plain counter updates, which the GIL keeps whole."""
+
+    KEYS = 1000  # keys remembered with their retries (the oldest are forgotten)
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.retries = 0
+        self.retries_by_key: dict[str, int] = {}
+
+    def done(self, operation: str, key: str, status: int, code: str, retries: int) -> None:
+        self.requests[operation] += 1
+        if status >= 300 and not (status == 304 or operation == "GetObject" and status == 206):
+            self.errors[f"{operation} {code or status}"] += 1
+        if retries:
+            self.retries += retries
+            self.retries_by_key[key] = self.retries_by_key.pop(key, 0) + retries
+            if len(self.retries_by_key) > self.KEYS:
+                del self.retries_by_key[next(iter(self.retries_by_key))]
+
+    def failed(self, operation: str, exception: BaseException) -> None:
+        self.requests[operation] += 1
+        self.errors[f"{operation} {type(exception).__name__}"] += 1
+
+    def snapshot(self) -> dict:
+        return {"requests": dict(self.requests), "errors": dict(self.errors),
+                "retries": self.retries}
+
+
+def log_requests(events, stats: RequestStats | None = None) -> None:
     """At debug level, one line per S3 request (after botocore's retries): operation, key,
     range or part, HTTP status and milliseconds until the response (a GET's body is read
     after). The line is built from the API parameters and the status alone, never from the
     signed request, so no access key, token, signature or presigned URL reaches the log.
     Off debug, the one cost is a level check per request."""
     events.register("before-parameter-build.s3", _request_started)
-    events.register("after-call.s3", _request_done)
-    events.register("after-call-error.s3", _request_failed)
+    events.register("after-call.s3", functools.partial(_request_done, stats))
+    events.register("after-call-error.s3", functools.partial(_request_failed, stats))
 
 
 def _request_started(params, model, context, **_) -> None:
+    key = params.get("Key", params.get("Prefix", ""))
+    context["s3stream_operation"] = (model.name, key)
     if not log.isEnabledFor(logging.DEBUG):
         return
-    key = params.get("Key", params.get("Prefix", ""))
     text = f"{model.name} s3://{params.get('Bucket', '')}/{key}"
     source = params.get("CopySource")
     if isinstance(source, dict):
@@ -160,16 +194,22 @@ def _request_started(params, model, context, **_) -> None:
     context["s3stream_request"] = (text, time.monotonic())
 
 
-def _request_done(http_response, parsed, context, **_) -> None:
+def _request_done(stats: RequestStats | None, http_response, parsed, context, **_) -> None:
+    retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    if stats is not None and "s3stream_operation" in context:
+        operation, key = context["s3stream_operation"]
+        stats.done(operation, key, http_response.status_code,
+                   str(parsed.get("Error", {}).get("Code", "")), retries)
     if "s3stream_request" in context:
         text, started = context.pop("s3stream_request")
-        retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
         log.debug("S3 %s -> %s in %.1f ms%s", text, http_response.status_code,
                   (time.monotonic() - started) * 1000,
                   f" after {retries} retries" if retries else "")
 
 
-def _request_failed(exception, context, **_) -> None:
+def _request_failed(stats: RequestStats | None, exception, context, **_) -> None:
+    if stats is not None and "s3stream_operation" in context:
+        stats.failed(context["s3stream_operation"][0], exception)
     if "s3stream_request" in context:
         text, started = context.pop("s3stream_request")
         log.debug("S3 %s -> no response (%s) in %.1f ms", text, type(exception).__name__,
@@ -198,7 +238,8 @@ class BotocoreStore:
         )
         self._client = session.create_client(
             "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
-        log_requests(self._client.meta.events)
+        self.stats = RequestStats()
+        log_requests(self._client.meta.events, self.stats)
         self.limiter = trio.CapacityLimiter(config.max_connections)
 
     async def _call(self, what: str, fn, /, **kwargs):

@@ -23,6 +23,7 @@ from .fuse_adapter import FuseOperations, KernelNotifier
 from .memory_budget import MemoryBudget
 from .page_cache import PageCacheDropper, find_fuse_fd
 from .recover import warn_of_old_uploads
+from .status import StatusServer, snapshot
 from .upload_pool import UploadPool
 
 log = logging.getLogger(__name__)
@@ -208,15 +209,21 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
         operations = FuseOperations(fs, config.fs.writeback_cache)
+        source = f"s3://{config.store.bucket}/{config.store.prefix}"
+        status = StatusServer(config.mountpoint, lambda: snapshot(
+            config.mountpoint, source, fs.files, budget, getattr(store, "stats", None)))
+        status.open()  # before mounting: its path resolves the mount point
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
         except RuntimeError as exc:
+            status.close()
             raise QuietError(f"cannot mount on {config.mountpoint}: {exc}",
                              MOUNT_FAILURE) from None
         log.info("mounted s3://%s/%s on %s (max object size %d GiB at max_memory=%d MiB)",
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals, operations)
+        nursery.start_soon(status.serve)
         nursery.start_soon(tune_kernel, operations, config.mountpoint, ready)
         nursery.start_soon(pages.run, find_fuse_fd())
         nursery.start_soon(notifier.run)
@@ -224,6 +231,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
         finally:
             pages.stop()  # nobody answers the kernel any more
+            status.close()
             notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
