@@ -258,6 +258,13 @@ class BotocoreStore:
         args: dict = {"Metadata": dict(options.metadata)}
         if options.content_type:
             args["ContentType"] = options.content_type
+        return args | self._storage_args()
+
+    def _storage_args(self) -> dict:
+        """The mount's options for every object it creates, copies included: S3 does not
+        carry storage class, encryption or ACL over in a CopyObject (it applies the
+        bucket's defaults), even when the metadata is copied."""
+        args: dict = {}
         if self.config.storage_class:
             args["StorageClass"] = self.config.storage_class
         if self.config.sse:
@@ -291,7 +298,8 @@ class BotocoreStore:
                              Bucket=self.bucket, Key=key)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
-                          metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()})
+                          metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
+                          content_type=r.get("ContentType"))
 
     async def get_range(self, key: str, start: int, end: int, etag: str | None,
                         into: bytearray | None = None) -> bytes | memoryview:
@@ -464,6 +472,8 @@ class BotocoreStore:
                 "CopySource": {"Bucket": self.bucket, "Key": source_key}}
         if options is not None:
             args.update(self._put_args(options), MetadataDirective="REPLACE")
+        else:
+            args.update(self._storage_args())
         r = await self._call(self._where("CopyObject", dest_key), self._client.copy_object,
                              **args)
         return r.get("CopyObjectResult", {}).get("ETag", "")
@@ -473,7 +483,7 @@ class BotocoreStore:
         """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel."""
         if options is None:
             head = await self.head(source_key)
-            options = PutOptions(metadata=head.metadata)
+            options = PutOptions(head.metadata, head.content_type)
         upload_id = await self.create_upload(dest_key, options)
         step = 512 * 1024 * 1024
         ranges = [(i + 1, start, min(start + step, size))
