@@ -49,9 +49,33 @@ def socket_dirs(uid: int | None = None) -> list[str]:
     return dirs
 
 
-def socket_name(mountpoint: str) -> str:
-    digest = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()
+def socket_name(mountpoint: str, resolve: bool = False) -> str:
+    """The daemon resolves the whole path before mounting (`resolve`); the client resolves
+    only the parent directory, never touching the mount point itself: a stat of a mount
+    whose daemon is stuck would hang the very command meant to diagnose it."""
+    path = os.path.abspath(mountpoint)
+    if resolve:
+        path = os.path.realpath(path)
+    else:
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name) if name else path
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()
     return f"mount-{digest[:16]}.sock"
+
+
+def _is_s3stream_mount(mountpoint: str) -> bool:
+    """From /proc/self/mountinfo: no stat of a mount that may not answer."""
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    path = os.path.join(os.path.realpath(parent), name) if name else "/"
+    try:
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if fields[4] == path and                         fields[fields.index("-") + 1] == "fuse.s3stream":
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _own_dir(path: str) -> bool:
@@ -84,7 +108,7 @@ class StatusServer:
     def open(self) -> None:
         """Bind the socket; before mounting, since its name resolves the mount point (a stat
         of our own mount from the event loop would wait for ourselves)."""
-        name = socket_name(self.mountpoint)
+        name = socket_name(self.mountpoint, resolve=True)
         for directory in socket_dirs():
             if not _own_dir(directory):
                 continue
@@ -243,8 +267,6 @@ def _exists_denied(path: str) -> bool:
 
 def collect(mountpoint: str | None) -> list[dict]:
     """Every answering mount's document; one-line errors when there is none."""
-    if mountpoint is not None and not os.path.isdir(mountpoint):
-        raise StatusError(f"{mountpoint}: no such directory", 2)
     documents, denied = [], []
     for path in find_sockets(mountpoint):
         try:
@@ -259,10 +281,12 @@ def collect(mountpoint: str | None) -> list[dict]:
         raise StatusError(f"permission denied on {denied[0]}: the mount belongs to another "
                           "user (run status as that user)", 13)
     if mountpoint is not None:
-        what = "is not an s3stream mount" if not os.path.ismount(mountpoint) else \
-            "is mounted, but its daemon does not answer (another user's mount, or an older " \
-            "version)"
-        raise StatusError(f"{mountpoint} {what}")
+        if _is_s3stream_mount(mountpoint):
+            raise StatusError(f"{mountpoint}: its daemon does not answer (stuck, another "
+                              "user's mount, or a version without status)")
+        if not os.path.isdir(mountpoint):
+            raise StatusError(f"{mountpoint}: no such directory", 2)
+        raise StatusError(f"{mountpoint} is not an s3stream mount")
     raise StatusError("no s3stream mount of this user is running")
 
 
