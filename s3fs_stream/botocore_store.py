@@ -16,6 +16,7 @@ is sent again from here, after 0.5, 1, 2, 4, 5, 5 ... s (trio sleeps: cancellabl
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import functools
 import hashlib
@@ -147,21 +148,54 @@ def profile_exists(name: str) -> bool:
     return name in botocore.session.Session().available_profiles
 
 
-def log_requests(events) -> None:
+class RequestStats:
+    """Requests by operation, errors by operation and code, and retries (also by key, for
+    the few keys that needed any), as `s3stream status` shows them. Updated by botocore's
+    hooks in worker threads: plain counter updates, which the GIL keeps whole."""
+
+    KEYS = 1000  # keys remembered with their retries (the oldest are forgotten)
+
+    def __init__(self) -> None:
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.retries = 0
+        self.retries_by_key: dict[str, int] = {}
+
+    def done(self, operation: str, key: str, status: int, code: str, retries: int) -> None:
+        self.requests[operation] += 1
+        if status >= 300 and not (status == 304 or operation == "GetObject" and status == 206):
+            self.errors[f"{operation} {code or status}"] += 1
+        if retries:
+            self.retries += retries
+            self.retries_by_key[key] = self.retries_by_key.pop(key, 0) + retries
+            if len(self.retries_by_key) > self.KEYS:
+                del self.retries_by_key[next(iter(self.retries_by_key))]
+
+    def failed(self, operation: str, exception: BaseException) -> None:
+        self.requests[operation] += 1
+        self.errors[f"{operation} {type(exception).__name__}"] += 1
+
+    def snapshot(self) -> dict:
+        return {"requests": dict(self.requests), "errors": dict(self.errors),
+                "retries": self.retries}
+
+
+def log_requests(events, stats: RequestStats | None = None) -> None:
     """At debug level, one line per S3 request (after botocore's retries): operation, key,
     range or part, HTTP status and milliseconds until the response (a GET's body is read
     after). The line is built from the API parameters and the status alone, never from the
     signed request, so no access key, token, signature or presigned URL reaches the log.
     Off debug, the one cost is a level check per request."""
     events.register("before-parameter-build.s3", _request_started)
-    events.register("after-call.s3", _request_done)
-    events.register("after-call-error.s3", _request_failed)
+    events.register("after-call.s3", functools.partial(_request_done, stats))
+    events.register("after-call-error.s3", functools.partial(_request_failed, stats))
 
 
 def _request_started(params, model, context, **_) -> None:
+    key = params.get("Key", params.get("Prefix", ""))
+    context["s3stream_operation"] = (model.name, key)
     if not log.isEnabledFor(logging.DEBUG):
         return
-    key = params.get("Key", params.get("Prefix", ""))
     text = f"{model.name} s3://{params.get('Bucket', '')}/{key}"
     source = params.get("CopySource")
     if isinstance(source, dict):
@@ -179,10 +213,14 @@ def _request_started(params, model, context, **_) -> None:
         body.seek(position)
 
 
-def _request_done(http_response, parsed, context, **_) -> None:
+def _request_done(stats: RequestStats | None, http_response, parsed, context, **_) -> None:
+    retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    if stats is not None and "s3stream_operation" in context:
+        operation, key = context["s3stream_operation"]
+        stats.done(operation, key, http_response.status_code,
+                   str(parsed.get("Error", {}).get("Code", "")), retries)
     if "s3stream_request" in context:
         text, started = context.pop("s3stream_request")
-        retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
         sent = context.pop("s3stream_sent", None)
         log.debug("S3 %s -> %s in %.1f ms%s%s", text, http_response.status_code,
                   (time.monotonic() - started) * 1000,
@@ -190,7 +228,9 @@ def _request_done(http_response, parsed, context, **_) -> None:
                   f", {sent} bytes sent" if sent is not None else "")
 
 
-def _request_failed(exception, context, **_) -> None:
+def _request_failed(stats: RequestStats | None, exception, context, **_) -> None:
+    if stats is not None and "s3stream_operation" in context:
+        stats.failed(context["s3stream_operation"][0], exception)
     if "s3stream_request" in context:
         text, started = context.pop("s3stream_request")
         log.debug("S3 %s -> no response (%s) in %.1f ms", text, type(exception).__name__,
@@ -228,7 +268,8 @@ class BotocoreStore:
         )
         self._client = session.create_client(
             "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
-        log_requests(self._client.meta.events)
+        self.stats = RequestStats()
+        log_requests(self._client.meta.events, self.stats)
         self.limiter = trio.CapacityLimiter(config.max_connections)
 
     async def _call(self, what: str, fn, /, **kwargs):
@@ -274,6 +315,13 @@ class BotocoreStore:
         args: dict = {"Metadata": dict(options.metadata)}
         if options.content_type:
             args["ContentType"] = options.content_type
+        return args | self._storage_args()
+
+    def _storage_args(self) -> dict:
+        """The mount's options for every object it creates, copies included: S3 does not
+        carry storage class, encryption or ACL over in a CopyObject (it applies the
+        bucket's defaults), even when the metadata is copied."""
+        args: dict = {}
         if self.config.storage_class:
             args["StorageClass"] = self.config.storage_class
         if self.config.sse:
@@ -316,7 +364,8 @@ class BotocoreStore:
                              Bucket=self.bucket, Key=key)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
-                          metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()})
+                          metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
+                          content_type=r.get("ContentType"))
 
     async def get_range(self, key: str, start: int, end: int, etag: str | None,
                         into: bytearray | None = None) -> bytes | memoryview:
@@ -489,6 +538,8 @@ class BotocoreStore:
                 "CopySource": {"Bucket": self.bucket, "Key": source_key}}
         if options is not None:
             args.update(self._put_args(options), MetadataDirective="REPLACE")
+        else:
+            args.update(self._storage_args())
         r = await self._call(self._where("CopyObject", dest_key), self._client.copy_object,
                              **args)
         return r.get("CopyObjectResult", {}).get("ETag", "")
@@ -498,7 +549,7 @@ class BotocoreStore:
         """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel."""
         if options is None:
             head = await self.head(source_key)
-            options = PutOptions(metadata=head.metadata)
+            options = PutOptions(head.metadata, head.content_type)
         upload_id = await self.create_upload(dest_key, options)
         step = 512 * 1024 * 1024
         ranges = [(i + 1, start, min(start + step, size))

@@ -375,6 +375,12 @@ def _recover(argv: list[str]) -> int:
     return recover_main(argv)
 
 
+def _status(argv: list[str]) -> int:
+    from .status import status_main
+
+    return status_main(argv)
+
+
 def _local_server(argv: list[str]) -> int:
     from .local_server import start_local_server
 
@@ -458,6 +464,8 @@ COMMANDS = {
     "mount": ("mount a bucket (the same as mount.s3stream)",
               lambda argv: mount_main(argv, "s3stream mount")),
     "recover": ("list, complete or abort the uploads a dead mount left behind", _recover),
+    "status": ("show the files being written, memory, uploads and errors of a mount",
+               _status),
     "local-server": ("run an embedded SeaweedFS S3 server to try s3stream out", _local_server),
     "install-helper": ("symlink mount.s3stream into /sbin for mount -t s3stream and fstab",
                        _install_helper),

@@ -137,6 +137,10 @@ class FuseOperations(pyfuse3.Operations):
         self._entry_timeout = fs.config.entry_timeout
         self._attr_timeout = fs.config.attr_timeout
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
+        # set once the mount's kernel settings are in force (mount.tune_kernel): a file
+        # opened before would keep the kernel's default read-ahead (128 KiB requests)
+        self.tuned = trio.Event()
+        self.reads: dict[int, list[int]] = {}  # fh -> [READs, bytes, largest] (debug log)
         self._names = BadNames()
         self.in_flight = 0  # requests being handled
         self.last_request = time.monotonic()  # when the last one ended
@@ -268,16 +272,28 @@ class FuseOperations(pyfuse3.Operations):
     @_converted
     async def create(self, parent_inode, name, mode, flags, ctx):
         name = self._names.decode(name, "create")
+        if not self.tuned.is_set():
+            await self.tuned.wait()
         fh, node = await self.namespace.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._attributes(node)
 
     @_converted
     async def open(self, inode, flags, ctx):
+        # the kernel sizes a file's read-ahead from the device's setting when the open
+        # returns: the first opens of a fresh mount wait until it is raised
+        if not self.tuned.is_set():
+            await self.tuned.wait()
         fh = await self.namespace.open(inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self.files.keep_cache(fh))
 
     @_converted
     async def read(self, fh, off, size):
+        counts = self.reads.get(fh)
+        if counts is None:
+            counts = self.reads[fh] = [0, 0, 0]
+        counts[0] += 1
+        counts[1] += size
+        counts[2] = max(counts[2], size)
         return await self.files.read(fh, off, size)
 
     @_converted
@@ -294,6 +310,10 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def release(self, fh):
+        counts = self.reads.pop(fh, None)
+        if counts is not None:
+            log.debug("fh %d: the kernel sent %d READs asking for %d bytes, at most %d at once",
+                      fh, *counts)
         await self.files.release(fh)
 
     @_converted

@@ -23,6 +23,7 @@ from .fuse_adapter import FuseOperations, KernelNotifier
 from .memory_budget import MemoryBudget
 from .page_cache import PageCacheDropper, find_fuse_fd
 from .recover import warn_of_old_uploads
+from .status import StatusServer, snapshot
 from .upload_pool import UploadPool
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,21 @@ DRAIN_LIMIT = 10.0  # ... or after this long (files still written to are left fo
 MAX_BACKGROUND = 32
 
 
-async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
+async def tune_kernel(operations: FuseOperations, mountpoint: str,
+                      ready: Callable[[], None]) -> None:
+    """Once the kernel's INIT is answered: the kernel settings below, then the mount is
+    ready (`ready()`: the helper returns, systemd is told) and opens proceed. A program that
+    mounts and reads at once thus gets the same request sizes as one that waits: the kernel
+    sizes a file's read-ahead from the device's setting when its open returns."""
+    await operations.initialized.wait()
+    try:
+        await trio.to_thread.run_sync(tune_kernel_bdi, mountpoint)
+    finally:
+        operations.tuned.set()
+    ready()
+
+
+def tune_kernel_bdi(mountpoint: str) -> None:
     """Two settings of the mount's backing device (needs root; skipped otherwise):
 
     - read_ahead_kb 1024: the kernel reads ahead in 1 MiB requests instead of 128 KiB ones,
@@ -98,8 +113,8 @@ async def tune_kernel_bdi(initialized: trio.Event, mountpoint: str) -> None:
       limit cut close() from 0.38 to 0.22 s per 1 GiB file with no loss of speed.
 
     Only after INIT: the kernel caps the read-ahead to what INIT negotiated (128 KiB) when
-    it processes the reply, undoing any earlier setting."""
-    await initialized.wait()
+    it processes the reply, undoing any earlier setting. Runs in a worker thread (it may
+    mount fusectl); never stats the mount point, which would wait for ourselves."""
     # from mountinfo, not stat(): a stat of our own mount point would wait for ourselves
     device = None
     with open("/proc/self/mountinfo") as mounts:
@@ -157,7 +172,8 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 
 async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: None) -> None:
-    """Check access, mount, serve until unmounted; `ready` is called once the mount works."""
+    """Check access, mount, serve until unmounted; `ready` is called once the mount works:
+    the kernel's INIT is answered and the kernel settings of `tune_kernel` are in force."""
     store = BotocoreStore(config.store)
     await check_access(store, config.store.prefix)
     await warn_of_old_uploads(store, config.store.prefix)
@@ -193,23 +209,29 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
         operations = FuseOperations(fs, config.fs.writeback_cache)
+        source = f"s3://{config.store.bucket}/{config.store.prefix}"
+        status = StatusServer(config.mountpoint, lambda: snapshot(
+            config.mountpoint, source, fs.files, budget, getattr(store, "stats", None)))
+        status.open()  # before mounting: its path resolves the mount point
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))
         except RuntimeError as exc:
+            status.close()
             raise QuietError(f"cannot mount on {config.mountpoint}: {exc}",
                              MOUNT_FAILURE) from None
         log.info("mounted s3://%s/%s on %s (max object size %d GiB at max_memory=%d MiB)",
                  config.store.bucket, config.store.prefix, config.mountpoint,
                  fs.schedule.max_object_size >> 30, config.fs.max_memory >> 20)
         nursery.start_soon(_terminate_on_signals, operations)
-        nursery.start_soon(tune_kernel_bdi, operations.initialized, config.mountpoint)
+        nursery.start_soon(status.serve)
+        nursery.start_soon(tune_kernel, operations, config.mountpoint, ready)
         nursery.start_soon(pages.run, find_fuse_fd())
         nursery.start_soon(notifier.run)
-        ready()
         try:
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
         finally:
             pages.stop()  # nobody answers the kernel any more
+            status.close()
             notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()

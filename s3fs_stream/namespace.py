@@ -723,7 +723,13 @@ class Namespace:
                 del self._known[path]
 
     async def _move_object(self, old: str, new: str, size: int) -> str:
-        etag = await self.store.copy(self.key(old), self.key(new), None, size)
+        options = None  # metadata and content type copied as they are
+        wanted = content_type(new, self.config.content_type)
+        if self.config.content_type == "auto" and wanted != content_type(old, "auto"):
+            # a guessed type follows the name: rsync and recorders write to a temporary name
+            info = await self.store.head(self.key(old))
+            options = PutOptions(info.metadata, wanted)
+        etag = await self.store.copy(self.key(old), self.key(new), options, size)
         await self.store.delete(self.key(old))
         return etag
 

@@ -18,6 +18,7 @@ class ObjectInfo:
     last_modified: float  # seconds since the epoch
     metadata: dict[str, str] = field(default_factory=dict)  # x-amz-meta-*, names lower case
     has_metadata: bool = True  # False when it came from a listing (no x-amz-meta-* there)
+    content_type: str | None = None  # from HEAD only
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,12 @@ class StreamingWriter:
         self._unsynced_since: float | None = None  # first change not yet stored in S3
         self.fsync_interval = 0.0  # seconds between tail uploads of fsync (set by OpenFiles)
         self._last_fsync = -float("inf")
+        # read only outside this class (`s3stream status`)
+        self.bytes_written = 0  # bytes accepted by write() since the file was opened
+        self.parts_uploaded = 0  # UploadParts that succeeded
+        self.bytes_uploaded = 0  # ... and their bytes
+        self.parts_in_flight = 0  # UploadParts handed to the pool, not yet done
+        self.completing = False  # a completion (flush, release, rename) is in progress
         budget.register(self)
 
     # -- requests (each under the lock) ------------------------------------------------
@@ -124,6 +130,7 @@ class StreamingWriter:
             if offset > self.size:
                 await self._fill_zeros(offset)
             await self._write_at(offset, memoryview(data))
+            self.bytes_written += len(data)
             return len(data)
 
     async def truncate(self, size: int) -> None:
@@ -526,15 +533,19 @@ class StreamingWriter:
         data = part.payload()
 
         async def job() -> None:
+            self.parts_in_flight += 1
             try:
                 await session.upload(part.number, data)
             except FsError as exc:
                 if not session.closed:
                     self._fail(exc)
             else:
+                self.parts_uploaded += 1
+                self.bytes_uploaded += len(data)
                 if part.version == version and self._session is session:
                     part.stored = "session"
             finally:
+                self.parts_in_flight -= 1
                 part.idle.set()
                 self._free_if_done(part)
 
@@ -640,10 +651,14 @@ class StreamingWriter:
             self._unpin(part)
 
     async def _complete(self) -> None:
-        if self._session is None and self._last_part() == 1:
-            etag = await self._put_small()
-        else:
-            etag = await self._complete_upload()
+        self.completing = True
+        try:
+            if self._session is None and self._last_part() == 1:
+                etag = await self._put_small()
+            else:
+                etag = await self._complete_upload()
+        finally:
+            self.completing = False
         self._became_base(etag)
         self.state = State.COMPLETE
         self.changed = False
