@@ -380,6 +380,9 @@ class Namespace:
             return self.files.view(node)
         if not change.changes_meta:
             return node
+        if change.kernel_time_only(time.time_ns()):
+            node.mtime_ns = change.mtime_ns  # in memory: not worth copying the object onto
+            return node                      # itself (a rename would copy twice)
         async with self._meta_lock(inode):
             return await self._rewrite_meta(node, change)
 

@@ -59,6 +59,13 @@ class SetAttr:
         return any(v is not None for v in (self.mode, self.uid, self.gid, self.mtime_ns,
                                            self.atime_ns))
 
+    def kernel_time_only(self, now_ns: int) -> bool:
+        """Only a recent mtime: what the kernel's writeback cache sends by itself after
+        writes and renames (and `touch -m` with no date, which cannot be told apart)."""
+        return (self.mtime_ns is not None and self.mtime_ns >= now_ns - 2_000_000_000
+                and all(v is None for v in (self.size, self.mode, self.uid, self.gid,
+                                            self.atime_ns)))
+
 
 def format_mtime(mtime_ns: int) -> str:
     seconds, nanos = divmod(mtime_ns, 1_000_000_000)
@@ -85,11 +92,15 @@ def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
         updates["uid"] = change.uid
     if change.gid is not None:
         updates["gid"] = change.gid
-    if change.mtime_ns is not None:
+    if change.mtime_ns is not None and change.mtime_ns != meta.mtime_ns:
         updates["mtime_ns"] = change.mtime_ns
         updates["mtime_explicit"] = change.mtime_ns < started_ns - 2_000_000_000
     if change.atime_ns is not None:
         updates["atime_ns"] = change.atime_ns
+    # a setattr that changes nothing (the kernel's writeback repeating the times it has, as
+    # after a rename) stores nothing: no ctime bump, no server-side copy
+    updates = {name: value for name, value in updates.items()
+               if name == "mtime_explicit" or getattr(meta, name) != value}
     if updates:
         updates["ctime_ns"] = time.time_ns()  # ctime moves on every change of attributes
     return replace(meta, **updates) if updates else meta

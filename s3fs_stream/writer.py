@@ -233,12 +233,19 @@ class StreamingWriter:
             await self._sticky(self._complete())
 
     def set_meta(self, meta: FileMeta) -> None:
-        if meta != self.meta:
-            self.meta = meta
-            if self.state is State.COMPLETE:
-                self._meta_dirty = True  # rewritten server-side at the next flush or release
-            else:
-                self.changed = True
+        if meta == self.meta:
+            return
+        # the kernel's writeback sends its own "now" mtime after the last write: kept in
+        # memory only (the stored mtime is the writer's start), not worth a server-side copy
+        # of a complete object; an explicit time, a mode or an owner is
+        kernel_time = not meta.mtime_explicit and dataclasses.replace(
+            meta, mtime_ns=self.meta.mtime_ns, ctime_ns=self.meta.ctime_ns,
+            mtime_explicit=self.meta.mtime_explicit) == self.meta
+        self.meta = meta
+        if self.state is not State.COMPLETE:
+            self.changed = True
+        elif not kernel_time:
+            self._meta_dirty = True  # rewritten server-side at the next flush or release
 
     async def move(self, key: str, name: str,
                    copy: Callable[[int], Awaitable[str]]) -> None:
@@ -630,9 +637,10 @@ class StreamingWriter:
         etag = await session.complete(sizes, self.name)
         self._session = None
         wanted = self._options(with_mtime=True)
+        stored = session.options.metadata
         if not self.meta.mtime_explicit:  # a "now" from the kernel: the start time stays
-            wanted.metadata["mtime"] = session.options.metadata.get("mtime", "")
-        if wanted.metadata != session.options.metadata:
+            wanted.metadata["mtime"] = stored.get("mtime", "")
+        if _without_ctime(wanted.metadata) != _without_ctime(stored):
             # chmod/chown/utimes while writing: rewrite the metadata server-side
             etag = await self._store.copy(self.key, self.key, wanted, self.size)
         return etag
@@ -812,3 +820,9 @@ class StreamingWriter:
     def _check_failed(self) -> None:
         if self.error is not None:
             raise FsError("", self._failure_errno())
+
+
+def _without_ctime(metadata: dict[str, str]) -> dict[str, str]:
+    """ctime alone (moved by the kernel's own time updates) is not worth a server-side copy
+    of the whole object; it is stored with the next change that is."""
+    return {name: value for name, value in metadata.items() if name != "ctime"}

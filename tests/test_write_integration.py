@@ -329,3 +329,17 @@ def test_rsync_twice_transfers_nothing(mount, tmp_path):
     itemized = second.stdout.decode(errors="replace").splitlines()
     file_lines = [line for line in itemized if len(line) > 1 and line[1] == "f"]
     assert not file_lines, "second rsync transferred files:\n" + "\n".join(itemized)
+
+
+def test_a_written_file_and_its_rename_cost_no_extra_copy(mount):
+    """With the writeback cache the kernel sends its own times after the last write and after
+    a rename; those are kept in memory, not stored by copying the object onto itself."""
+    data = os.urandom(20 * MiB)
+    with open(mount.path / "big.bin", "wb") as f:
+        f.write(data)
+    os.rename(mount.path / "big.bin", mount.path / "moved.bin")
+    time.sleep(2)  # the kernel's writeback of times comes late
+    os.stat(mount.path / "moved.bin")
+    copies = [line for line in mount.log().splitlines() if "S3 CopyObject" in line]
+    assert len(copies) == 1, copies  # the rename itself
+    assert_object(mount, "moved.bin", data)
