@@ -17,6 +17,19 @@ from s3fs_stream.part_schedule import recoverable_prefix
 MiB = 1024 * 1024
 
 
+def close_after_crash(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # the mount is gone
+
+
+def recoverable_bytes(mount) -> int:
+    """Bytes `s3stream recover` would join from the one upload left in the bucket."""
+    sizes = upload_parts(mount)
+    return sum(sizes[n] for n in recoverable_prefix(sizes))
+
+
 def upload_parts(mount) -> dict[int, int]:
     """Part sizes of the one upload left in the bucket."""
     (upload,) = mount.uploads()
@@ -37,13 +50,8 @@ def test_signal_with_a_file_open_uploads_everything(mount, signum):
         mount.process.send_signal(signum)
         assert mount.process.wait(60) == 3
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
-    sizes = upload_parts(mount)
-    taken = recoverable_prefix(sizes)
-    assert sum(sizes[n] for n in taken) == len(data), sizes
+        close_after_crash(fd)
+    assert recoverable_bytes(mount) == len(data), upload_parts(mount)
     assert "still open at unmount (open.bin)" in mount.log()
 
 
@@ -61,12 +69,8 @@ def test_unsynced_data_is_uploaded_within_max_unsynced(seaweed, mount_factory):
         m.process.kill()  # a crash: nothing more reaches S3
         m.process.wait(10)
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
-    sizes = upload_parts(m)
-    assert sum(sizes[n] for n in recoverable_prefix(sizes)) == len(data)
+        close_after_crash(fd)
+    assert recoverable_bytes(m) == len(data)
 
 
 def test_close_in_progress_when_sigterm_arrives_completes(mount):
@@ -111,10 +115,7 @@ def test_fsynced_bytes_survive_a_crash(any_server, mount_factory):
         m.process.kill()
         m.process.wait(10)
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
+        close_after_crash(fd)
     done = subprocess.run([str(VENV_BIN / "s3stream"), "recover", m.bucket, "--complete",
                            "--older-than", "0", "-o",
                            f"endpoint_url={any_server.endpoint_url},force_path_style"],
