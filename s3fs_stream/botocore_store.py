@@ -17,19 +17,25 @@ from __future__ import annotations
 
 import base64
 import collections
+import datetime
+import email.utils
 import errno
 import functools
 import hashlib
 import http.client
 import logging
+import ssl
 import time
+import urllib.request
 import zlib
 
 import botocore.config
 import botocore.exceptions
+import botocore.parsers
 import botocore.session
 import trio
 
+from . import direct_requests
 from .config import StoreConfig
 from .errors import (
     AccessDenied,
@@ -49,6 +55,10 @@ log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # between whole-request retries, then RETRY_DELAY_MAX
 RETRY_DELAY_MAX = 5.0
+DIRECT_PUT_MAX = 1024 * 1024  # larger bodies go through botocore (checksums in a thread)
+DIRECT_PAUSE = 60.0  # after DIRECT_MISSES requests in a row get no plain answer
+DIRECT_MISSES = 5
+CREDENTIALS_REFRESH = 60.0  # seconds a frozen copy of refreshable credentials is used
 
 _CLIENT_ERRORS: dict[str, type[StoreError]] = {
     "NoSuchKey": NotFound,
@@ -140,6 +150,22 @@ def _translate(exc: Exception, what: str) -> FsError:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     raise exc
+
+
+def parse_timestamp(text: str) -> datetime.datetime:
+    """botocore's timestamp parser goes through dateutil: 13 % of the daemon's CPU in
+    `ls -l` of a large directory (a LastModified per listed object). S3's two formats
+    (ISO 8601 in bodies, RFC 1123 in headers) are parsed by the standard library."""
+    try:
+        if text[:1].isdigit():
+            parsed = datetime.datetime.fromisoformat(text)
+        else:
+            parsed = email.utils.parsedate_to_datetime(text)
+        if parsed.tzinfo is not None:
+            return parsed
+    except (TypeError, ValueError):
+        pass
+    return botocore.parsers.DEFAULT_TIMESTAMP_PARSER(text)
 
 
 def profile_exists(name: str) -> bool:
@@ -253,6 +279,8 @@ class BotocoreStore:
         self.config = config
         self.bucket = config.bucket
         session = botocore.session.Session(profile=config.profile)
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=parse_timestamp)
         region = config.region or session.get_config_variable("region")
         if not region:
             region = "us-east-1"
@@ -271,6 +299,93 @@ class BotocoreStore:
         self.stats = RequestStats()
         log_requests(self._client.meta.events, self.stats)
         self.limiter = trio.CapacityLimiter(config.max_connections)
+        self._credentials = session.get_credentials()
+        self._direct = self._direct_client(session) if config.direct_requests else None
+        self._direct_frozen: tuple[float, direct_requests.Credentials] | None = None
+        self._direct_misses = 0
+        self._direct_paused_until = 0.0
+
+    # -- requests sent directly (direct_requests.py), botocore when they get no answer ----
+
+    def _direct_client(self, session) -> direct_requests.DirectClient | None:
+        """A client for the bucket's URL as botocore addresses it, or None where botocore's
+        handling is needed for every request: no credentials, or a proxy in between."""
+        if self._credentials is None:
+            return None
+        probe = "s3stream-probe"
+        try:
+            url = self._client.generate_presigned_url(
+                "head_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=60)
+        except Exception:  # no credentials after all, or an odd endpoint
+            return None
+        url = url.partition("?")[0]  # the signature is not ours to keep
+        scheme, _, rest = url.partition("://")
+        host = rest.partition("/")[0].rpartition("@")[2].rpartition(":")[0] or rest
+        if urllib.request.getproxies().get(scheme) and not urllib.request.proxy_bypass(host):
+            return None
+        context = None
+        if scheme == "https":
+            bundle = session.get_config_variable("ca_bundle")
+            context = ssl.create_default_context(cafile=bundle or None)
+        try:
+            return direct_requests.DirectClient(
+                url, probe, self._client.meta.region_name, self.config.read_timeout,
+                context, max_connections=64)
+        except ValueError:
+            return None
+
+    async def _direct_credentials(self) -> direct_requests.Credentials:
+        now = time.monotonic()
+        if self._direct_frozen is None or self._direct_frozen[0] < now:
+            # a refresh may block on the network: a worker thread does it
+            frozen = await trio.to_thread.run_sync(self._credentials.get_frozen_credentials)
+            self._direct_frozen = (now + CREDENTIALS_REFRESH, direct_requests.Credentials(
+                frozen.access_key, frozen.secret_key, frozen.token))
+        return self._direct_frozen[1]
+
+    async def _send_direct(self, operation: str, method: str, key: str,
+                           expected: tuple[int, ...], headers: dict[str, str] | None = None,
+                           body: bytes = b"", payload_hash: str = direct_requests.EMPTY_SHA256
+                           ) -> direct_requests.Response | None:
+        """The answer when it is one of `expected`, else None: send it through botocore.
+        After DIRECT_MISSES misses in a row, botocore alone for DIRECT_PAUSE seconds."""
+        if self._direct is None or time.monotonic() < self._direct_paused_until:
+            return None
+        started = time.monotonic()
+        try:
+            response = await self._direct.request(
+                method, key, await self._direct_credentials(), headers, body, payload_hash)
+        except direct_requests.Unanswered as exc:
+            log.debug("S3 %s s3://%s/%s -> no answer (%s) in %.1f ms, again through botocore",
+                      operation, self.bucket, key, exc, (time.monotonic() - started) * 1000)
+            self._direct_missed()
+            return None
+        if response.status not in expected:
+            log.debug("S3 %s s3://%s/%s -> %s in %.1f ms, again through botocore",
+                      operation, self.bucket, key, response.status,
+                      (time.monotonic() - started) * 1000)
+            self._direct_missed()
+            return None
+        self._direct_misses = 0
+        self.stats.done(operation, key, response.status, "", 0)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("S3 %s s3://%s/%s -> %s in %.1f ms%s", operation, self.bucket, key,
+                      response.status, (time.monotonic() - started) * 1000,
+                      f", {len(body)} bytes sent" if method == "PUT" else "")
+        return response
+
+    def _direct_missed(self) -> None:
+        self._direct_misses += 1
+        if self._direct_misses >= DIRECT_MISSES:
+            self._direct_misses = 0
+            self._direct_paused_until = time.monotonic() + DIRECT_PAUSE
+            log.info("S3 requests over the mount's own connections got no plain answer %d "
+                     "times in a row; botocore sends them for the next %.0f s",
+                     DIRECT_MISSES, DIRECT_PAUSE)
+
+    async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
 
     async def _call(self, what: str, fn, /, **kwargs):
         def run():
@@ -360,6 +475,20 @@ class BotocoreStore:
         await self._retrying(what, run, retry_time=0)
 
     async def head(self, key: str) -> ObjectInfo:
+        response = await self._send_direct("HeadObject", "HEAD", key, (200, 404))
+        if response is not None:
+            if response.status == 404:
+                raise NotFound(f"{self._where('HeadObject', key)}: 404: Not Found")
+            headers = response.headers
+            try:
+                return ObjectInfo(
+                    key=key, size=int(headers["content-length"]), etag=headers.get("etag", ""),
+                    last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
+                    metadata={name[11:]: value for name, value in headers.items()
+                              if name.startswith("x-amz-meta-")},
+                    content_type=headers.get("content-type"))
+            except (KeyError, ValueError, TypeError):
+                pass  # an answer botocore may understand better
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
                              Bucket=self.bucket, Key=key)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
@@ -449,10 +578,40 @@ class BotocoreStore:
         return await self._call(what, send, **kwargs)
 
     async def put(self, key: str, data, options: PutOptions) -> str:
+        if len(data) <= DIRECT_PUT_MAX and self._direct is not None:
+            etag = await self._put_direct(key, bytes(data), options)
+            if etag is not None:
+                return etag
         r = await self._send_checked(self._where("PutObject", key), self._client.put_object,
                                      data, Bucket=self.bucket, Key=key,
                                      **self._put_args(options))
         return r.get("ETag", "")
+
+    async def _put_direct(self, key: str, body: bytes, options: PutOptions) -> str | None:
+        headers = {f"x-amz-meta-{name}": value for name, value in options.metadata.items()}
+        if options.content_type:
+            headers["content-type"] = options.content_type
+        for arg, header in (("StorageClass", "x-amz-storage-class"),
+                            ("ServerSideEncryption", "x-amz-server-side-encryption"),
+                            ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
+                            ("ACL", "x-amz-acl")):
+            value = self._storage_args().get(arg)
+            if value:
+                headers[header] = value
+        checks = self._checksum_args(body)
+        if "ChecksumCRC32" in checks:
+            headers["x-amz-checksum-crc32"] = checks["ChecksumCRC32"]
+        if "ContentMD5" in checks:
+            headers["content-md5"] = checks["ContentMD5"]
+        payload = hashlib.sha256(body).hexdigest() if payload_signing(self.config) \
+            else direct_requests.UNSIGNED
+        response = await self._send_direct("PutObject", "PUT", key, (200,), headers, body,
+                                           payload)
+        if response is None:
+            return None
+        self._verify(self._where("PutObject", key), checks,
+                     {"ChecksumCRC32": response.headers.get("x-amz-checksum-crc32")})
+        return response.headers.get("etag", "")
 
     async def create_upload(self, key: str, options: PutOptions) -> str:
         # No ChecksumAlgorithm here: each part still carries x-amz-checksum-crc32 (verified by
@@ -569,6 +728,8 @@ class BotocoreStore:
             raise
 
     async def delete(self, key: str) -> None:
+        if await self._send_direct("DeleteObject", "DELETE", key, (200, 204)) is not None:
+            return
         await self._call(self._where("DeleteObject", key), self._client.delete_object,
                          Bucket=self.bucket, Key=key)
 

@@ -98,7 +98,6 @@ class DirectoryStream:
         self._next_page: trio.Event | None = None  # the page fetched ahead
         self._prefetched: ListPage | BaseException | None = None
         self.seen_writing: set[str] = set()  # names of files being written that were listed
-        self.count = 0  # entries produced since the listing (re)started
         self.names: set[str] | None = set()  # every name, while there are few (<= KNOWN)
 
     def seek(self, offset: int) -> None:
@@ -128,7 +127,7 @@ class DirectoryStream:
         self._held = {}
         self._next_page, self._prefetched = None, None
         self.seen_writing = set()
-        self.count, self.names = 0, set()
+        self.names = set()
 
     async def _fetch(self) -> None:
         if self._next_page is not None:
@@ -150,11 +149,14 @@ class DirectoryStream:
 
         async def fetch() -> None:
             try:
-                self._prefetched = await self._store.list_page(self._prefix, "/", token)
+                page: ListPage | BaseException = await self._store.list_page(
+                    self._prefix, "/", token)
             except Exception as exc:  # delivered to the reader that waits for this page
-                self._prefetched = exc
-            finally:
-                done.set()
+                page = exc
+            # a seek back (_restart) meanwhile made this page someone else's past
+            if self._next_page is done:
+                self._prefetched = page
+            done.set()
 
         nursery.start_soon(fetch)
 
@@ -190,7 +192,9 @@ class DirectoryStream:
         if self._token is None:
             self._done = True
             self._release_before(None)
-            for entry in self._extra(self.seen_writing):
+            # files being written that were listed: those handed out and those still here
+            listed = self.seen_writing | {e.name for e in self._window if not e.is_dir}
+            for entry in self._extra(listed):
                 self._add(entry)
         elif items:
             self._release_before(items[-1][0])
@@ -205,7 +209,6 @@ class DirectoryStream:
 
     def _add(self, entry: Entry) -> None:
         self._window.append(entry)
-        self.count += 1
         if self.names is not None:
             self.names.add(entry.name)
             if len(self.names) > KNOWN:

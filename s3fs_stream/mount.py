@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Callable
@@ -117,10 +118,13 @@ def tune_kernel_bdi(mountpoint: str) -> None:
     mount fusectl); never stats the mount point, which would wait for ourselves."""
     # from mountinfo, not stat(): a stat of our own mount point would wait for ourselves
     device = None
+    # mountinfo shows resolved paths (only the parent is resolved: not a stat of ours) ...
+    wanted = os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
+                          os.path.basename(mountpoint))
     with open("/proc/self/mountinfo") as mounts:
         for line in mounts:
             fields = line.split()
-            if fields[4] == mountpoint:
+            if _unescape(fields[4]) == wanted:  # ... with spaces as \040
                 device = fields[2]
     if device is None:
         return
@@ -130,6 +134,11 @@ def tune_kernel_bdi(mountpoint: str) -> None:
     _raise_max_background(device)
 
 
+def _unescape(field: str) -> str:
+    """A path field of /proc/self/mountinfo: space, tab, newline, backslash are octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _raise_max_background(device: str) -> None:
     """FUSE lets the kernel keep 12 background requests (writeback WRITEs) in flight; raise
     it so that files whose writes wait for memory do not hold back everyone else's. The
@@ -137,8 +146,11 @@ def _raise_max_background(device: str) -> None:
     connections = "/sys/fs/fuse/connections"
     minor = device.split(":")[1]
     if not os.path.isdir(f"{connections}/{minor}"):
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", connections],
-                       capture_output=True, timeout=10)
+        try:
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", connections],
+                           capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:  # no mount(8), or it hung
+            log.debug("fusectl not mounted (%s): max_background left at its default", exc)
     for name, value in (("max_background", MAX_BACKGROUND),
                         ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
         try:
@@ -236,6 +248,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
                 await pool.close()
+                await store.aclose()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s (memory: peak %d of %d MiB, %d parts spilled to the bucket "
                      "while memory was short)", config.mountpoint, budget.peak >> 20,

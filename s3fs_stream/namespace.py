@@ -54,7 +54,7 @@ RENAME_EXCHANGE = 2
 # differs from the entry it was given, so readdir HEADs these before answering.
 SYMLINK_MAX = 4095
 HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
-READDIR_CHUNK = 256  # entries whose HEADs run together (the kernel takes ~30 per call)
+READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
@@ -277,42 +277,52 @@ class Namespace:
         await self._fetch_meta(node, raising=True)
         return node
 
-    async def _fetch_meta(self, node: Node, raising: bool = False) -> Node:
+    async def _fetch_meta(self, node: Node, raising: bool = False,
+                          limiter: trio.CapacityLimiter | None = None) -> Node:
         """HEAD the node's object (or directory marker) and take what it says; the kernel
-        keeps the node it asked about, a replaced object gets a new one (`_replaced`)."""
+        keeps the node it asked about, a replaced object gets a new one (`_replaced`).
+        `node.fetching` is set from the start, while waiting for the limiter too, so
+        whoever needs the node waits for this HEAD instead of sending another."""
         done = node.fetching = trio.Event()
-        path = node.path
         try:
-            if node.is_dir:
-                marker = await self._head_marker(path)
-                if node.path == path:
-                    self.table.upsert(path, True, **dir_attrs(self.config, marker))
-                return node
-            try:
-                info = await self.store.head(self.key(path))
-            except NotFound:
-                if raising:
-                    raise FsError("", errno.ENOENT) from None
-                return node
-            if node.path != path or self.files.writer(node.inode) is not None:
-                return node
-            if self.table.upsert(path, False, **file_attrs(info, self.config)) is not node:
-                # a new inode for the new object; the kernel's stays as it was
-                node.expires = time.monotonic() + self.config.attr_timeout
-            return node
+            async with limiter or contextlib.nullcontext():
+                return await self._take_head(node, raising)
         finally:
             node.fetching = None
             done.set()
 
+    async def _take_head(self, node: Node, raising: bool) -> Node:
+        path = node.path  # may change while the HEAD is out: checked after it
+        if node.is_dir:
+            marker = await self._head_marker(path)
+            if node.path == path:
+                self.table.upsert(path, True, **dir_attrs(self.config, marker))
+            return node
+        try:
+            info = await self.store.head(self.key(path))
+        except NotFound:
+            if raising:
+                raise FsError("", errno.ENOENT) from None
+            return node
+        if node.path != path or self.files.writer(node.inode) is not None:
+            return node
+        if self.table.upsert(path, False, **file_attrs(info, self.config)) is not node:
+            # a new inode for the new object; the kernel's stays as it was
+            node.expires = time.monotonic() + self.config.attr_timeout
+        return node
+
     # -- metadata of listed entries, fetched in parallel ------------------------------------
 
     async def _head_nodes(self, nodes: list[Node]) -> None:
+        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most); returns when each has
+        its metadata or failed. A node whose HEAD is already out waits for that one."""
         async def one(node: Node) -> None:
-            async with self._heads:
-                if node.fresh and node.has_metadata or node.fetching is not None:
-                    return
+            busy = node.fetching
+            if busy is not None:
+                await busy.wait()
+            elif not (node.fresh and node.has_metadata):
                 try:
-                    await self._fetch_meta(node)
+                    await self._fetch_meta(node, limiter=self._heads)
                 except FsError as exc:
                     log.debug("HEAD for %s failed: %s", node.path, exc)
 
@@ -483,42 +493,63 @@ class Namespace:
             raise FsError("", errno.EBADF)
         directory, stream = handle.node, handle.stream
         stream.seek(offset)
-        position = offset
+        # a two-stage pipeline: the HEADs of the next chunk are out while this one is handed
+        # to the kernel (which may take thousands of entries per call)
+        batch, need_head, position = await self._collect(directory.path, stream, offset)
+        self._head_soon(need_head)
         while True:
-            batch: list[tuple[str, Node, int]] = []
-            need_head: list[Node] = []
-            while len(batch) < READDIR_CHUNK:
-                item = await stream.entry_at(position)
-                if item is None:
-                    break
-                entry, position = item
-                node = self._entry_node(directory.path, entry, stream)
-                if node is None:
-                    continue
-                batch.append((entry.name, node, position))
-                if not node.has_metadata and not node.is_dir and \
-                        self.files.writer(node.inode) is None and \
-                        0 < node.size <= SYMLINK_MAX:
-                    need_head.append(node)
-            if self._nursery is not None:
-                stream.prefetch_next(self._nursery)
-            if need_head:
-                await self._head_nodes(need_head)
+            following = None
+            if len(batch) == READDIR_CHUNK:
+                following = await self._collect(directory.path, stream, position)
+                self._head_soon(following[1])
+            await self._head_nodes(need_head)
             for index, (name, node, next_offset) in enumerate(batch):
                 node = self.table.get(node.inode) or node
                 if not reply(name, self.files.view(node), next_offset):
                     # the next call starts here: keep what the HEADs found until then
                     self._drop_unsent(handle)
                     handle.unsent = [unsent for _, unsent, _ in batch[index:]]
+                    if following is not None:
+                        handle.unsent += [unsent for _, unsent, _ in following[0]]
                     return
                 node.lookups += 1
                 if not node.has_metadata:
                     self._listed_without_meta(directory.path, node)
-            if len(batch) < READDIR_CHUNK:
+            if following is None:
                 if stream.names is not None and not handle.known:
                     handle.known = True  # listed whole: other names need no request
                     self._know_dir(directory.path, set(stream.names))
                 return
+            batch, need_head, position = following
+
+    async def _collect(self, directory: str, stream: DirectoryStream, position: int
+                       ) -> tuple[list[tuple[str, Node, int]], list[Node], int]:
+        """Up to READDIR_CHUNK entries from `position` on, as (name, node, next offset);
+        the nodes among them that need a HEAD first (possible symbolic links); the offset
+        after them."""
+        batch: list[tuple[str, Node, int]] = []
+        need_head: list[Node] = []
+        while len(batch) < READDIR_CHUNK:
+            item = await stream.entry_at(position)
+            if item is None:
+                break
+            entry, position = item
+            node = self._entry_node(directory, entry, stream)
+            if node is None:
+                continue
+            batch.append((entry.name, node, position))
+            if not node.has_metadata and not node.is_dir and \
+                    self.files.writer(node.inode) is None and 0 < node.size <= SYMLINK_MAX:
+                need_head.append(node)
+        if self._nursery is not None:
+            stream.prefetch_next(self._nursery)
+        return batch, need_head, position
+
+    def _head_soon(self, nodes: list[Node]) -> None:
+        """Start HEADs of these nodes in the mount's nursery; `_head_nodes` waits for them."""
+        nodes = [node for node in nodes if node.fetching is None]
+        if nodes and self._nursery is not None:
+            self._nursery.start_soon(self._head_nodes, nodes)
 
     def _entry_node(self, directory: str, entry: Entry, stream: DirectoryStream) -> Node | None:
         path = join(directory, entry.name)

@@ -62,7 +62,7 @@ class SetAttr:
     def kernel_time_only(self, now_ns: int) -> bool:
         """Only a recent mtime: what the kernel's writeback cache sends by itself after
         writes and renames (and `touch -m` with no date, which cannot be told apart)."""
-        return (self.mtime_ns is not None and self.mtime_ns >= now_ns - 2_000_000_000
+        return (self.mtime_ns is not None and abs(self.mtime_ns - now_ns) <= 2_000_000_000
                 and all(v is None for v in (self.size, self.mode, self.uid, self.gid,
                                             self.atime_ns)))
 
@@ -83,8 +83,9 @@ def parse_mtime(text: str) -> int | None:
 
 
 def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
-    """`meta` with a setattr applied. A "now" mtime (the kernel's own, or `touch`) within two
-    seconds of `started_ns` is left to the completion time; an older one is kept as given."""
+    """`meta` with a setattr applied. A "now" mtime (the kernel's own, or `touch`) from two
+    seconds before `started_ns` until now is left to the completion time; any other is kept
+    as given."""
     updates: dict = {}
     if change.mode is not None:
         updates["mode"] = stat.S_IFMT(meta.mode) | stat.S_IMODE(change.mode)
@@ -94,7 +95,9 @@ def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
         updates["gid"] = change.gid
     if change.mtime_ns is not None and change.mtime_ns != meta.mtime_ns:
         updates["mtime_ns"] = change.mtime_ns
-        updates["mtime_explicit"] = change.mtime_ns < started_ns - 2_000_000_000
+        # a future time (touch -d 2030-01-01) is as explicit as a past one
+        updates["mtime_explicit"] = not (started_ns - 2_000_000_000 <= change.mtime_ns
+                                         <= time.time_ns() + 2_000_000_000)
     if change.atime_ns is not None:
         updates["atime_ns"] = change.atime_ns
     # a setattr that changes nothing (the kernel's writeback repeating the times it has, as

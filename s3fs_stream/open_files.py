@@ -257,8 +257,9 @@ class OpenFiles:
                 try:  # writes or attributes that came after the last flush
                     await writer.flush()
                 except FsError as exc:
-                    log.error("%s: completing at release failed: %s", writer.name,
-                              exc.message or os.strerror(exc.errno))
+                    if writer.error is None:  # else `_fail` logged the cause already
+                        log.error("%s: completing at release failed: %s", writer.name,
+                                  exc.message or os.strerror(exc.errno))
         finally:
             try:
                 await writer.release()

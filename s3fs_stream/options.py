@@ -222,6 +222,9 @@ OPTIONS: dict[str, Option] = {
                   "server-side encryption of new objects"),
     "sse_kms_key_id": Option("store", "sse_kms_key_id", NAME, "KEY_ID",
                              "KMS key for sse=aws:kms (default: the account's S3 key)"),
+    "direct_requests": _flag("store", "direct_requests",
+                             "send HEAD, small PUT and DELETE over the mount's own "
+                             "connections, ~20x less CPU than botocore (default yes)"),
     "acl": Option("store", "acl", choice(*CANNED_ACLS), "ACL",
                   "canned ACL of new objects, e.g. public-read or bucket-owner-full-control"),
     # file system

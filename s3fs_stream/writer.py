@@ -5,8 +5,9 @@ States (`self.state`):
   WRITING   changes since the last completion (or none yet); full parts stream into `session`
   COMPLETE  the object at `key` holds every byte and is the writer's `base`; held parts stay
             until memory is short, so that later writes continue cheaply
-  FAILED    an upload or the completion failed after retries: every later call says EIO and
-            the multipart upload stays in S3 for `s3stream recover`
+  FAILED    an upload or the completion failed after retries: every later call fails (EIO;
+            EFBIG or ENOSPC where that was the cause) and the multipart upload stays in S3
+            for `s3stream recover`
   DETACHED  the file was unlinked while open: writes are accepted and dropped
 
 Transitions:
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import FsError, NoSuchUpload, PreconditionFailed
+from .errors import FsError, PreconditionFailed
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta
 from .object_store import ObjectStore, PutOptions, read_into
@@ -109,6 +110,7 @@ class StreamingWriter:
         self._parts: dict[int, Part] = {}
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
+        self._meta_version = 0  # counts those changes: one during a completion is not lost
         self._unsynced_since: float | None = None  # first change not yet stored in S3
         self.fsync_interval = 0.0  # seconds between tail uploads of fsync (set by OpenFiles)
         self._last_fsync = -float("inf")
@@ -242,24 +244,26 @@ class StreamingWriter:
             meta, mtime_ns=self.meta.mtime_ns, ctime_ns=self.meta.ctime_ns,
             mtime_explicit=self.meta.mtime_explicit) == self.meta
         self.meta = meta
+        if not kernel_time:
+            self._meta_version += 1
         if self.state is not State.COMPLETE:
             self.changed = True
         elif not kernel_time:
             self._meta_dirty = True  # rewritten server-side at the next flush or release
 
-    async def move(self, key: str, name: str,
-                   copy: Callable[[int], Awaitable[str]]) -> None:
+    async def move(self, key: str, name: str, copy: Callable[[int], Awaitable[str]],
+                   content_type: str | None = None) -> None:
         """Rename: complete what changed, let `copy(size)` move the object (it returns the new
-        ETag) and continue from it under the new key."""
+        ETag) and continue from it under the new key (and the new name's content type)."""
         async with self._request():
             if self.state is State.WRITING and self.changed:
                 await self._sticky(self._complete())
-            if self.state is State.DETACHED:
-                self.key, self.name = key, name
-                return
-            etag = await copy(self.size)
+            if self.state is not State.DETACHED:
+                etag = await copy(self.size)
+                self.base = Base(etag, self.size)
             self.key, self.name = key, name
-            self.base = Base(etag, self.size)
+            if content_type is not None:
+                self._content_type = content_type
 
     async def detach(self) -> None:
         """The file was unlinked while open: abort the upload, keep accepting writes."""
@@ -277,7 +281,9 @@ class StreamingWriter:
         async with self._lock:
             try:
                 segments = await self._drop_all_parts()
-                if self.changed and self.state in (State.WRITING, State.FAILED):
+                # a failure logged its cause and what is left already (`_fail`)
+                if self.changed and self.state in (State.WRITING, State.FAILED) and \
+                        self.error is None:
                     kept = (f"its multipart upload {self._session.upload_id[:16]} is left in "
                             "S3: run 's3stream recover' to complete or abort it"
                             if self._session is not None else "nothing was stored")
@@ -465,8 +471,13 @@ class StreamingWriter:
                 number not in self._session.copied or self.base is None:
             raise FsError(f"{self.name}: bytes at offset {first + start} are uploaded and no "
                           "longer held in memory; read them after close", errno.EBUSY)
-        return await self._base_call(self._store.get_range(
-            self.key, first + start, first + end, self.base.etag))
+        try:
+            return await self._store.get_range(self.key, first + start, first + end,
+                                               self.base.etag)
+        except PreconditionFailed:
+            # a read of an object changed by another client: ESTALE, as for any reader
+            raise FsError(f"{self.name}: the object was replaced by another client while "
+                          "open here", errno.ESTALE) from None
 
     async def _load(self, number: int) -> None:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
@@ -659,6 +670,7 @@ class StreamingWriter:
             self._unpin(part)
 
     async def _complete(self) -> None:
+        version = self._meta_version  # set_meta takes no lock: it may come during the awaits
         self.completing = True
         try:
             if self._session is None and self._last_part() == 1:
@@ -671,7 +683,8 @@ class StreamingWriter:
         self.state = State.COMPLETE
         self.changed = False
         self._unsynced_since = None
-        self._meta_dirty = False
+        # attributes changed while completing may not be in what was stored
+        self._meta_dirty = version != self._meta_version
         if self._on_complete:
             self._on_complete(etag, self.size)
 
@@ -699,6 +712,7 @@ class StreamingWriter:
 
     async def _rewrite_meta(self) -> None:
         """The object is complete but its attributes changed: a server-side copy onto itself."""
+        version = self._meta_version  # set_meta takes no lock: it may come during the copy
         try:
             etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
                                           self.size)
@@ -706,7 +720,7 @@ class StreamingWriter:
             raise FsError(f"{self.name}: could not store new attributes: {exc}",
                           errno.EIO) from None
         self.base = Base(etag, self.size)
-        self._meta_dirty = False
+        self._meta_dirty = version != self._meta_version
         if self._on_complete:
             self._on_complete(etag, self.size)
 
@@ -813,8 +827,6 @@ class StreamingWriter:
         return FsError("", self._failure_errno())
 
     def _failure_errno(self) -> int:
-        if isinstance(self.error, NoSuchUpload):
-            return errno.EIO
         return self.error.errno if self.error.errno in (errno.EFBIG, errno.ENOSPC) else errno.EIO
 
     def _check_failed(self) -> None:

@@ -77,6 +77,7 @@ def stand_in_store(client, retry_time: float = 60.0) -> BotocoreStore:
     store.config = StoreConfig(bucket="b", retry_time=retry_time)
     store.bucket = "b"
     store._client = client
+    store._direct = None  # every request through the stand-in client
     store.limiter = trio.CapacityLimiter(1)
     return store
 

@@ -1,0 +1,179 @@
+"""HEAD, small PUT and DELETE sent over our own connections (direct_requests.py): signed as
+botocore signs, understood by both servers, and sent again through botocore whenever they
+get no plain answer."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import botocore.auth
+import botocore.config
+import pytest
+import trio
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as BotocoreCredentials
+from conftest import new_bucket
+
+from s3fs_stream import botocore_store
+from s3fs_stream.botocore_store import BotocoreStore
+from s3fs_stream.config import StoreConfig
+from s3fs_stream.direct_requests import (
+    EMPTY_SHA256,
+    UNSIGNED,
+    Credentials,
+    DirectClient,
+    Signer,
+    quote_key,
+)
+from s3fs_stream.errors import NotFound
+from s3fs_stream.local_server import free_port
+from s3fs_stream.object_store import PutOptions
+
+ODD_KEYS = ["plain", "with space+plus%percent?q#h", "ünïcödé/ключ", "dir/sub/k~!*'()$&=;,@",
+            "long/" + "x" * 250 + "/" + "y" * 250]
+
+
+@pytest.mark.parametrize("token", [None, "session-token/+="])
+@pytest.mark.parametrize("payload", [EMPTY_SHA256, UNSIGNED])
+def test_signature_is_botocores(token, payload, monkeypatch):
+    """Same request, same second: the same Authorization as botocore's S3 signer."""
+    now = 1_795_660_000.0
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda: datetime.datetime.fromtimestamp(now, datetime.UTC)
+                        .replace(tzinfo=None))
+    host, path = "127.0.0.1:9000", "/bucket/" + quote_key("ünï code/a+b")
+    mine = {"x-amz-meta-mode": "33188", "content-type": "text/plain"}
+    Signer("eu-west-1").sign("PUT", host, path, mine, payload,
+                             Credentials("AKID", "secret", token), now)
+    request = AWSRequest("PUT", f"https://{host}{path}",
+                         headers={"X-Amz-Meta-Mode": "33188", "Content-Type": "text/plain",
+                                  "X-Amz-Content-SHA256": payload})
+    request.context["client_config"] = botocore.config.Config(
+        s3={"payload_signing_enabled": payload != UNSIGNED})
+    signer = S3SigV4Auth(BotocoreCredentials("AKID", "secret", token), "s3", "eu-west-1")
+    signer.add_auth(request)
+    assert mine["authorization"] == request.headers["Authorization"]
+    assert mine["x-amz-date"] == request.headers["X-Amz-Date"]
+
+
+@pytest.fixture
+def direct_store(request, monkeypatch):
+    """A store for a bucket of the test's server (`any_server` or `seaweed`)."""
+    server = request.getfixturevalue(
+        "any_server" if "any_server" in request.fixturenames else "seaweed")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+
+    def make(bucket: str, **options) -> BotocoreStore:
+        return BotocoreStore(StoreConfig(bucket=bucket, endpoint_url=server.endpoint_url,
+                                         region="us-east-1", force_path_style=True, **options))
+    return make
+
+
+async def test_put_head_delete_of_odd_keys_land_as_botocore_sees_them(any_server,
+                                                                      direct_store, caplog):
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    bucket = new_bucket(any_server)
+    store = direct_store(bucket)
+    assert store._direct is not None
+    client = any_server.client()
+    for key in ODD_KEYS:
+        body = os.urandom(3000)
+        etag = await store.put(key, body, PutOptions({"mode": "33188", "mtime": "12.5"},
+                                                     "text/plain"))
+        got = client.get_object(Bucket=bucket, Key=key)
+        assert got["Body"].read() == body
+        assert got["ETag"] == etag and got["Metadata"] == {"mode": "33188", "mtime": "12.5"}
+        assert got["ContentType"] == "text/plain"
+        info = await store.head(key)
+        assert (info.size, info.etag, info.content_type) == (3000, etag, "text/plain")
+        assert info.metadata == {"mode": "33188", "mtime": "12.5"}
+        assert abs(info.last_modified - got["LastModified"].timestamp()) < 1
+        await store.delete(key)
+        with pytest.raises(NotFound):
+            await store.head(key)
+        assert "Contents" not in client.list_objects_v2(Bucket=bucket, Prefix=key)
+    # every request went the direct way: none was sent again through botocore
+    assert "through botocore" not in caplog.text
+    assert store.stats.requests["HeadObject"] == 2 * len(ODD_KEYS)
+    await store.aclose()
+
+
+async def test_without_an_answer_botocore_sends_it_and_a_pause_follows(any_server,
+                                                                       direct_store, caplog):
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    bucket = new_bucket(any_server)
+    store = direct_store(bucket)
+    # direct requests to a port nobody listens on; botocore still reaches the server
+    store._direct = DirectClient(f"http://127.0.0.1:{free_port()}/{bucket}/p", "p",
+                                 "us-east-1", timeout=5)
+    for i in range(botocore_store.DIRECT_MISSES):
+        await store.put(f"k{i}", b"data", PutOptions())
+        assert (await store.head(f"k{i}")).size == 4
+    assert caplog.text.count("no answer") == botocore_store.DIRECT_MISSES
+    assert "botocore sends them for the next" in caplog.text
+    caplog.clear()
+    await store.delete("k0")  # paused: straight to botocore
+    assert "no answer" not in caplog.text
+    with pytest.raises(NotFound):
+        await store.head("k0")
+
+
+async def test_a_refused_signature_is_sent_again_through_botocore(seaweed, direct_store,
+                                                                   caplog):
+    """(moto checks no signatures)"""
+    any_server = seaweed
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    bucket = new_bucket(any_server)
+    store = direct_store(bucket)
+    store._direct_frozen = (float("inf"), Credentials(any_server.access_key, "wrong"))
+    await store.put("k", b"body", PutOptions({"mode": "33188"}))
+    assert any_server.client().get_object(Bucket=bucket, Key="k")["Body"].read() == b"body"
+    assert "-> 403" in caplog.text and "again through botocore" in caplog.text
+
+
+async def test_idle_connections_closed_by_the_server_are_replaced(seaweed, direct_store):
+    """A kept-alive connection the server has closed meanwhile costs no failure."""
+    bucket = new_bucket(seaweed)
+    store = direct_store(bucket)
+    await store.put("k", b"x", PutOptions())
+    for connection in store._direct._idle:  # as if the server had closed them meanwhile
+        ours, theirs = trio.socket.socketpair()
+        theirs.close()
+        connection.stream = trio.SocketStream(ours)
+    assert (await store.head("k")).size == 1
+    assert store._direct_misses == 0
+
+
+async def test_bodies_over_the_limit_go_through_botocore(seaweed, direct_store, caplog):
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    bucket = new_bucket(seaweed)
+    store = direct_store(bucket)
+    body = os.urandom(botocore_store.DIRECT_PUT_MAX + 1)
+    await store.put("big", body, PutOptions())
+    assert seaweed.client().get_object(Bucket=bucket, Key="big")["Body"].read() == body
+
+
+async def test_direct_requests_off(seaweed, direct_store):
+    store = direct_store(new_bucket(seaweed), direct_requests=False)
+    assert store._direct is None
+    await store.put("k", b"x", PutOptions())
+    assert (await store.head("k")).size == 1
+
+
+async def test_requests_of_an_earlier_trio_run_are_not_reused(seaweed, direct_store):
+    store = direct_store(new_bucket(seaweed))
+
+    async def put_and_head():
+        await store.put("k", b"x", PutOptions())
+        assert (await store.head("k")).size == 1
+
+    await put_and_head()
+    assert store._direct._idle
+    trio_token = trio.lowlevel.current_root_task()
+    store._direct._idle_run = object()  # as if they were another run's
+    await put_and_head()
+    assert store._direct._idle_run is trio_token
