@@ -361,8 +361,11 @@ class StreamingWriter:
             if needed <= part.reserved + self._credit:
                 break
             if not part.reserved and not part.in_memory and not part.mem_start \
+                    and (number > 1 or end > GRAIN) \
                     and self._budget.try_acquire(part.capacity):
-                # memory is plentiful: a whole (recycled) buffer, no growing, no page faults
+                # memory is plentiful: a whole (recycled) buffer, no growing, no page faults.
+                # Not for a file's first small write: a 4 KiB file would zero 8 MiB (2/3 of
+                # the daemon's time in `cp -r` of small files)
                 part.buf = self._budget.buffer(part.capacity)
                 part.reserved = part.capacity
                 break
