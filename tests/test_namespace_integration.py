@@ -52,3 +52,20 @@ def test_chmod_and_utime_on_a_stored_object(any_server, mount_factory):
     st = os.stat(again.path / "f.txt")
     assert st.st_mode & 0o777 == 0o600
     assert st.st_mtime_ns == 1_600_000_000_123_456_789
+
+
+def test_a_file_open_for_writing_is_listed_once(seaweed, mount_factory):
+    """A file being appended to has an object and a writer: the listing shows it once, in
+    a one-page directory too (its writer was once added again after the last page)."""
+    m = mount_factory(seaweed)
+    (m.path / "d").mkdir()
+    for name in ("a", "b", "c"):
+        (m.path / "d" / name).write_bytes(b"x")
+    with open(m.path / "d" / "b", "ab") as f:
+        f.write(b"more")
+        f.flush()
+        assert sorted(os.listdir(m.path / "d")) == ["a", "b", "c"]
+        with open(m.path / "d" / "new", "wb") as g:  # not in S3 yet: listed from its writer
+            g.write(b"y")
+            assert sorted(os.listdir(m.path / "d")) == ["a", "b", "c", "new"]
+    assert m.get("d/b") == b"xmore" and m.get("d/new") == b"y"

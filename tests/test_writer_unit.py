@@ -1,16 +1,18 @@
 """The streaming writer against an in-memory store that enforces S3's rules: parts, patches
 anywhere, fsync, continuation, and memory that decides speed but never success."""
 
+import dataclasses
 import errno
 import os
 import random
+import time
 
 import pytest
 import trio
 
 from s3fs_stream.errors import FsError
 from s3fs_stream.memory_budget import MemoryBudget
-from s3fs_stream.object_meta import FileMeta, format_mtime, parse_mtime
+from s3fs_stream.object_meta import FileMeta, SetAttr, changed_meta, format_mtime, parse_mtime
 from s3fs_stream.part_schedule import PartSchedule
 from s3fs_stream.spill_area import SpillArea
 from s3fs_stream.upload_pool import UploadPool
@@ -418,3 +420,31 @@ async def test_in_place_change_of_a_base_part_loads_it_once(env):
     assert env.data() == bytes(expected)
     assert len(env.calls("get_range")) == 1, env.calls("get_range")
     assert len(env.calls("complete")) == 1
+
+
+async def test_attributes_changed_while_completing_are_stored_after(env, autojump_clock):
+    """chmod during the PUT of a close (set_meta takes no lock): the PUT carries the old
+    mode, so the new one is copied on after, never lost."""
+    writer = env.make()
+    await writer.write(0, b"hello")
+    env.store.delay = 1.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.flush)
+        await trio.sleep(0.5)  # the PUT is out
+        writer.set_meta(dataclasses.replace(writer.meta, mode=0o100600))
+    assert env.store.objects["f"][1]["mode"] == str(0o100644)  # what the PUT carried
+    assert writer.meta_dirty
+    await close(writer)
+    assert env.store.objects["f"][1]["mode"] == str(0o100600)
+    assert [c[0] for c in env.store.calls] == ["put", "copy"]
+
+
+async def test_a_future_mtime_is_stored(env):
+    """touch -d 2030-01-01 through a descriptor: an explicit time, not the kernel's "now"."""
+    writer = env.make()
+    await writer.write(0, b"x")
+    await writer.flush()  # complete: a "now" from the kernel would stay in memory only
+    future = time.time_ns() + 3 * 365 * 86400 * 10**9
+    writer.set_meta(changed_meta(writer.meta, SetAttr(mtime_ns=future), time.time_ns()))
+    await close(writer)
+    assert parse_mtime(env.store.objects["f"][1]["mtime"]) == future
