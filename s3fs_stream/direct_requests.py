@@ -53,6 +53,14 @@ def quote_key(key: str) -> str:
     return urllib.parse.quote(key, safe="/~")
 
 
+def canonical_query(params: dict[str, str]) -> str:
+    """A query string as SigV4 signs it (and as it is sent): sorted, every byte but the
+    unreserved ones percent-encoded."""
+    return "&".join(f"{urllib.parse.quote(name, safe='-_.~')}="
+                    f"{urllib.parse.quote(value, safe='-_.~')}"
+                    for name, value in sorted(params.items()))
+
+
 class Signer:
     """AWS Signature Version 4 for S3 with the Authorization header."""
 
@@ -72,9 +80,11 @@ class Signer:
         return key
 
     def sign(self, method: str, host: str, path: str, headers: dict[str, str],
-             payload_hash: str, credentials: Credentials, now: float | None = None) -> None:
+             payload_hash: str, credentials: Credentials, now: float | None = None,
+             query: str = "") -> None:
         """Add x-amz-date, x-amz-content-sha256, the token and Authorization to `headers`
-        (names lower case); every header given is signed."""
+        (names lower case); every header given is signed. `query` is canonical already
+        (`canonical_query`)."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         headers["host"] = host
         headers["x-amz-date"] = stamp
@@ -84,7 +94,7 @@ class Signer:
         names = sorted(headers)
         canonical_headers = "".join(f"{n}:{' '.join(headers[n].split())}\n" for n in names)
         signed = ";".join(names)
-        request = f"{method}\n{path}\n\n{canonical_headers}\n{signed}\n{payload_hash}"
+        request = f"{method}\n{path}\n{query}\n{canonical_headers}\n{signed}\n{payload_hash}"
         scope = f"{stamp[:8]}/{self.region}/s3/aws4_request"
         digest = hashlib.sha256(request.encode()).hexdigest()
         to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}"
@@ -162,14 +172,19 @@ class DirectClient:
 
     async def request(self, method: str, key: str, credentials: Credentials,
                       headers: dict[str, str] | None = None, body: bytes = b"",
-                      payload_hash: str = EMPTY_SHA256) -> Response:
+                      payload_hash: str = EMPTY_SHA256,
+                      query: dict[str, str] | None = None) -> Response:
         """Send one request; raises Unanswered when there is no complete HTTP answer."""
         headers = dict(headers or {})
-        path = self.base_path + quote_key(key)
-        self.signer.sign(method, self.netloc, path, headers, payload_hash, credentials)
+        # an object's path, or the bucket's own (no slash after a path-style bucket)
+        path = self.base_path + quote_key(key) if key else self.base_path.rstrip("/") or "/"
+        query_string = canonical_query(query) if query else ""
+        self.signer.sign(method, self.netloc, path, headers, payload_hash, credentials,
+                         query=query_string)
         if body or method in ("PUT", "POST"):
             headers["content-length"] = str(len(body))
-        lines = [f"{method} {path} HTTP/1.1"] + [f"{n}: {v}" for n, v in headers.items()]
+        target = f"{path}?{query_string}" if query_string else path
+        lines = [f"{method} {target} HTTP/1.1"] + [f"{n}: {v}" for n, v in headers.items()]
         try:
             request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         except UnicodeEncodeError:

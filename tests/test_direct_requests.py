@@ -177,3 +177,37 @@ async def test_requests_of_an_earlier_trio_run_are_not_reused(seaweed, direct_st
     store._direct._idle_run = object()  # as if they were another run's
     await put_and_head()
     assert store._direct._idle_run is trio_token
+
+
+async def test_listings_match_botocores_page_by_page(any_server, direct_store, caplog):
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    keys = ["top"] + [f"p/{k}" for k in ODD_KEYS] + ["p/sub/a", "p/sub/b", "p/a b/c",
+                                                        "p/+/d", "p/%41/e"]
+    bucket = new_bucket(any_server)
+    client = any_server.client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    store = direct_store(bucket)
+    for prefix, delimiter in [("p/", "/"), ("", "/"), ("p/", None), ("", None)]:
+        got, token = [], None
+        args = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 3}
+        if delimiter:
+            args["Delimiter"] = delimiter
+        while True:
+            page = await store.list_page(prefix, delimiter, token, max_keys=3)
+            expected = client.list_objects_v2(**args)
+            assert [(o.key, o.size, o.etag) for o in page.objects] == \
+                [(o["Key"], o["Size"], o["ETag"]) for o in expected.get("Contents", [])]
+            assert [o.last_modified for o in page.objects] == \
+                [o["LastModified"].timestamp() for o in expected.get("Contents", [])]
+            assert page.prefixes == [p["Prefix"] for p in expected.get("CommonPrefixes", [])]
+            got += [o.key for o in page.objects] + page.prefixes
+            token = page.next_token
+            if token is None:
+                assert not expected.get("IsTruncated")
+                break
+            args["ContinuationToken"] = expected["NextContinuationToken"]
+        if delimiter is None:
+            assert sorted(got) == sorted(k for k in keys if k.startswith(prefix))
+    assert "through botocore" not in caplog.text
+    assert store.stats.requests["ListObjectsV2"] > 8
