@@ -277,16 +277,13 @@ class Namespace:
         await self._fetch_meta(node, raising=True)
         return node
 
-    async def _fetch_meta(self, node: Node, raising: bool = False,
-                          limiter: trio.CapacityLimiter | None = None) -> Node:
+    async def _fetch_meta(self, node: Node, raising: bool = False) -> Node:
         """HEAD the node's object (or directory marker) and take what it says; the kernel
         keeps the node it asked about, a replaced object gets a new one (`_replaced`).
-        `node.fetching` is set from the start, while waiting for the limiter too, so
-        whoever needs the node waits for this HEAD instead of sending another."""
+        While it is out, `node.fetching` lets whoever needs the node wait for it."""
         done = node.fetching = trio.Event()
         try:
-            async with limiter or contextlib.nullcontext():
-                return await self._take_head(node, raising)
+            return await self._take_head(node, raising)
         finally:
             node.fetching = None
             done.set()
@@ -314,21 +311,39 @@ class Namespace:
     # -- metadata of listed entries, fetched in parallel ------------------------------------
 
     async def _head_nodes(self, nodes: list[Node]) -> None:
-        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most); returns when each has
-        its metadata or failed. A node whose HEAD is already out waits for that one."""
-        async def one(node: Node) -> None:
-            busy = node.fetching
-            if busy is not None:
-                await busy.wait()
-            elif not (node.fresh and node.has_metadata):
-                try:
-                    await self._fetch_meta(node, limiter=self._heads)
-                except FsError as exc:
-                    log.debug("HEAD for %s failed: %s", node.path, exc)
+        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most, over every caller);
+        returns when each has its metadata or failed. A node whose HEAD is already out
+        waits for that one. A few workers take the nodes in turn: a task per node costs
+        as much CPU as the HEAD itself."""
+        busy = [node.fetching for node in nodes if node.fetching is not None]
+        todo = [node for node in nodes
+                if node.fetching is None and not (node.fresh and node.has_metadata)]
+        for node in todo:  # claimed at once: others wait instead of sending another HEAD
+            node.fetching = trio.Event()
+        queue = iter(todo)
 
-        async with trio.open_nursery() as nursery:
-            for node in nodes:
-                nursery.start_soon(one, node)
+        async def worker() -> None:
+            async with self._heads:
+                for node in queue:
+                    done = node.fetching
+                    try:
+                        await self._take_head(node, raising=False)
+                    except FsError as exc:
+                        log.debug("HEAD for %s failed: %s", node.path, exc)
+                    finally:
+                        node.fetching = None
+                        done.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(len(todo), HEAD_CONCURRENCY)):
+                    nursery.start_soon(worker)
+        finally:
+            for node in queue:  # cancelled: let go of what was claimed and not sent
+                node.fetching.set()
+                node.fetching = None
+        for event in busy:
+            await event.wait()
 
     def _demand(self, node: Node) -> None:
         """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD
