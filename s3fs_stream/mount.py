@@ -208,6 +208,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         nursery.start_soon(_delete_stale_spills, fs)
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
+        nursery.start_soon(fs.namespace.store_meta_forever)  # chmod/utimes of closed files
         operations = FuseOperations(fs, config.fs.writeback_cache)
         source = f"s3://{config.store.bucket}/{config.store.prefix}"
         status = StatusServer(config.mountpoint, lambda: snapshot(
@@ -235,6 +236,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
+                await fs.namespace.store_all_meta()  # after the writers: none holds a file
                 await pool.close()
             pyfuse3.close(unmount=True)
             log.info("unmounted %s (memory: peak %d of %d MiB, %d parts spilled to the bucket "
