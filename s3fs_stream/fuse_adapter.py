@@ -307,6 +307,9 @@ class FuseOperations(pyfuse3.Operations):
     @_converted
     async def fsync(self, fh, datasync):
         await self.files.fsync(fh)
+        inode = self.files.inode_of(fh)
+        if inode is not None:  # attributes set on a closed file and not yet stored
+            await self.namespace.store_meta(inode)
 
     @_converted
     async def release(self, fh):

@@ -34,6 +34,9 @@ class Node:
     ctime_ns: int = 0  # 0: the mtime
     target: bytes | None = None  # a symbolic link's target, once read
     fetching: object = None  # trio.Event while a HEAD for these attributes is in flight
+    # attributes changed here and not yet stored (Namespace's deferred metadata): the node
+    # stays in the table even when the kernel forgets it, or the change would be lost
+    meta_pending: bool = False
 
     @property
     def name(self) -> str:
@@ -116,6 +119,11 @@ class InodeTable:
         node.open_handles -= 1
         self._maybe_drop(node)
 
+    def meta_stored(self, node: Node) -> None:
+        """Its deferred attributes were stored (or dropped): it may go like any node."""
+        node.meta_pending = False
+        self._maybe_drop(node)
+
     def remove_path(self, path: str) -> None:
         """The path is gone (unlink, rename): open handles keep the node, lookups miss it."""
         node = self._by_path.get(path)
@@ -142,7 +150,8 @@ class InodeTable:
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups == 0 and node.open_handles == 0 and node.inode != ROOT_INODE:
+        if node.lookups == 0 and node.open_handles == 0 and not node.meta_pending and \
+                node.inode != ROOT_INODE:
             self._by_inode.pop(node.inode, None)
             if self._by_path.get(node.path) is node:
                 del self._by_path[node.path]

@@ -220,6 +220,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         nursery.start_soon(_delete_stale_spills, fs)
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
+        nursery.start_soon(fs.namespace.store_meta_forever)  # chmod/utimes of closed files
         operations = FuseOperations(fs, config.fs.writeback_cache)
         source = f"s3://{config.store.bucket}/{config.store.prefix}"
         status = StatusServer(config.mountpoint, lambda: snapshot(
@@ -247,6 +248,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
+                await fs.namespace.store_all_meta()  # after the writers: none holds a file
                 await pool.close()
                 await store.aclose()
             pyfuse3.close(unmount=True)

@@ -13,10 +13,12 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -59,6 +61,27 @@ BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
 KNOWN_DIRS = 256
+# chmod/chown/utimes of a closed file are stored at most this many seconds later (unless a
+# rename carries them first, an unlink makes them moot, or fsync/open/unmount stores them):
+# rsync sets a temporary file's times and mode just before renaming it, and one CopyObject
+# then does what three did. What a crash of the mount can lose.
+META_DELAY = 1.0
+META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
+
+
+@dataclass
+class _PendingMeta:
+    """Attributes of a closed file applied to its node but not yet to its object."""
+
+    node: Node
+    meta: FileMeta  # what to store (the node shows it already)
+    etag: str  # the object they belong to: never stored onto another one
+    due: float  # trio time by which they are stored
+
+
+def same_etag(a: str, b: str) -> bool:
+    """SeaweedFS answers CopyObject with the ETag unquoted, HEAD and listings quoted."""
+    return a.strip('"') == b.strip('"')
 
 
 class _DirHandle:
@@ -82,8 +105,15 @@ class Namespace:
         # ("entry", parent inode, name, old inode) / ("inode", inode): tell the kernel
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
+        files.before_read = self.store_meta
         self._dir_handles: dict[int, _DirHandle] = {}
         self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
+        # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
+        # mount-owned task stores them (`store_meta_forever`), else setattr stores at once
+        self._pending: dict[int, _PendingMeta] = {}
+        self._deferring = False
+        self._storing: set[int] = set()  # inodes whose deferred store has started
+        self._meta_wakeup = trio.Event()  # a change deferred, or a store done
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
         self._negative: dict[str, float] = {}  # path -> monotonic expiry
@@ -225,7 +255,7 @@ class Namespace:
             except NotFound:
                 pass
             else:
-                return self.table.upsert(path, False, **file_attrs(info, self.config))
+                return self._upsert_file(path, info)
         return await self._resolve(path)
 
     async def _resolve(self, path: str) -> Node:
@@ -252,10 +282,21 @@ class Namespace:
             marker = await self._head_marker(path) if found.get("marker") else None
             return self.table.upsert(path, True, **dir_attrs(self.config, marker))
         if "info" in found:
-            return self.table.upsert(path, False, **file_attrs(found["info"], self.config))
+            return self._upsert_file(path, found["info"])
         self.table.remove_path(path)
         self._remember_missing(path)
         raise FsError("", errno.ENOENT)
+
+    def _upsert_file(self, path: str, info: ObjectInfo) -> Node:
+        """The node for the object `info` (a HEAD's or a listing's) at `path`. A node whose
+        attributes changed here and are not stored yet keeps them while the object is still
+        the one they belong to; another client's object replaces them."""
+        node = self.table.by_path(path)
+        pending = self._pending.get(node.inode) if node is not None else None
+        if pending is not None and pending.node is node and same_etag(info.etag, pending.etag):
+            node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
+            return node
+        return self.table.upsert(path, False, **file_attrs(info, self.config))
 
     async def _head_marker(self, path: str) -> ObjectInfo | None:
         try:
@@ -303,7 +344,7 @@ class Namespace:
             return node
         if node.path != path or self.files.writer(node.inode) is not None:
             return node
-        if self.table.upsert(path, False, **file_attrs(info, self.config)) is not node:
+        if self._upsert_file(path, info) is not node:
             # a new inode for the new object; the kernel's stays as it was
             node.expires = time.monotonic() + self.config.attr_timeout
         return node
@@ -387,6 +428,8 @@ class Namespace:
         if node.is_dir:
             return await self._setattr_dir(node, change)
         await self.files.wait_closed(inode)
+        if change.size is not None:
+            await self.store_meta(inode)  # a truncation continues the object as stored
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
         if change.size is not None and (change.size != node.size
@@ -409,24 +452,216 @@ class Namespace:
             node.mtime_ns = change.mtime_ns  # in memory: not worth copying the object onto
             return node                      # itself (a rename would copy twice)
         async with self._meta_lock(inode):
-            return await self._rewrite_meta(node, change)
+            # across the lock's wait: the file may have been renamed, unlinked, replaced or
+            # opened for writing, and its deferred attributes stored
+            if self._may_defer(node):
+                return self._defer_meta(node, change)
+            # stored now, with whatever was deferred for this object
+            pending = self._pending.pop(inode, None)
+            if pending is not None:
+                self.table.meta_stored(node)
+                if not same_etag(pending.etag, node.etag):
+                    pending = None
+            return await self._rewrite_meta(node, change, pending is not None)
 
-    async def _rewrite_meta(self, node: Node, change: SetAttr) -> Node:
-        """Read, change and store a closed object's metadata. Callers hold the inode's
-        metadata lock: with the writeback cache the kernel sends its own time updates
-        while `chmod` or `touch` runs, and two overlapping rewrites would lose one change."""
+    async def _rewrite_meta(self, node: Node, change: SetAttr, unstored: bool = False) -> Node:
+        """Read, change and store a closed object's metadata (`unstored`: the node's are not
+        stored yet). Callers hold the inode's metadata lock: with the writeback cache the
+        kernel sends its own time updates while `chmod` or `touch` runs, and two overlapping
+        rewrites would lose one change."""
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
             self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
             return node
         current = self._meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
-        if meta != current or not node.has_metadata:
+        if meta != current or unstored or not node.has_metadata:
             key = self.key(node.path)
             options = PutOptions(meta.to_headers(), content_type(node.path,
                                                                  self.config.content_type))
             node.etag = await self.store.copy(key, key, options, node.size)
         self._apply_meta(node, meta)
         return node
+
+    # -- deferred metadata (META_DELAY) ------------------------------------------------------
+    #
+    # A chmod/chown/utimes of a closed regular file changes its node at once (stat shows it)
+    # and is stored by the first of: a rename of the file (its CopyObject carries the new
+    # metadata: one copy instead of one per setattr plus the rename's), an open, truncate or
+    # fsync of it, the mount's shutdown, or `store_meta_forever` once META_DELAY has passed.
+    # An unlink (or the object's replacement, by this mount or another client) drops it.
+    # Everything that stores, drops or carries a change holds the inode's metadata lock, so a
+    # store in flight never interleaves with a rename, an unlink or another setattr of the
+    # file. A change is stored only onto the object it was made for (its ETag as this mount
+    # last saw it): a node that another client's object replaced, or that a writer of this
+    # mount completed anew, has its change dropped, never copied onto the new object.
+
+    def _may_defer(self, node: Node) -> bool:
+        """A closed regular file whose object and metadata this mount knows as they are now;
+        anything less clear (symbolic links, writers, a release still storing) is stored at
+        once as before."""
+        return (self._deferring and stat.S_ISREG(node.mode) and node.has_metadata
+                and bool(node.etag) and not node.path.startswith("\0")
+                and self.table.by_path(node.path) is node and not self._busy(node))
+
+    def _busy(self, node: Node) -> bool:
+        """A writer holds the object (its base pinned by ETag): a copy now would break it."""
+        return self.files.writer(node.inode) is not None or self.files.closing(node.inode)
+
+    def _defer_meta(self, node: Node, change: SetAttr) -> Node:
+        """Apply `change` to the node now and leave its storing to later (no await here)."""
+        pending = self._pending.get(node.inode)
+        if pending is not None and not same_etag(pending.etag, node.etag):
+            self._drop_pending(node.inode)  # for an object no longer there
+            pending = None
+        current = pending.meta if pending is not None else self._meta_of(node)
+        meta = changed_meta(current, change, time.time_ns())
+        if meta == current:
+            return node  # changes nothing: nothing to store
+        if pending is None:
+            self._pending[node.inode] = _PendingMeta(node, meta, node.etag,
+                                                     trio.current_time() + META_DELAY)
+            node.meta_pending = True
+            self._meta_wakeup.set()
+        else:
+            pending.meta = meta  # stored by the first change's deadline
+        self._apply_meta(node, meta)
+        return node
+
+    def _drop_pending(self, inode: int) -> _PendingMeta | None:
+        pending = self._pending.pop(inode, None)
+        if pending is not None:
+            self.table.meta_stored(pending.node)
+        return pending
+
+    async def store_meta(self, inode: int) -> tuple[str, str] | None:
+        """Store deferred attributes of `inode` now (before an open, a truncation, a
+        reader's first read, at fsync); failing raises EIO. Left deferred while a writer
+        holds the object: that writer's completion stores them (it started from the node's
+        attributes). Returns (the ETag before, the copy's) when it copied."""
+        if inode not in self._pending:
+            return None
+        async with self._meta_lock(inode):
+            pending = self._pending.get(inode)
+            if pending is not None and not self._busy(pending.node):
+                return await self._store_pending(pending, raising=True)
+        return None
+
+    async def _store_pending(self, pending: _PendingMeta,
+                             raising: bool) -> tuple[str, str] | None:
+        """The caller holds the inode's metadata lock. Returns (the ETag before, the
+        copy's) when it copied."""
+        node = pending.node
+        if node.path.startswith("\0") or self.table.by_path(node.path) is not node or \
+                not same_etag(node.etag, pending.etag):
+            self._drop_pending(node.inode)
+            log.debug("%s: attributes set here not stored: the file was removed or replaced",
+                      node.path)
+            return None
+        key = self.key(node.path)
+        options = PutOptions(pending.meta.to_headers(),
+                             content_type(node.path, self.config.content_type))
+        try:
+            # across the copy (the lock is held): no rename, unlink or setattr of the file
+            # runs, an open for writing waits; the change stays registered, so a HEAD or a
+            # listing that sees the object before the copy leaves the node as it is
+            # (`_upsert_file`), and one after it finds the attributes stored
+            etag = await self.store.copy(key, key, options, node.size)
+        except NotFound:
+            self._drop_pending(node.inode)
+            log.info("%s: deleted by another client before its new attributes were stored",
+                     node.path)
+            return None
+        except FsError as exc:
+            self._drop_pending(node.inode)
+            message = (f"{node.path}: could not store its new attributes: "
+                       f"{exc.message or os.strerror(exc.errno)}")
+            if raising:
+                raise FsError(message, errno.EIO) from None
+            log.error("%s", message)
+            return None
+        # (cancelled: the mount is going, and `store_all_meta` stores it)
+        self._drop_pending(node.inode)
+        if node.cached_etag is not None and same_etag(node.cached_etag, node.etag):
+            node.cached_etag = etag  # the same bytes: the kernel's cached pages stay valid
+        node.etag = etag
+        node.expires = time.monotonic() + self.config.attr_timeout
+        return pending.etag, etag
+
+    async def store_meta_forever(self) -> None:
+        """Owned by the mount: stores each deferred change once META_DELAY has passed, each
+        in a task of its own (one waiting for its file's lock, during a long rename say,
+        holds up no other). While it runs, setattr defers; without it setattr stores at
+        once (unit tests that do not start it)."""
+        self._deferring = True
+        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    self._meta_wakeup = trio.Event()
+                    now = trio.current_time()
+                    later = math.inf
+                    for inode, pending in list(self._pending.items()):
+                        if inode in self._storing:
+                            continue
+                        if pending.due <= now:
+                            self._storing.add(inode)
+                            nursery.start_soon(self._store_due, pending, limiter)
+                        else:
+                            later = min(later, pending.due)
+                    with trio.move_on_at(later):
+                        await self._meta_wakeup.wait()
+        finally:
+            self._deferring = False
+
+    async def _store_due(self, pending: _PendingMeta, limiter: trio.CapacityLimiter) -> None:
+        inode = pending.node.inode
+        try:
+            async with limiter, self._meta_lock(inode):
+                # across the waits: the change may have been stored, carried or dropped
+                if self._pending.get(inode) is not pending:
+                    return
+                if self._busy(pending.node):  # opened for writing meanwhile: after its close
+                    del self._pending[inode]
+                    pending.due = trio.current_time() + META_DELAY
+                    self._pending[inode] = pending
+                    return
+                await self._store_pending(pending, raising=False)
+        except Exception:  # never let one file's surprise take the mount down
+            log.exception("storing the attributes of %s failed", pending.node.path)
+        finally:
+            self._storing.discard(inode)
+            self._meta_wakeup.set()
+
+    async def store_all_meta(self) -> None:
+        """Unmounting: every deferred change is stored before the process exits."""
+        self._deferring = False
+        if not self._pending:
+            return
+        log.debug("storing the attributes of %d file(s) before unmounting", len(self._pending))
+        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
+
+        async def one(inode: int) -> None:
+            async with limiter, self._meta_lock(inode):
+                pending = self._pending.get(inode)
+                if pending is not None:
+                    await self._store_pending(pending, raising=False)
+
+        async with trio.open_nursery() as nursery:
+            for inode in list(self._pending):
+                nursery.start_soon(one, inode)
+
+    async def _store_meta_under(self, prefix: str) -> None:
+        """Before a directory's keys are copied: what was deferred for files inside it."""
+        for inode in [i for i, p in self._pending.items() if p.node.path.startswith(prefix)]:
+            await self.store_meta(inode)
+
+    @contextlib.asynccontextmanager
+    async def _meta_lock_all(self, *inodes: int | None):
+        """The metadata locks of several inodes, in inode order (no deadlock)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for inode in sorted({i for i in inodes if i is not None}):
+                await stack.enter_async_context(self._meta_lock(inode))
+            yield
 
     @contextlib.asynccontextmanager
     async def _meta_lock(self, inode: int):
@@ -583,7 +818,7 @@ class Namespace:
         if node is not None and not node.is_dir and node.etag == entry.info.etag and \
                 node.fresh and node.has_metadata:
             return node
-        return self.table.upsert(path, False, **file_attrs(entry.info, self.config))
+        return self._upsert_file(path, entry.info)
 
     def releasedir(self, fh: int) -> None:
         handle = self._dir_handles.pop(fh, None)
@@ -674,6 +909,11 @@ class Namespace:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._check_writable()
         await self.files.wait_closed(inode)  # a release still storing: see what it stores
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            # attributes set here and not yet stored go first: the writer pins the object's
+            # ETag as it will stay. A reader stores them before its first read instead
+            # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it
+            await self.store_meta(inode)
         if self.files.writer(inode) is None and node.path.startswith("\0"):
             # unlinked (or replaced) after the kernel looked it up: nothing to open, no key
             # to read or write; the kernel looks the name up again
@@ -695,6 +935,8 @@ class Namespace:
         node = await self._settled(path)
         if node.is_dir:
             raise FsError("", errno.EISDIR)
+        async with self._meta_lock(node.inode):  # a store of its attributes in flight ends
+            self._drop_pending(node.inode)        # first; deferred ones are never stored
         detached = set()
         while True:
             writer = self.files.writer(node.inode)
@@ -757,24 +999,53 @@ class Namespace:
                 log.warning("rename %s: %s is still open for writing; close it first", old,
                             busy[0])
                 raise FsError("", errno.EBUSY)
+            await self._store_meta_under(old + "/")
             await self._rename_tree(old, new)
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
             await writer.move(self.key(new), new,
                               functools.partial(self._move_object, old, new))
         else:
-            await self._move_object(old, new, source.size)
-        self.table.move(old, new)
+            target_inode = target.inode if target is not None else None
+            async with self._meta_lock_all(source.inode, target_inode):
+                # across the waits: a store of either's attributes may have run, or the
+                # source been renamed or removed by a request that came first
+                if source.path != old:
+                    raise FsError("", errno.ENOENT)
+                if target_inode is not None:
+                    self._drop_pending(target_inode)  # its object is about to be replaced
+                carried = self._pending.pop(source.inode, None)
+                if carried is not None and not same_etag(carried.etag, source.etag):
+                    carried = None  # for an object no longer there
+                try:
+                    etag = await self._move_object(old, new, source.size,
+                                                   carried.meta if carried else None)
+                except BaseException:
+                    if carried is not None:  # still to be stored, under the old name
+                        self._pending[source.inode] = carried
+                    raise
+                self.table.move(old, new)
+                if carried is not None:  # what the copy stored is known: no HEAD needed
+                    source.etag = etag
+                    source.expires = time.monotonic() + self.config.attr_timeout
+                if source.meta_pending and source.inode not in self._pending:
+                    self.table.meta_stored(source)
+        if writer is not None or source.is_dir:
+            self.table.move(old, new)
         self._gone(old)
         self._forget_missing(new)
         if source.is_dir:
             for path in [p for p in self._known if p.startswith(old + "/")]:
                 del self._known[path]
 
-    async def _move_object(self, old: str, new: str, size: int) -> str:
+    async def _move_object(self, old: str, new: str, size: int,
+                           meta: FileMeta | None = None) -> str:
+        """`meta`: attributes deferred for the object, stored by this copy."""
         options = None  # metadata and content type copied as they are
         wanted = content_type(new, self.config.content_type)
-        if self.config.content_type == "auto" and wanted != content_type(old, "auto"):
+        if meta is not None:
+            options = PutOptions(meta.to_headers(), wanted)
+        elif self.config.content_type == "auto" and wanted != content_type(old, "auto"):
             # a guessed type follows the name: rsync and recorders write to a temporary name
             info = await self.store.head(self.key(old))
             options = PutOptions(info.metadata, wanted)

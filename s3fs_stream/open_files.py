@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -77,6 +77,9 @@ class OpenFiles:
         self._fh_numbers = itertools.count(1)
         self._writers: dict[int, StreamingWriter] = {}
         self._closing: dict[int, trio.Event] = {}  # inode -> set when its last release ends
+        # set by the namespace: stores attributes deferred for an inode (Namespace.store_meta)
+        # ((the ETag before, the copy's) if it copied the object onto itself)
+        self.before_read: Callable[[int], Awaitable[tuple[str, str] | None]] | None = None
 
     # -- what the namespace asks ------------------------------------------------------------
 
@@ -167,6 +170,10 @@ class OpenFiles:
             writer.handles += 1
         return fh
 
+    def inode_of(self, fh: int) -> int | None:
+        handle = self._handles.get(fh)
+        return handle.node.inode if handle is not None else None
+
     def keep_cache(self, fh: int) -> bool:
         return self._handles[fh].keep_cache
 
@@ -181,6 +188,14 @@ class OpenFiles:
     async def read(self, fh: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
         if handle.reader is not None:
+            if handle.node.meta_pending and self.before_read is not None:
+                # attributes set after the open and not yet stored: stored before reading, so
+                # that the copy that stores them cannot change the ETag under this read
+                copied = await self.before_read(handle.node.inode)
+                # across that await the node may have taken another client's object: only
+                # the ETag of our own copy (the same bytes) replaces the one read against
+                if copied is not None and handle.reader.etag == copied[0]:
+                    handle.reader.etag = copied[1]
             try:
                 return await handle.reader.read(offset, length)
             except FsError as exc:
