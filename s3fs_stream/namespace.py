@@ -400,7 +400,8 @@ class Namespace:
         try:
             while backlog:
                 batch = [backlog.popleft() for _ in range(min(len(backlog), 256))]
-                await self._head_nodes([n for n in batch if n.lookups and not n.has_metadata])
+                await self._head_nodes([n for n in batch if n.lookups and not n.has_metadata
+                                        and not n.path.startswith("\0")])
         finally:
             self._draining.discard(parent)
             if self._backlog.get(parent) is backlog and not backlog:
@@ -414,8 +415,6 @@ class Namespace:
                     del self._backlog[path]
             backlog = self._backlog[parent] = collections.deque(maxlen=BACKLOG_MAX)
         backlog.append(node)
-        if parent in self._draining:
-            return
 
     # -- setattr -----------------------------------------------------------------------------
 
@@ -914,6 +913,8 @@ class Namespace:
             # ETag as it will stay. A reader stores them before its first read instead
             # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it
             await self.store_meta(inode)
+            async with self._meta_lock(inode):
+                pass  # a rename of the file in progress moves it before a writer starts
         if self.files.writer(inode) is None and node.path.startswith("\0"):
             # unlinked (or replaced) after the kernel looked it up: nothing to open, no key
             # to read or write; the kernel looks the name up again
@@ -976,10 +977,15 @@ class Namespace:
             raise FsError("rename: RENAME_EXCHANGE is not supported", errno.EINVAL)
         old = self._child_path(parent, name)
         new = self._child_path(new_parent, new_name, creating=True)
+        while not await self._rename_once(old, new, flags):
+            pass  # the file was opened for writing meanwhile: again, moving its writer
+
+    async def _rename_once(self, old: str, new: str, flags: int) -> bool:
+        """False when a writer of the source appeared across the awaits before the move."""
         source = await self._settled(old)
         writer = self.files.writer(source.inode)
         try:
-            target = await self._lookup_quiet(new)
+            target = await self._settled(new)  # a release still storing it finishes first
         except FsError:
             target = None
         if target is not None:
@@ -991,6 +997,11 @@ class Namespace:
                 raise FsError("", errno.ENOTDIR)
             if target.is_dir and not await self._dir_is_empty(new):
                 raise FsError("", errno.ENOTEMPTY)
+            replaced = self.files.writer(target.inode)
+            if replaced is not None and replaced is not writer and target is not source:
+                # open for writing elsewhere: like an unlinked file, it must never store
+                # its bytes over the object renamed here
+                await replaced.detach()
         if source.is_dir:
             busy = [node.path for i, _ in self.files.writers()
                     if (node := self.table.get(i)) is not None
@@ -1004,14 +1015,19 @@ class Namespace:
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
             await writer.move(self.key(new), new,
-                              functools.partial(self._move_object, old, new))
+                              functools.partial(self._move_object, old, new),
+                              content_type(new, self.config.content_type))
         else:
             target_inode = target.inode if target is not None else None
             async with self._meta_lock_all(source.inode, target_inode):
                 # across the waits: a store of either's attributes may have run, or the
-                # source been renamed or removed by a request that came first
+                # source been renamed or removed by a request that came first, or opened
+                # for writing (opens for writing wait for this lock: none comes after)
                 if source.path != old:
                     raise FsError("", errno.ENOENT)
+                if self.files.writer(source.inode) is not None or \
+                        self.files.closing(source.inode):
+                    return False
                 if target_inode is not None:
                     self._drop_pending(target_inode)  # its object is about to be replaced
                 carried = self._pending.pop(source.inode, None)
@@ -1035,8 +1051,12 @@ class Namespace:
         self._gone(old)
         self._forget_missing(new)
         if source.is_dir:
-            for path in [p for p in self._known if p.startswith(old + "/")]:
+            for path in [p for p in self._known
+                         if p.startswith(old + "/") or p == new or p.startswith(new + "/")]:
                 del self._known[path]
+            for path in [p for p in self._negative if p.startswith(new + "/")]:
+                del self._negative[path]
+        return True
 
     async def _move_object(self, old: str, new: str, size: int,
                            meta: FileMeta | None = None) -> str:

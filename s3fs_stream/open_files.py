@@ -292,12 +292,14 @@ class OpenFiles:
             for _, writer in self.writers():
                 await writer.sync_if_older(seconds)
 
-    async def shutdown(self) -> list[str]:
+    async def shutdown(self, seconds: float = 120.0) -> list[str]:
         """Unmounting: files still open have everything they wrote uploaded and are left as
-        recoverable uploads, never completed. Returns their names."""
+        recoverable uploads, never completed. Returns their names; those not uploaded
+        within `seconds` (all files together) are named too."""
         left = []
+        deadline = trio.current_time() + seconds
         for _, writer in self.writers():
-            with trio.move_on_after(120) as scope:
+            with trio.move_on_at(deadline) as scope:
                 if await writer.abandon():
                     left.append(writer.name)
             if scope.cancelled_caught:

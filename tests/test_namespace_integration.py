@@ -75,3 +75,20 @@ def test_a_file_open_for_writing_is_listed_once(seaweed, mount_factory):
             g.write(b"y")
             assert sorted(os.listdir(m.path / "d")) == ["a", "b", "c", "new"]
     assert m.get("d/b") == b"xmore" and m.get("d/new") == b"y"
+
+
+def test_rename_over_a_file_open_for_writing_keeps_the_renamed_file(seaweed, mount_factory):
+    """mv log.new log while a program still writes log: the program's file is unlinked,
+    as on a local disk; its later writes and its close never overwrite the new log."""
+    m = mount_factory(seaweed)
+    with open(m.path / "log", "wb") as f:
+        f.write(b"old " * 1000)
+        f.flush()
+        (m.path / "log.new").write_bytes(b"new")
+        os.rename(m.path / "log.new", m.path / "log")
+        f.write(b"more")
+        f.flush()
+        os.fsync(f.fileno())
+    assert m.get("log") == b"new"
+    assert (m.path / "log").read_bytes() == b"new"
+    assert "log.new" not in m.keys()
