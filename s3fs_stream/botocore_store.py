@@ -746,11 +746,16 @@ class BotocoreStore:
             args["UploadIdMarker"] = r["NextUploadIdMarker"]
 
     async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
-                   size: int) -> str:
+                   size: int, source_etag: str | None = None) -> str:
+        if source_etag:
+            source_etag = '"' + source_etag.strip('"') + '"'  # SeaweedFS answers unquoted
         if size > 5 * 1024**3:
-            return await self._multipart_copy(source_key, dest_key, options, size)
+            return await self._multipart_copy(source_key, dest_key, options, size,
+                                              source_etag)
         args = {"Bucket": self.bucket, "Key": dest_key,
                 "CopySource": {"Bucket": self.bucket, "Key": source_key}}
+        if source_etag:
+            args["CopySourceIfMatch"] = source_etag
         if options is not None:
             args.update(self._put_args(options), MetadataDirective="REPLACE")
         else:
@@ -760,7 +765,8 @@ class BotocoreStore:
         return r.get("CopyObjectResult", {}).get("ETag", "")
 
     async def _multipart_copy(self, source_key: str, dest_key: str,
-                              options: PutOptions | None, size: int) -> str:
+                              options: PutOptions | None, size: int,
+                              source_etag: str | None) -> str:
         """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel."""
         if options is None:
             head = await self.head(source_key)
@@ -773,7 +779,7 @@ class BotocoreStore:
 
         async def copy_one(number: int, start: int, end: int) -> None:
             parts.append(await self.upload_part_copy(
-                dest_key, upload_id, number, source_key, start, end, None))
+                dest_key, upload_id, number, source_key, start, end, source_etag))
 
         try:
             await run_parallel(functools.partial(copy_one, *r) for r in ranges)

@@ -31,7 +31,7 @@ from .directory_listing import (
     invalid_name_reason,
     list_names,
 )
-from .errors import FsError, NotFound, run_parallel
+from .errors import FsError, NotFound, PreconditionFailed, run_parallel
 from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
 from .object_meta import (
     FileMeta,
@@ -564,11 +564,11 @@ class Namespace:
             # runs, an open for writing waits; the change stays registered, so a HEAD or a
             # listing that sees the object before the copy leaves the node as it is
             # (`_upsert_file`), and one after it finds the attributes stored
-            etag = await self.store.copy(key, key, options, node.size)
-        except NotFound:
+            etag = await self.store.copy(key, key, options, node.size, pending.etag)
+        except (NotFound, PreconditionFailed):
             self._drop_pending(node.inode)
-            log.info("%s: deleted by another client before its new attributes were stored",
-                     node.path)
+            log.info("%s: deleted or replaced by another client before its new attributes "
+                     "were stored", node.path)
             return None
         except FsError as exc:
             self._drop_pending(node.inode)

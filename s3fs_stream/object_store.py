@@ -90,8 +90,9 @@ class ObjectStore(Protocol):
         """Incomplete multipart uploads under `prefix`; with `max_uploads`, one request."""
 
     async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
-                   size: int) -> str:
-        """Server-side copy; options=None keeps the metadata, otherwise replaces it."""
+                   size: int, source_etag: str | None = None) -> str:
+        """Server-side copy; options=None keeps the metadata, otherwise replaces it. With
+        `source_etag`, raises PreconditionFailed if the source is no longer that object."""
 
     async def delete(self, key: str) -> None: ...
 

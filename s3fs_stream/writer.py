@@ -656,7 +656,7 @@ class StreamingWriter:
             wanted.metadata["mtime"] = stored.get("mtime", "")
         if _without_ctime(wanted.metadata) != _without_ctime(stored):
             # chmod/chown/utimes while writing: rewrite the metadata server-side
-            etag = await self._store.copy(self.key, self.key, wanted, self.size)
+            etag = await self._store.copy(self.key, self.key, wanted, self.size, etag)
         return etag
 
     async def _put_small(self) -> str:
@@ -717,8 +717,9 @@ class StreamingWriter:
         """The object is complete but its attributes changed: a server-side copy onto itself."""
         version = self._meta_version  # set_meta takes no lock: it may come during the copy
         try:
+            # onto the object this writer stored, never another client's replacement
             etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
-                                          self.size)
+                                          self.size, self.base.etag if self.base else None)
         except FsError as exc:
             raise FsError(f"{self.name}: could not store new attributes: {exc}",
                           errno.EIO) from None

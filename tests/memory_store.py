@@ -171,9 +171,13 @@ class MemoryStore:
         return [PendingUpload(k, u, 0.0) for u, (k, _, _) in self.uploads.items()
                 if k.startswith(prefix)]
 
-    async def copy(self, source_key, dest_key, options, size):
+    async def copy(self, source_key, dest_key, options, size, source_etag=None):
         await self._step("copy", source_key, dest_key)
-        data, meta, _ = self.objects[source_key]
+        if source_key not in self.objects:
+            raise NotFound(source_key)
+        data, meta, etag = self.objects[source_key]
+        if source_etag and source_etag.strip('"') != etag.strip('"'):
+            raise PreconditionFailed(source_key)
         return self._store(dest_key, data, options.metadata if options else meta)
 
     async def delete(self, key):

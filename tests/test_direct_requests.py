@@ -28,7 +28,7 @@ from s3fs_stream.direct_requests import (
     Signer,
     quote_key,
 )
-from s3fs_stream.errors import NotFound
+from s3fs_stream.errors import NotFound, PreconditionFailed
 from s3fs_stream.local_server import free_port
 from s3fs_stream.object_store import PutOptions
 
@@ -211,3 +211,17 @@ async def test_listings_match_botocores_page_by_page(any_server, direct_store, c
             assert sorted(got) == sorted(k for k in keys if k.startswith(prefix))
     assert "through botocore" not in caplog.text
     assert store.stats.requests["ListObjectsV2"] > 8
+
+
+async def test_a_copy_pinned_to_an_etag_refuses_a_replaced_source(seaweed, direct_store):
+    """Attributes stored by a copy onto itself never land on another client's object."""
+    bucket = new_bucket(seaweed)
+    store = direct_store(bucket)
+    first = await store.put("k", b"ours", PutOptions({"mode": "33188"}))
+    seaweed.client().put_object(Bucket=bucket, Key="k", Body=b"theirs")
+    with pytest.raises(PreconditionFailed):
+        await store.copy("k", "k", PutOptions({"mode": "33152"}), 4, first.strip('"'))
+    head = await store.head("k")
+    assert head.size == 6 and "mode" not in head.metadata
+    etag = await store.copy("k", "k", PutOptions({"mode": "33152"}), 6, head.etag)
+    assert (await store.head("k")).metadata == {"mode": "33152"} and etag
