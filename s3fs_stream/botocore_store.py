@@ -509,25 +509,67 @@ class BotocoreStore:
 
     async def head(self, key: str) -> ObjectInfo:
         response = await self._send_direct("HeadObject", "HEAD", key, (200, 404))
-        if response is not None:
-            if response.status == 404:
-                raise NotFound(f"{self._where('HeadObject', key)}: 404: Not Found")
-            headers = response.headers
-            try:
-                return ObjectInfo(
-                    key=key, size=int(headers["content-length"]), etag=headers.get("etag", ""),
-                    last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
-                    metadata={name[11:]: value for name, value in headers.items()
-                              if name.startswith("x-amz-meta-")},
-                    content_type=headers.get("content-type"))
-            except (KeyError, ValueError, TypeError):
-                pass  # an answer botocore may understand better
+        found = self._head_answer(key, response) if response is not None else None
+        if isinstance(found, FsError):
+            raise found
+        if found is not None:
+            return found
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
                              Bucket=self.bucket, Key=key)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
                           metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
                           content_type=r.get("ContentType"))
+
+    async def head_many(self, keys: list[str]) -> list[ObjectInfo | FsError]:
+        """HEADs of many keys, pipelined on one connection (`DirectClient.head_many`); each
+        key's ObjectInfo, or the error its HEAD ended with (NotFound, ...). Keys left
+        without an answer there are asked one by one."""
+        found: list[ObjectInfo | FsError | None] = [None] * len(keys)
+        if self._direct is not None and time.monotonic() >= self._direct_paused_until:
+            started = time.monotonic()
+            try:
+                responses = await self._direct.head_many(keys,
+                                                         await self._direct_credentials())
+            except direct_requests.Unanswered:
+                responses = [None] * len(keys)
+            took = (time.monotonic() - started) * 1000
+            for index, (key, response) in enumerate(zip(keys, responses, strict=True)):
+                if response is not None and response.status in (200, 404):
+                    found[index] = self._head_answer(key, response)
+                if found[index] is not None:
+                    self.stats.done("HeadObject", key, response.status, "", 0)
+                    log.debug("S3 HeadObject s3://%s/%s -> %s in %.1f ms (%d pipelined)",
+                              self.bucket, key, response.status, took, len(keys))
+            if all(f is None for f in found):
+                self._direct_missed()
+            else:
+                self._direct_misses = 0
+        for index, key in enumerate(keys):
+            if found[index] is None:
+                try:
+                    found[index] = await self.head(key)
+                except FsError as exc:
+                    found[index] = exc
+        return found  # type: ignore[return-value]
+
+    def _head_answer(self, key: str, response: direct_requests.Response
+                     ) -> ObjectInfo | FsError | None:
+        """A direct HEAD's answer: the object, NotFound, or None if it is not understood."""
+        if response.status == 404:
+            return NotFound(f"{self._where('HeadObject', key)}: 404: Not Found")
+        if response.status != 200:
+            return None
+        headers = response.headers
+        try:
+            return ObjectInfo(
+                key=key, size=int(headers["content-length"]), etag=headers.get("etag", ""),
+                last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
+                metadata={name[11:]: value for name, value in headers.items()
+                          if name.startswith("x-amz-meta-")},
+                content_type=headers.get("content-type"))
+        except (KeyError, ValueError, TypeError):
+            return None  # an answer botocore may understand better
 
     async def get_range(self, key: str, start: int, end: int, etag: str | None,
                         into: bytearray | None = None) -> bytes | memoryview:

@@ -160,6 +160,7 @@ class DirectClient:
             self._ssl = ssl.create_default_context()
         self._idle: list[_Connection] = []
         self._idle_run: object = None  # the trio run the idle connections belong to
+        self.pipelining = True  # until the server closes a connection part way (head_many)
         self._limit = trio.CapacityLimiter(max_connections)
 
     async def _connect(self) -> _Connection:
@@ -175,23 +176,8 @@ class DirectClient:
                       payload_hash: str = EMPTY_SHA256,
                       query: dict[str, str] | None = None) -> Response:
         """Send one request; raises Unanswered when there is no complete HTTP answer."""
-        headers = dict(headers or {})
-        # an object's path, or the bucket's own (no slash after a path-style bucket)
-        path = self.base_path + quote_key(key) if key else self.base_path.rstrip("/") or "/"
-        query_string = canonical_query(query) if query else ""
-        self.signer.sign(method, self.netloc, path, headers, payload_hash, credentials,
-                         query=query_string)
-        if body or method in ("PUT", "POST"):
-            headers["content-length"] = str(len(body))
-        target = f"{path}?{query_string}" if query_string else path
-        lines = [f"{method} {target} HTTP/1.1"] + [f"{n}: {v}" for n, v in headers.items()]
-        try:
-            request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        except UnicodeEncodeError:
-            raise Unanswered("a header is not latin-1") from None
-        run = trio.lowlevel.current_root_task()
-        if run is not self._idle_run:
-            self._idle, self._idle_run = [], run  # another trio.run's: closed when collected
+        request = self._build(method, key, credentials, headers, body, payload_hash, query)
+        self._check_run()
         async with self._limit:
             for attempt in range(2):
                 connection = self._idle.pop() if self._idle else None
@@ -199,7 +185,8 @@ class DirectClient:
                     with trio.fail_after(self.timeout):
                         if connection is None:
                             connection = await self._connect()
-                        return await self._exchange(connection, method, request, body)
+                        await self._send(connection, request, body)
+                        response, keep = await self._read_response(connection, method)
                 except EOFError:
                     # a kept-alive connection the server had closed: once more on a new one
                     await self._discard(connection)
@@ -213,16 +200,96 @@ class DirectClient:
                 except BaseException:
                     await self._discard(connection)  # cancelled mid-request
                     raise
+                await self._keep_or_close(connection, keep)
+                return response
         raise AssertionError("unreachable")
 
-    async def _exchange(self, connection: _Connection, method: str, request: bytes,
-                        body: bytes) -> Response:
+    async def head_many(self, keys: list[str], credentials: Credentials
+                        ) -> list[Response | None]:
+        """HEADs of `keys` pipelined on one connection: every request written at once, the
+        answers read in order (HTTP/1.1 keeps them in order). None for each key left
+        without an answer (the connection broke or was closed part way): the caller asks
+        for those one by one. Saves a round trip and two wake-ups per HEAD.
+
+        A server that answers only the first of a pipeline and closes (some test servers)
+        gets no more pipelines from this client: one request at a time, as `request`."""
+        results: list[Response | None] = [None] * len(keys)
+        if not self.pipelining or len(keys) == 1:
+            for index, key in enumerate(keys):
+                try:
+                    results[index] = await self.request("HEAD", key, credentials)
+                except Unanswered:
+                    pass
+            return results
+        requests = b"".join(self._build("HEAD", key, credentials) for key in keys)
+        self._check_run()
+        async with self._limit:
+            for attempt in range(2):
+                connection = self._idle.pop() if self._idle else None
+                keep = False
+                try:
+                    with trio.fail_after(self.timeout):
+                        if connection is None:
+                            connection = await self._connect()
+                        await self._send(connection, requests, b"")
+                        for index in range(len(keys)):
+                            results[index], keep = await self._read_response(connection,
+                                                                             "HEAD")
+                            if not keep:
+                                self.pipelining = index + 1 == len(keys)
+                                break
+                except EOFError:
+                    if attempt == 0 and results[0] is None and connection is not None \
+                            and connection.used:
+                        await self._discard(connection)
+                        continue  # kept alive, closed by the server meanwhile: a new one
+                    keep = False
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError,
+                        ssl.SSLError, ValueError, Unanswered):
+                    keep = False
+                except BaseException:
+                    await self._discard(connection)  # cancelled mid-request
+                    raise
+                await self._keep_or_close(connection, keep)
+                return results
+        raise AssertionError("unreachable")
+
+    def _check_run(self) -> None:
+        run = trio.lowlevel.current_root_task()
+        if run is not self._idle_run:
+            self._idle, self._idle_run = [], run  # another trio.run's: closed when collected
+
+    def _build(self, method: str, key: str, credentials: Credentials,
+               headers: dict[str, str] | None = None, body: bytes = b"",
+               payload_hash: str = EMPTY_SHA256,
+               query: dict[str, str] | None = None) -> bytes:
+        """The request line and signed headers, ready to send."""
+        headers = dict(headers or {})
+        # an object's path, or the bucket's own (no slash after a path-style bucket)
+        path = self.base_path + quote_key(key) if key else self.base_path.rstrip("/") or "/"
+        query_string = canonical_query(query) if query else ""
+        self.signer.sign(method, self.netloc, path, headers, payload_hash, credentials,
+                         query=query_string)
+        if body or method in ("PUT", "POST"):
+            headers["content-length"] = str(len(body))
+        target = f"{path}?{query_string}" if query_string else path
+        lines = [f"{method} {target} HTTP/1.1"] + [f"{n}: {v}" for n, v in headers.items()]
+        try:
+            return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            raise Unanswered("a header is not latin-1") from None
+
+    async def _send(self, connection: _Connection, request: bytes, body: bytes) -> None:
         try:
             await connection.stream.send_all(request + body if len(body) < 65536 else request)
             if len(body) >= 65536:
                 await connection.stream.send_all(body)
         except trio.BrokenResourceError:
             raise EOFError from None  # closed by the server while idle: no answer to wait for
+
+    async def _read_response(self, connection: _Connection, method: str
+                             ) -> tuple[Response, bool]:
+        """The next answer on the connection, and whether the connection can be used again."""
         head = await connection.read_head()
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         parts = status_line.split(" ", 2)
@@ -241,11 +308,13 @@ class DirectClient:
             raise Unanswered("answer without a length")
         response = Response(status, headers, await connection.read_body(length))
         connection.used = True
-        if headers.get("connection", "").lower() == "close" or len(self._idle) >= IDLE_MAX:
-            await self._discard(connection)
-        else:
+        return response, headers.get("connection", "").lower() != "close"
+
+    async def _keep_or_close(self, connection: _Connection, keep: bool) -> None:
+        if keep and len(self._idle) < IDLE_MAX:
             self._idle.append(connection)
-        return response
+        else:
+            await self._discard(connection)
 
     async def _discard(self, connection: _Connection | None) -> None:
         if connection is not None:

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import errno
 import functools
+import itertools
 import logging
 import math
 import os
@@ -56,6 +57,7 @@ RENAME_EXCHANGE = 2
 # differs from the entry it was given, so readdir HEADs these before answering.
 SYMLINK_MAX = 4095
 HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
+HEAD_BATCH = 16  # HEADs pipelined on one connection
 READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
@@ -342,6 +344,10 @@ class Namespace:
             if raising:
                 raise FsError("", errno.ENOENT) from None
             return node
+        return self._took_head(node, path, info)
+
+    def _took_head(self, node: Node, path: str, info: ObjectInfo) -> Node:
+        """What a HEAD of `path` (the node's path when it was sent) found."""
         if node.path != path or self.files.writer(node.inode) is not None:
             return node
         if self._upsert_file(path, info) is not node:
@@ -357,34 +363,53 @@ class Namespace:
         waits for that one. A few workers take the nodes in turn: a task per node costs
         as much CPU as the HEAD itself."""
         busy = [node.fetching for node in nodes if node.fetching is not None]
-        todo = [node for node in nodes
-                if node.fetching is None and not (node.fresh and node.has_metadata)]
+        # once each (a backlog may list a node twice)
+        todo = list({id(node): node for node in nodes
+                     if node.fetching is None and not (node.fresh and node.has_metadata)
+                     }.values())
         for node in todo:  # claimed at once: others wait instead of sending another HEAD
             node.fetching = trio.Event()
         queue = iter(todo)
 
         async def worker() -> None:
             async with self._heads:
-                for node in queue:
-                    done = node.fetching
+                while batch := list(itertools.islice(queue, HEAD_BATCH)):
                     try:
-                        await self._take_head(node, raising=False)
-                    except FsError as exc:
-                        log.debug("HEAD for %s failed: %s", node.path, exc)
+                        await self._head_batch(batch)
                     finally:
-                        node.fetching = None
-                        done.set()
+                        for node in batch:
+                            done, node.fetching = node.fetching, None
+                            if done is not None:
+                                done.set()
 
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(len(todo), HEAD_CONCURRENCY)):
+                for _ in range(min(-(-len(todo) // HEAD_BATCH), HEAD_CONCURRENCY)):
                     nursery.start_soon(worker)
         finally:
             for node in queue:  # cancelled: let go of what was claimed and not sent
-                node.fetching.set()
-                node.fetching = None
+                done, node.fetching = node.fetching, None
+                if done is not None:
+                    done.set()
         for event in busy:
             await event.wait()
+
+    async def _head_batch(self, nodes: list[Node]) -> None:
+        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
+        files = [node for node in nodes if not node.is_dir]
+        paths = [node.path for node in files]  # may change across the await: checked after
+        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
+        for node, path, result in zip(files, paths, found, strict=True):
+            if isinstance(result, ObjectInfo):
+                self._took_head(node, path, result)
+            elif not isinstance(result, NotFound):
+                log.debug("HEAD for %s failed: %s", path, result)
+        for node in nodes:
+            if node.is_dir:
+                try:
+                    await self._take_head(node, raising=False)
+                except FsError as exc:
+                    log.debug("HEAD for %s failed: %s", node.path, exc)
 
     def _demand(self, node: Node) -> None:
         """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD

@@ -7,7 +7,10 @@ Keys here are full S3 keys (the mount's prefix included). Implementations raise 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .errors import FsError
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class ObjectStore(Protocol):
     async def check_bucket(self) -> None: ...
 
     async def head(self, key: str) -> ObjectInfo: ...
+
+    async def head_many(self, keys: list[str]) -> list[ObjectInfo | FsError]:
+        """Each key's HEAD: its ObjectInfo or the error it ended with (NotFound, ...)."""
 
     async def get_range(self, key: str, start: int, end: int, etag: str | None,
                         into: bytearray | None = None) -> bytes | memoryview:

@@ -15,7 +15,7 @@ import time
 
 import trio
 
-from s3fs_stream.errors import NoSuchUpload, NotFound, PreconditionFailed, StoreError
+from s3fs_stream.errors import FsError, NoSuchUpload, NotFound, PreconditionFailed, StoreError
 from s3fs_stream.object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -49,6 +49,15 @@ class MemoryStore:
             raise NotFound(key)
         data, meta, etag = self.objects[key]
         return ObjectInfo(key, len(data), etag, time.time(), dict(meta))
+
+    async def head_many(self, keys):
+        found = []
+        for key in keys:
+            try:
+                found.append(await self.head(key))
+            except FsError as exc:
+                found.append(exc)
+        return found
 
     async def get_range(self, key, start, end, etag, into=None):
         await self._step("get_range", key, start, end)

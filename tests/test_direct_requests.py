@@ -5,6 +5,7 @@ get no plain answer."""
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 
@@ -225,3 +226,57 @@ async def test_a_copy_pinned_to_an_etag_refuses_a_replaced_source(seaweed, direc
     assert head.size == 6 and "mode" not in head.metadata
     etag = await store.copy("k", "k", PutOptions({"mode": "33152"}), 6, head.etag)
     assert (await store.head("k")).metadata == {"mode": "33152"} and etag
+
+
+async def test_pipelined_heads_answer_each_key(any_server, direct_store, caplog):
+    caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
+    bucket = new_bucket(any_server)
+    client = any_server.client()
+    for key in ODD_KEYS:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode(), Metadata={"mode": "1"})
+    store = direct_store(bucket)
+    keys = ODD_KEYS + ["missing"] + ODD_KEYS
+    found = await store.head_many(keys)
+    for key, result in zip(keys, found, strict=True):
+        if key == "missing":
+            assert isinstance(result, NotFound)
+        else:
+            assert (result.key, result.size, result.metadata) == (key, len(key.encode()),
+                                                                  {"mode": "1"})
+    if any_server.name == "moto":  # its server answers the first and closes
+        assert not store._direct.pipelining
+    else:
+        assert caplog.text.count(f"({len(keys)} pipelined)") == len(keys)
+    assert "through botocore" not in caplog.text
+    # again: on moto now one request at a time, on SeaweedFS pipelined as before
+    assert [getattr(f, "size", None) for f in await store.head_many(keys)] == \
+        [getattr(f, "size", None) for f in found]
+
+
+async def test_pipelined_heads_cut_short_are_asked_again_one_by_one(seaweed, direct_store):
+    """A server that answers only part of a pipeline and closes: the rest one by one."""
+    bucket = new_bucket(seaweed)
+    for key in ("a", "b", "c"):
+        seaweed.client().put_object(Bucket=bucket, Key=key, Body=b"x")
+    store = direct_store(bucket)
+
+    async def one_answer_then_close(stream):
+        received = b""
+        while received.count(b"\r\n\r\n") < 3:
+            received += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nETag: \"e\"\r\n"
+                              b"Last-Modified: Thu, 26 Nov 2026 03:28:12 GMT\r\n"
+                              b"Connection: close\r\n\r\n")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, one_answer_then_close, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        store._direct = DirectClient(f"http://127.0.0.1:{port}/{bucket}/p", "p", "us-east-1",
+                                     timeout=5)
+        found = await store.head_many(["a", "b", "c"])
+        nursery.cancel_scope.cancel()
+    assert found[0].size == 7  # the stand-in's answer
+    assert [f.size for f in found[1:]] == [1, 1]  # asked again, through botocore
+    assert not store._direct.pipelining

@@ -13,6 +13,7 @@ from s3fs_stream.filesystem import FileSystem
 from s3fs_stream.inode_table import ROOT_INODE
 from s3fs_stream.memory_budget import MemoryBudget
 from s3fs_stream.object_meta import SetAttr
+from s3fs_stream.object_store import PutOptions
 from s3fs_stream.upload_pool import UploadPool
 from tests.memory_store import MemoryStore
 
@@ -283,3 +284,17 @@ async def test_replaced_object_gets_a_new_inode(fs):
     assert info.value.errno == errno.ESTALE
     again = await fs.lookup(ROOT_INODE, "f")
     assert again.inode != node.inode and again.size == 14
+
+
+async def test_metadata_of_listed_entries_is_fetched_once_per_node(fs):
+    """A node listed twice in what needs a HEAD (a backlog may hold it twice) is HEADed
+    once, and nothing is left claimed (a crash of the mount before)."""
+    for i in range(40):
+        await fs.store.put(f"pre/big{i:02d}", b"x" * 5000, PutOptions({"mode": "33152"}))
+    names = [name for name, _, _ in await listing(fs)]
+    assert len(names) == 40
+    nodes = [fs.inner.table.by_path(name) for name in names]
+    fs.store.calls.clear()
+    await fs.inner.namespace._head_nodes(nodes + nodes[:10])
+    assert len([c for c in fs.store.calls if c[0] == "head"]) == 40
+    assert all(n.fetching is None and n.has_metadata and n.mode == 0o100600 for n in nodes)
