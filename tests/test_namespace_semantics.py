@@ -160,6 +160,13 @@ def test_links_devices_names_and_times(any_server, mount_factory):
     with pytest.raises(OSError) as info:
         os.mkfifo(m.path / "fifo")
     assert info.value.errno == errno.EOPNOTSUPP
+    for xattr_call in (lambda: os.setxattr(f, "user.x", b"1"),
+                       lambda: os.getxattr(f, "user.x"), lambda: os.listxattr(f),
+                       lambda: os.removexattr(f, "user.x")):
+        with pytest.raises(OSError) as info:
+            xattr_call()
+        assert info.value.errno == errno.EOPNOTSUPP  # no extended attributes, and no crash
+    assert f.read_bytes() == b"data"
     for name in ("x" * 256,):
         with pytest.raises(OSError) as info:
             (m.path / name).write_bytes(b"x")
