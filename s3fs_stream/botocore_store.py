@@ -349,9 +349,9 @@ class BotocoreStore:
         except Exception:  # no credentials after all, or an odd endpoint
             return None
         url = url.partition("?")[0]  # the signature is not ours to keep
-        scheme, _, rest = url.partition("://")
-        host = rest.partition("/")[0].rpartition("@")[2].rpartition(":")[0] or rest
-        if urllib.request.getproxies().get(scheme) and not urllib.request.proxy_bypass(host):
+        scheme, host = urllib.parse.urlsplit(url).scheme, urllib.parse.urlsplit(url).hostname
+        if urllib.request.getproxies().get(scheme) and \
+                not urllib.request.proxy_bypass(host or ""):
             return None
         context = None
         if scheme == "https":
@@ -365,10 +365,17 @@ class BotocoreStore:
             return None
 
     async def _direct_credentials(self) -> direct_requests.Credentials:
+        """A frozen copy of the credentials, refreshed every CREDENTIALS_REFRESH seconds;
+        raises Unanswered when they cannot be had (botocore then says why)."""
         now = time.monotonic()
         if self._direct_frozen is None or self._direct_frozen[0] < now:
             # a refresh may block on the network: a worker thread does it
-            frozen = await trio.to_thread.run_sync(self._credentials.get_frozen_credentials)
+            try:
+                frozen = await trio.to_thread.run_sync(
+                    self._credentials.get_frozen_credentials)
+            except Exception as exc:  # an expired session, no instance metadata ...
+                raise direct_requests.Unanswered(f"no credentials: {type(exc).__name__}") \
+                    from None
             self._direct_frozen = (now + CREDENTIALS_REFRESH, direct_requests.Credentials(
                 frozen.access_key, frozen.secret_key, frozen.token))
         return self._direct_frozen[1]

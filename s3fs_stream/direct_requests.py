@@ -308,6 +308,8 @@ class DirectClient:
             raise Unanswered("answer without a length")
         response = Response(status, headers, await connection.read_body(length))
         connection.used = True
+        if parts[0] == "HTTP/1.0":  # kept alive only when it says so
+            return response, headers.get("connection", "").lower() == "keep-alive"
         return response, headers.get("connection", "").lower() != "close"
 
     async def _keep_or_close(self, connection: _Connection, keep: bool) -> None:
