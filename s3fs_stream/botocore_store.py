@@ -140,6 +140,9 @@ def _translate(exc: Exception, what: str) -> FsError:
         error.transient = isinstance(status, int) and status >= 500 or code in (
             "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
         return error
+    if isinstance(exc, botocore.exceptions.SSLError):
+        return Unreachable(f"{what}: {exc} (an endpoint with a private CA needs "
+                           "AWS_CA_BUNDLE, or ca_bundle in the profile)")
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return AccessDenied(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                             "AWS_SECRET_ACCESS_KEY, a profile, or instance credentials)")

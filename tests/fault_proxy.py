@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import random
 import socket
+import ssl
 import struct
 import threading
 
@@ -136,11 +137,13 @@ def _reset(sock: socket.socket) -> None:
 
 class FaultProxy:
     def __init__(self, upstream_port: int, rate: float = 0.1, seed: int = 0,
-                 modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1"):
+                 modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None):
         unknown = set(modes) - set(ALL_MODES)
         if unknown:
             raise ValueError(f"unknown fault modes: {sorted(unknown)}")
         self.upstream = (upstream_host, upstream_port)
+        self.tls = tls  # clients speak https to the proxy (it speaks http upstream)
         self.rate = rate
         self.modes = tuple(modes)
         self._random = random.Random(seed)
@@ -159,7 +162,7 @@ class FaultProxy:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> FaultProxy:
         self._acceptor.start()
@@ -216,6 +219,11 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
         try:
+            if self.tls is not None:
+                try:
+                    client = self.tls.wrap_socket(client, server_side=True)
+                except (OSError, ssl.SSLError):
+                    return  # a client that does not trust us
             reader = _Reader(client)
             up_reader: _Reader | None = None
             while not self._stopped:
