@@ -80,6 +80,13 @@ class InodeTable:
     def by_path(self, path: str) -> Node | None:
         return self._by_path.get(path)
 
+    def children(self, directory: str) -> dict[str, Node]:
+        """The nodes directly in `directory` that the table holds, by name (a scan of the
+        whole table: for occasional use)."""
+        prefix = directory + "/" if directory else ""
+        return {path[len(prefix):]: node for path, node in self._by_path.items()
+                if path.startswith(prefix) and path and "/" not in path[len(prefix):]}
+
     def __len__(self) -> int:
         return len(self._by_inode)
 

@@ -8,6 +8,7 @@ is the mount's own (spilled parts) and never shown.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import errno
@@ -58,6 +59,8 @@ RENAME_EXCHANGE = 2
 SYMLINK_MAX = 4095
 HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
 HEAD_BATCH = 16  # HEADs pipelined on one connection
+WALK_WINDOW = 2.0  # seconds between lookups of stale names that make a walk of a directory
+WALK_AHEAD = 64  # known names after the one looked up whose HEADs a walk sends ahead
 READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
@@ -127,6 +130,8 @@ class Namespace:
         self._backlog: dict[str, collections.deque[Node]] = {}
         self._draining: set[str] = set()
         self._heads = trio.CapacityLimiter(HEAD_CONCURRENCY)
+        # directory -> (expiry, its known names sorted, once a walk is seen): `_read_ahead_meta`
+        self._walks: dict[str, tuple[float, list[str] | None]] = {}
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -251,6 +256,11 @@ class Namespace:
         if node is None and await self._known_missing(path):
             raise FsError("", errno.ENOENT)
         if node is not None and not node.is_dir:
+            if node.fetching is not None:  # a read-ahead HEAD of it is out: that one answers
+                await node.fetching.wait()
+                if node.fresh and self.table.by_path(path) is node:
+                    return node
+            self._read_ahead_meta(path)
             # a file seen before: one HEAD answers unless it is gone
             try:
                 info = await self.store.head(self.key(path))
@@ -259,6 +269,29 @@ class Namespace:
             else:
                 return self._upsert_file(path, info)
         return await self._resolve(path)
+
+    def _read_ahead_meta(self, path: str) -> None:
+        """A second stale name of one directory looked up within WALK_WINDOW is a walk
+        (`rsync` again, `find -newer`, `stat *`): HEAD the next known names of the directory
+        ahead of it, pipelined in the background, so that their lookups find them fresh."""
+        parent, name = parent_of(path), path.rpartition("/")[2]
+        now = time.monotonic()
+        walk = self._walks.get(parent)
+        if walk is None or walk[0] < now:
+            if len(self._walks) > KNOWN_DIRS:
+                self._walks.clear()
+            self._walks[parent] = (now + WALK_WINDOW, None)  # one lookup is not a walk yet
+            return
+        names = walk[1]
+        if names is None:
+            names = sorted(self.table.children(parent))
+        self._walks[parent] = (now + WALK_WINDOW, names)
+        start = bisect.bisect_right(names, name)
+        ahead = [node for sibling in names[start:start + WALK_AHEAD]
+                 if (node := self.table.by_path(join(parent, sibling))) is not None
+                 and not node.is_dir and not node.fresh and node.fetching is None
+                 and self.files.writer(node.inode) is None]
+        self._head_soon(ahead)
 
     async def _resolve(self, path: str) -> Node:
         """Ask S3 what `path` is: a directory (prefix or marker) wins over an object."""

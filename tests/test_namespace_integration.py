@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 
 import pytest
 from conftest import wait_until
@@ -92,3 +93,22 @@ def test_rename_over_a_file_open_for_writing_keeps_the_renamed_file(seaweed, mou
     assert m.get("log") == b"new"
     assert (m.path / "log").read_bytes() == b"new"
     assert "log.new" not in m.keys()
+
+
+def test_a_walk_of_known_names_reads_their_metadata_ahead(seaweed, mount_factory):
+    """rsync's second run stats every file it wrote, one at a time: after the attribute
+    timeout each needs its metadata again, and a walk sends those HEADs ahead, pipelined,
+    instead of one round trip per name."""
+    m = mount_factory(seaweed)
+    (m.path / "d").mkdir()
+    names = [f"f{i:03d}" for i in range(200)]
+    for name in names:
+        (m.path / "d" / name).write_bytes(name.encode())
+    time.sleep(2.5)  # every attribute and entry timeout has passed
+    before = m.log().count("HeadObject")
+    for name in names:
+        assert os.stat(m.path / "d" / name).st_size == 4
+    walk = [line for line in m.log().splitlines() if "HeadObject" in line][before:]
+    one_by_one = [line for line in walk if "pipelined" not in line and "/d/f" in line]
+    assert len(walk) >= 200  # every name was validated again
+    assert len(one_by_one) <= 10, one_by_one  # a round trip per 64 names, not per name
