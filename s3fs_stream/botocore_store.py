@@ -699,13 +699,13 @@ class BotocoreStore:
         headers = {f"x-amz-meta-{name}": value for name, value in options.metadata.items()}
         if options.content_type:
             headers["content-type"] = options.content_type
+        storage = self._storage_args()
         for arg, header in (("StorageClass", "x-amz-storage-class"),
                             ("ServerSideEncryption", "x-amz-server-side-encryption"),
                             ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
                             ("ACL", "x-amz-acl")):
-            value = self._storage_args().get(arg)
-            if value:
-                headers[header] = value
+            if storage.get(arg):
+                headers[header] = storage[arg]
         checks = self._checksum_args(body)
         if "ChecksumCRC32" in checks:
             headers["x-amz-checksum-crc32"] = checks["ChecksumCRC32"]

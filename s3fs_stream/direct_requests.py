@@ -34,6 +34,11 @@ class Unanswered(Exception):
     """No plain answer (broken connection, timeout, unexpected framing): ask botocore."""
 
 
+# what an exchange may raise instead of an answer (EOFError: closed by the server)
+CONNECTION_ERRORS = (EOFError, OSError, trio.BrokenResourceError, ssl.SSLError, ValueError,
+                     Unanswered)
+
+
 @dataclass(frozen=True)
 class Credentials:
     access_key: str
@@ -177,32 +182,12 @@ class DirectClient:
                       query: dict[str, str] | None = None) -> Response:
         """Send one request; raises Unanswered when there is no complete HTTP answer."""
         request = self._build(method, key, credentials, headers, body, payload_hash, query)
-        self._check_run()
-        async with self._limit:
-            for attempt in range(2):
-                connection = self._idle.pop() if self._idle else None
-                try:
-                    with trio.fail_after(self.timeout):
-                        if connection is None:
-                            connection = await self._connect()
-                        await self._send(connection, request, body)
-                        response, keep = await self._read_response(connection, method)
-                except EOFError:
-                    # a kept-alive connection the server had closed: once more on a new one
-                    await self._discard(connection)
-                    if attempt == 0 and connection is not None and connection.used:
-                        continue
-                    raise Unanswered("connection closed before the answer") from None
-                except (OSError, trio.BrokenResourceError, trio.TooSlowError,
-                        ssl.SSLError, ValueError, Unanswered) as exc:
-                    await self._discard(connection)
-                    raise Unanswered(type(exc).__name__) from None
-                except BaseException:
-                    await self._discard(connection)  # cancelled mid-request
-                    raise
-                await self._keep_or_close(connection, keep)
-                return response
-        raise AssertionError("unreachable")
+
+        async def exchange(connection: _Connection) -> tuple[Response, bool]:
+            await self._send(connection, request, body)
+            return await self._read_response(connection, method)
+
+        return await self._on_a_connection(exchange)
 
     async def head_many(self, keys: list[str], credentials: Credentials
                         ) -> list[Response | None]:
@@ -222,36 +207,52 @@ class DirectClient:
                     pass
             return results
         requests = b"".join(self._build("HEAD", key, credentials) for key in keys)
+
+        async def pipeline(connection: _Connection) -> tuple[list[Response | None], bool]:
+            await self._send(connection, requests, b"")
+            for index in range(len(keys)):
+                try:
+                    results[index], keep = await self._read_response(connection, "HEAD")
+                except CONNECTION_ERRORS:
+                    if index == 0:
+                        raise  # no answer at all: as for a single request
+                    return results, False  # the answers so far stand
+                if not keep:
+                    self.pipelining = index + 1 == len(keys)
+                    return results, False
+            return results, True
+
+        try:
+            return await self._on_a_connection(pipeline)
+        except Unanswered:
+            return results
+
+    async def _on_a_connection(self, exchange):
+        """`exchange(connection)` -> (result, keep) on an idle connection or a new one; once
+        more on a new one when a kept-alive connection turns out to be closed before any
+        answer. Raises Unanswered for anything but an answer."""
         self._check_run()
         async with self._limit:
             for attempt in range(2):
                 connection = self._idle.pop() if self._idle else None
-                keep = False
                 try:
                     with trio.fail_after(self.timeout):
                         if connection is None:
                             connection = await self._connect()
-                        await self._send(connection, requests, b"")
-                        for index in range(len(keys)):
-                            results[index], keep = await self._read_response(connection,
-                                                                             "HEAD")
-                            if not keep:
-                                self.pipelining = index + 1 == len(keys)
-                                break
+                        result, keep = await exchange(connection)
                 except EOFError:
-                    if attempt == 0 and results[0] is None and connection is not None \
-                            and connection.used:
-                        await self._discard(connection)
-                        continue  # kept alive, closed by the server meanwhile: a new one
-                    keep = False
-                except (OSError, trio.BrokenResourceError, trio.TooSlowError,
-                        ssl.SSLError, ValueError, Unanswered):
-                    keep = False
+                    await self._discard(connection)
+                    if attempt == 0 and connection is not None and connection.used:
+                        continue
+                    raise Unanswered("connection closed before the answer") from None
+                except (*CONNECTION_ERRORS, trio.TooSlowError) as exc:
+                    await self._discard(connection)
+                    raise Unanswered(type(exc).__name__) from None
                 except BaseException:
                     await self._discard(connection)  # cancelled mid-request
                     raise
                 await self._keep_or_close(connection, keep)
-                return results
+                return result
         raise AssertionError("unreachable")
 
     def _check_run(self) -> None:

@@ -289,9 +289,9 @@ class Namespace:
         start = bisect.bisect_right(names, name)
         ahead = [node for sibling in names[start:start + WALK_AHEAD]
                  if (node := self.table.by_path(join(parent, sibling))) is not None
-                 and not node.is_dir and not node.fresh and node.fetching is None
+                 and not node.is_dir and not node.fresh
                  and self.files.writer(node.inode) is None]
-        self._head_soon(ahead)
+        self._head_soon(ahead)  # those whose HEAD is not out yet
 
     async def _resolve(self, path: str) -> Node:
         """Ask S3 what `path` is: a directory (prefix or marker) wins over an object."""

@@ -10,25 +10,16 @@ import pytest
 import trio
 
 from s3fs_stream import namespace
-from s3fs_stream.config import FsConfig
-from s3fs_stream.filesystem import FileSystem
 from s3fs_stream.inode_table import ROOT_INODE
-from s3fs_stream.memory_budget import MemoryBudget
 from s3fs_stream.object_meta import SetAttr
-from s3fs_stream.upload_pool import UploadPool
-from tests.memory_store import MemoryStore
-from tests.test_filesystem_unit import Fs, MiB, listing
+from tests.test_filesystem_unit import Fs, listing, unit_filesystem
 
 OLD = 1_600_000_000 * 10**9
 
 
 @pytest.fixture
 async def fs(nursery):
-    store = MemoryStore()
-    config = FsConfig(uid=1000, gid=1000, part_size=5 * MiB, max_memory=64 * MiB)
-    budget = MemoryBudget(config.max_memory)
-    nursery.start_soon(budget.reclaim_forever)
-    inner = FileSystem(store, "pre/", config, nursery, UploadPool(nursery, 2), budget)
+    inner = unit_filesystem(nursery)
     nursery.start_soon(inner.namespace.store_meta_forever)
     await trio.sleep(0)  # the task runs: setattr defers
     return Fs(inner)

@@ -20,13 +20,17 @@ from tests.memory_store import MemoryStore
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-async def fs(nursery):
-    store = MemoryStore()
+def unit_filesystem(nursery) -> FileSystem:
+    """A FileSystem over a MemoryStore under prefix "pre/", its tasks in `nursery`."""
     config = FsConfig(uid=1000, gid=1000, part_size=5 * MiB, max_memory=64 * MiB)
     budget = MemoryBudget(config.max_memory)
     nursery.start_soon(budget.reclaim_forever)
-    return Fs(FileSystem(store, "pre/", config, nursery, UploadPool(nursery, 2), budget))
+    return FileSystem(MemoryStore(), "pre/", config, nursery, UploadPool(nursery, 2), budget)
+
+
+@pytest.fixture
+async def fs(nursery):
+    return Fs(unit_filesystem(nursery))
 
 
 class Fs:
