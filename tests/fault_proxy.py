@@ -18,6 +18,12 @@ requests gets the same faults), get one of the faults in `modes`:
   "truncate"   headers and half of the body, then a reset (a response without a body is
                relayed whole)
 
+Refusals: `proxy.refuse(rule)` makes every request for which `rule(method, target, headers)`
+is true get 403 AccessDenied without reaching the server (a bucket policy, Object Lock or
+read-only credentials, as the mount meets them); `proxy.refuse(None)` stops refusing. Rules
+can change while a mount runs (the mount's own checks at start-up pass first); each refused
+request is counted in `refused`.
+
 Faults happen at HTTP-message boundaries of a connection; everything else is a byte pump.
 `Expect: 100-continue` is relayed: the server's interim answer goes back to the client before
 the body is sent on (an injected 500/503 answers at once; the client then sends no body).
@@ -31,6 +37,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 
 ALL_MODES = ("500", "503", "reset", "reset_body", "truncate")
 CHUNK = 256 * 1024
@@ -39,7 +46,15 @@ _ERRORS = {
     "500": (500, "Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
+
+RefuseRule = Callable[[str, str, dict[str, str]], bool]
+
+
+def refuse_method(method: str, key_part: str = "") -> RefuseRule:
+    """A rule refusing `method` requests whose target (path and query) contains `key_part`."""
+    return lambda m, target, headers: m == method and key_part in target
 
 
 class _Closed(Exception):
@@ -151,6 +166,8 @@ class FaultProxy:
         self.requests = 0
         self.faults: collections.Counter[str] = collections.Counter()
         self.faulted: list[tuple[str, str, str]] = []  # (mode, method, target)
+        self._refuse: RefuseRule | None = None
+        self.refused: list[tuple[str, str]] = []  # (method, target) answered 403
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -206,9 +223,17 @@ class FaultProxy:
                 self._threads.append(thread)
             thread.start()
 
-    def _choose(self, method: str, target: str) -> str | None:
+    def refuse(self, rule: RefuseRule | None) -> None:
+        """Answer 403 AccessDenied to every request the rule picks (None: refuse nothing)."""
+        with self._lock:
+            self._refuse = rule
+
+    def _choose(self, method: str, target: str, headers: dict[str, str]) -> str | None:
         with self._lock:
             self.requests += 1
+            if self._refuse is not None and self._refuse(method, target, headers):
+                self.refused.append((method, target))
+                return "403"
             if self._random.random() >= self.rate:
                 return None
             mode = self._random.choice(self.modes)
@@ -233,7 +258,7 @@ class FaultProxy:
                     return
                 start, headers = _headers(head)
                 method, target = start.decode("latin-1").split(" ")[:2]
-                mode = self._choose(method, target)
+                mode = self._choose(method, target, headers)
                 expect = headers.get("expect", "").lower() == "100-continue"
                 if mode in _ERRORS:
                     if not expect:
