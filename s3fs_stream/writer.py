@@ -129,6 +129,7 @@ class StreamingWriter:
         async with self._request():
             if self.state is State.DETACHED:
                 return len(data)
+            self._check_size(offset + len(data))
             self._reopen()
             if offset > self.size:
                 await self._fill_zeros(offset)
@@ -140,6 +141,7 @@ class StreamingWriter:
         async with self._request():
             if self.state is State.DETACHED:
                 return
+            self._check_size(size)
             self._reopen()
             if size > self.size:
                 await self._fill_zeros(size)
@@ -330,6 +332,14 @@ class StreamingWriter:
             self._unsynced_since = time.monotonic()
 
     # -- writing -----------------------------------------------------------------------
+
+    def _check_size(self, size: int) -> None:
+        """A size past the largest object the part schedule allows is refused before anything
+        changes: growing toward it would stream zeros into the bucket until the limit."""
+        if size > self._schedule.max_object_size:
+            raise FsError(f"{self.name}: {size} bytes is past the largest object this mount "
+                          f"can write ({self._schedule.max_object_size} bytes); raise "
+                          "max_memory or part_size to allow larger files", errno.EFBIG)
 
     def _locate(self, position: int) -> tuple[int, int]:
         try:
