@@ -68,6 +68,10 @@ class InodeTable:
         root.lookups = 1
         self._by_inode: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
+        # parent path -> {name: node}, kept beside _by_path: a walk of a tree asks for each
+        # directory's children, and a scan of the table per directory (200,000 nodes: 79 ms)
+        # blocked the event loop for minutes in a second rsync of 2,000 directories
+        self._children: dict[str, dict[str, Node]] = {}
         # (old, new): the kernel may still hold `old` for the path; the namespace tells it
         self.on_replaced = None
 
@@ -81,11 +85,8 @@ class InodeTable:
         return self._by_path.get(path)
 
     def children(self, directory: str) -> dict[str, Node]:
-        """The nodes directly in `directory` that the table holds, by name (a scan of the
-        whole table: for occasional use)."""
-        prefix = directory + "/" if directory else ""
-        return {path[len(prefix):]: node for path, node in self._by_path.items()
-                if path.startswith(prefix) and path and "/" not in path[len(prefix):]}
+        """The nodes directly in `directory` that the table holds, by name (a copy)."""
+        return dict(self._children.get(directory, {}))
 
     def __len__(self) -> int:
         return len(self._by_inode)
@@ -107,7 +108,7 @@ class InodeTable:
             node = Node(self._next, path, is_dir, **attrs)
             self._next += 1
             self._by_inode[node.inode] = node
-            self._by_path[path] = node
+            self._set_path(node)
             if old is not None and self.on_replaced is not None:
                 self.on_replaced(old, node)
         else:
@@ -139,10 +140,11 @@ class InodeTable:
 
     def move(self, old: str, new: str) -> None:
         self.remove_path(new)
-        node = self._by_path.pop(old, None)
+        node = self._by_path.get(old)
         if node is not None:
+            self._del_path(node)
             node.path = new
-            self._by_path[new] = node
+            self._set_path(node)
             node.expires = 0.0
 
     def invalidate_subtree(self, path: str) -> None:
@@ -150,9 +152,25 @@ class InodeTable:
         for key in [k for k in self._by_path if k.startswith(prefix)]:
             self._unlink_path(self._by_path[key])
 
+    def _set_path(self, node: Node) -> None:
+        self._by_path[node.path] = node
+        parent, _, name = node.path.rpartition("/")
+        self._children.setdefault(parent, {})[name] = node
+
+    def _del_path(self, node: Node) -> None:
+        """Take the node's path out of both indexes (if the path is still the node's)."""
+        if self._by_path.get(node.path) is not node:
+            return
+        del self._by_path[node.path]
+        parent, _, name = node.path.rpartition("/")
+        siblings = self._children.get(parent)
+        if siblings is not None and siblings.get(name) is node:
+            del siblings[name]
+            if not siblings:
+                del self._children[parent]
+
     def _unlink_path(self, node: Node) -> None:
-        if self._by_path.get(node.path) is node:
-            del self._by_path[node.path]
+        self._del_path(node)
         node.path = f"\0unlinked/{node.inode}"
         self._maybe_drop(node)
 
@@ -160,5 +178,4 @@ class InodeTable:
         if node.lookups == 0 and node.open_handles == 0 and not node.meta_pending and \
                 node.inode != ROOT_INODE:
             self._by_inode.pop(node.inode, None)
-            if self._by_path.get(node.path) is node:
-                del self._by_path[node.path]
+            self._del_path(node)
