@@ -15,9 +15,7 @@ exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import errno
-import importlib.metadata
 import logging
 import logging.handlers
 import os
@@ -29,28 +27,19 @@ from dataclasses import replace
 
 import trio
 
-from . import __version__
+from .arguments import (
+    SECTION_TITLES,
+    USAGE_ERROR,
+    Parser,
+    add_options,
+    parse_options,
+    parse_source,
+)
 from .config import FsConfig, MountConfig, StoreConfig
 from .errors import QuietError
-from .options import OPTIONS, is_generic, show_size
+from .options import show_size
 
 log = logging.getLogger("s3fs_stream")
-
-USAGE_ERROR = 2
-
-
-def _split_options(values: list[str]) -> list[tuple[str, str | None]]:
-    pairs = []
-    for value in values:
-        for item in value.split(","):
-            if item:
-                name, sep, arg = item.partition("=")
-                name = name.strip()
-                if not name.startswith(("x-", "_")):
-                    name = name.replace("-", "_")
-                pairs.append((name, arg if sep else None))
-    return pairs
-
 
 MOUNT_EPILOG = """\
 Every --NAME VALUE option also works as -o NAME=VALUE (comma-separated; a yes|no option
@@ -71,28 +60,6 @@ examples:
     mount.s3stream my-bucket /mnt/s3 --foreground --log-level debug
   unmount: fusermount3 -u /mnt/s3 (or umount /mnt/s3 as root)
 """
-
-
-def package_version() -> str:
-    """The installed distribution's version; the source tree's when not installed."""
-    try:
-        return importlib.metadata.version("s3fs-stream")
-    except importlib.metadata.PackageNotFoundError:
-        return __version__
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with --version, and usage errors as one line with exit code 2."""
-
-    def __init__(self, prog: str, description: str, **kwargs):
-        super().__init__(prog=prog, description=description, allow_abbrev=False,
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        self.add_argument("--version", action="version",
-                          version=f"%(prog)s {package_version()}",
-                          help="print the version and exit")
-
-    def error(self, message: str):
-        self.exit(USAGE_ERROR, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def mount_parser(prog: str) -> Parser:
@@ -117,64 +84,6 @@ def mount_parser(prog: str) -> Parser:
                         help="verbose: log at least at info level")
     add_options(parser, SECTION_TITLES)
     return parser
-
-
-SECTION_TITLES = {"store": "S3 options", "fs": "file system options",
-                  "mount": "mount and log options"}
-
-
-def add_options(parser: argparse.ArgumentParser, sections: dict[str, str]) -> None:
-    """--NAME VALUE for every option of the given sections (section -> group title)."""
-    groups = {section: parser.add_argument_group(title) for section, title in sections.items()}
-    for name, option in OPTIONS.items():
-        if option.section in groups:
-            extra = {"nargs": "?", "const": "yes"} if option.flag else {}
-            groups[option.section].add_argument(
-                "--" + name.replace("_", "-"), dest="long_" + name, metavar=option.metavar,
-                help=option.help, **extra)
-
-
-def parse_options(args: argparse.Namespace, sections: set[str],
-                  sloppy: bool = False) -> dict[str, dict]:
-    """The -o and --NAME options of `args` as {section: {field: value}}; options of other
-    sections are unknown here (a mount option given to recover is a usage error)."""
-    pairs = _split_options(args.options)
-    pairs += [(name, value) for name in OPTIONS
-              if (value := getattr(args, "long_" + name, None)) is not None]
-    values: dict[str, dict] = {section: {} for section in sections}
-    unknown = []
-    for name, value in pairs:
-        if name in OPTIONS and OPTIONS[name].section in sections:
-            option = OPTIONS[name]
-            values[option.section][option.field] = _parse_value(name, value)
-        elif not is_generic(name):
-            unknown.append(name)
-    if unknown and not sloppy:
-        valid = sorted(name for name, option in OPTIONS.items() if option.section in sections)
-        raise QuietError(f"unknown option(s): {', '.join(unknown)}; valid options: "
-                         f"{', '.join(valid)}", USAGE_ERROR)
-    return values
-
-
-def parse_source(source: str) -> tuple[str, str]:
-    """BUCKET[:PREFIX] -> (bucket, "" or "prefix/")."""
-    bucket, _, prefix = source.partition(":")
-    if not bucket or "/" in bucket:
-        raise QuietError(f"{source!r} is not BUCKET or BUCKET:PREFIX (e.g. "
-                         "my-bucket:some/prefix)", USAGE_ERROR)
-    prefix = prefix.strip("/")
-    return bucket, prefix + "/" if prefix else ""
-
-
-def _parse_value(name: str, value: str | None):
-    option = OPTIONS[name]
-    if not value and not option.flag:
-        raise QuietError(f"option {name} needs a value: -o {name}={option.metavar}",
-                         USAGE_ERROR)
-    try:
-        return option.parse("yes" if value is None else value)
-    except ValueError as exc:
-        raise QuietError(f"option {name}: {exc}", USAGE_ERROR) from None
 
 
 def build_config(argv: list[str], prog: str = "mount.s3stream") -> MountConfig:

@@ -95,7 +95,7 @@ def _age_argument(text: str) -> float:
 
 
 def recover_parser():
-    from .cli import Parser, add_options  # cli imports this module lazily: no import cycle
+    from .arguments import Parser, add_options
 
     parser = Parser("s3stream recover", __doc__, usage=USAGE, epilog=EPILOG)
     parser.add_argument("source", metavar="BUCKET[:PREFIX]",
@@ -119,7 +119,7 @@ def recover_parser():
 
 
 def recover_main(argv: list[str]) -> int:
-    from .cli import parse_options, parse_source
+    from .arguments import parse_options, parse_source
 
     args = recover_parser().parse_args(argv)
     try:

@@ -330,7 +330,7 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
 
 
 def status_main(argv: list[str]) -> int:
-    from .cli import Parser
+    from .arguments import Parser
 
     parser = Parser("s3stream status", "Show what running mounts are doing: each file being "
                     "written (bytes, parts uploaded\nand in flight, speed, retries, state) and "
