@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # between whole-request retries, then RETRY_DELAY_MAX
 RETRY_DELAY_MAX = 5.0
 DIRECT_PUT_MAX = 1024 * 1024  # larger bodies go through botocore (checksums in a thread)
-DIRECT_PAUSE = 60.0  # after DIRECT_MISSES requests in a row get no plain answer
+DIRECT_PAUSE = 60.0  # after DIRECT_MISSES requests of one kind in a row get no plain answer
 DIRECT_MISSES = 5
 CREDENTIALS_REFRESH = 60.0  # seconds a frozen copy of refreshable credentials is used
 
@@ -219,6 +219,10 @@ class RequestStats:
         self.errors: collections.Counter[str] = collections.Counter()
         self.retries = 0
         self.retries_by_key: dict[str, int] = {}
+        # direct requests (direct_requests.py) sent again through botocore, by operation;
+        # and kept-alive connections found closed and replaced (no fallback, no failure)
+        self.fallbacks: collections.Counter[str] = collections.Counter()
+        self.direct_client = None  # the store's DirectClient, for its counters
 
     def done(self, operation: str, key: str, status: int, code: str, retries: int) -> None:
         self.requests[operation] += 1
@@ -235,8 +239,10 @@ class RequestStats:
         self.errors[f"{operation} {type(exception).__name__}"] += 1
 
     def snapshot(self) -> dict:
+        replaced = getattr(self.direct_client, "stale_replaced", 0)
         return {"requests": dict(self.requests), "errors": dict(self.errors),
-                "retries": self.retries}
+                "retries": self.retries, "direct_fallbacks": dict(self.fallbacks),
+                "stale_connections_replaced": replaced}
 
 
 def log_requests(events, stats: RequestStats | None = None) -> None:
@@ -334,9 +340,12 @@ class BotocoreStore:
         self.limiter = trio.CapacityLimiter(config.max_connections)
         self._credentials = session.get_credentials()
         self._direct = self._direct_client(session) if config.direct_requests else None
+        self.stats.direct_client = self._direct
         self._direct_frozen: tuple[float, direct_requests.Credentials] | None = None
-        self._direct_misses = 0
-        self._direct_paused_until = 0.0
+        # per kind of request (HeadObject, PutObject, ListObjectsV2 ...): a server that
+        # answers one kind oddly (a chunked LIST) keeps the direct way for the others
+        self._direct_misses: collections.Counter[str] = collections.Counter()
+        self._direct_paused_until: dict[str, float] = {}
 
     # -- requests sent directly (direct_requests.py), botocore when they get no answer ----
 
@@ -362,8 +371,8 @@ class BotocoreStore:
             context = ssl.create_default_context(cafile=bundle or None)
         try:
             return direct_requests.DirectClient(
-                url, probe, self._client.meta.region_name, self.config.read_timeout,
-                context, max_connections=64)
+                url, probe, self._client.meta.region_name, self.config.connect_timeout,
+                self.config.read_timeout, context, max_connections=64)
         except ValueError:
             return None
 
@@ -390,7 +399,7 @@ class BotocoreStore:
                            ) -> direct_requests.Response | None:
         """The answer when it is one of `expected`, else None: send it through botocore.
         After DIRECT_MISSES misses in a row, botocore alone for DIRECT_PAUSE seconds."""
-        if self._direct is None or time.monotonic() < self._direct_paused_until:
+        if not self._direct_usable(operation):
             return None
         started = time.monotonic()
         shown = key or (query or {}).get("prefix", "")  # what the log line names
@@ -401,15 +410,15 @@ class BotocoreStore:
         except direct_requests.Unanswered as exc:
             log.debug("S3 %s s3://%s/%s -> no answer (%s) in %.1f ms, again through botocore",
                       operation, self.bucket, shown, exc, (time.monotonic() - started) * 1000)
-            self._direct_missed()
+            self._direct_missed(operation)
             return None
         if response.status not in expected:
             log.debug("S3 %s s3://%s/%s -> %s in %.1f ms, again through botocore",
                       operation, self.bucket, shown, response.status,
                       (time.monotonic() - started) * 1000)
-            self._direct_missed()
+            self._direct_missed(operation)
             return None
-        self._direct_misses = 0
+        self._direct_misses[operation] = 0
         self.stats.done(operation, shown, response.status, "", 0)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("S3 %s s3://%s/%s -> %s in %.1f ms%s", operation, self.bucket, shown,
@@ -417,13 +426,19 @@ class BotocoreStore:
                       f", {len(body)} bytes sent" if method == "PUT" else "")
         return response
 
-    def _direct_missed(self) -> None:
-        self._direct_misses += 1
-        if self._direct_misses >= DIRECT_MISSES:
-            self._direct_misses = 0
-            self._direct_paused_until = time.monotonic() + DIRECT_PAUSE
-            log.info("S3 requests over the mount's own connections got no plain answer %d "
-                     "times in a row; botocore sends them for the next %.0f s",
+    def _direct_usable(self, operation: str) -> bool:
+        return self._direct is not None and \
+            time.monotonic() >= self._direct_paused_until.get(operation, 0.0)
+
+    def _direct_missed(self, operation: str) -> None:
+        """A direct request went to botocore after all (counted for `s3stream status`)."""
+        self.stats.fallbacks[operation] += 1
+        self._direct_misses[operation] += 1
+        if self._direct_misses[operation] >= DIRECT_MISSES:
+            self._direct_misses[operation] = 0
+            self._direct_paused_until[operation] = time.monotonic() + DIRECT_PAUSE
+            log.info("S3 %s requests over the mount's own connections got no plain answer "
+                     "%d times in a row; botocore sends them for the next %.0f s", operation,
                      DIRECT_MISSES, DIRECT_PAUSE)
 
     async def aclose(self) -> None:
@@ -536,7 +551,7 @@ class BotocoreStore:
         key's ObjectInfo, or the error its HEAD ended with (NotFound, ...). Keys left
         without an answer there are asked one by one."""
         found: list[ObjectInfo | FsError | None] = [None] * len(keys)
-        if self._direct is not None and time.monotonic() >= self._direct_paused_until:
+        if self._direct_usable("HeadObject"):
             started = time.monotonic()
             try:
                 responses = await self._direct.head_many(keys,
@@ -552,9 +567,9 @@ class BotocoreStore:
                     log.debug("S3 HeadObject s3://%s/%s -> %s in %.1f ms (%d pipelined)",
                               self.bucket, key, response.status, took, len(keys))
             if all(f is None for f in found):
-                self._direct_missed()
+                self._direct_missed("HeadObject")
             else:
-                self._direct_misses = 0
+                self._direct_misses["HeadObject"] = 0
         for index, key in enumerate(keys):
             if found[index] is None:
                 try:

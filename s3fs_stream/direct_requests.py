@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import select
 import ssl
 import time
 import urllib.parse
@@ -27,7 +28,12 @@ import trio
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 UNSIGNED = "UNSIGNED-PAYLOAD"
 MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY = 64 * 1024 * 1024  # a larger Content-Length is not ours to read (LIST pages: ~1 MiB)
 IDLE_MAX = 64  # kept-alive connections
+# seconds a kept-alive connection is reused for: servers close idle ones (S3 after a few
+# seconds, load balancers at their own timeouts), and a request on a connection the server
+# closed meanwhile is lost (EOF, or a reset) however it is written
+IDLE_EXPIRY = 4.0
 
 
 class Unanswered(Exception):
@@ -111,10 +117,35 @@ class Signer:
 
 
 class _Connection:
-    def __init__(self, stream: trio.abc.Stream):
+    def __init__(self, stream: trio.abc.Stream, read_timeout: float):
         self.stream = stream
+        self.read_timeout = read_timeout
         self.buffer = bytearray()
         self.used = False  # has answered a request before (may have been closed since)
+        self.idle_since = 0.0  # trio time it went back to the idle list
+
+    def closed_while_idle(self) -> bool:
+        """Anything readable on an idle connection (the server's FIN, a reset, a TLS
+        close_notify, stray bytes) means it cannot carry another request. A look at the
+        socket, no read: the check urllib3 and httpcore make before reusing a connection."""
+        if self.buffer:
+            return True
+        stream = getattr(self.stream, "transport_stream", self.stream)  # under TLS
+        sock = getattr(stream, "socket", None)
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+    async def receive(self) -> bytes:
+        with trio.fail_after(self.read_timeout):
+            return await self.stream.receive_some(65536)
+
+    async def send(self, data: bytes) -> None:
+        with trio.fail_after(self.read_timeout):
+            await self.stream.send_all(data)
 
     async def read_head(self) -> bytes:
         while True:
@@ -125,14 +156,15 @@ class _Connection:
                 return head
             if len(self.buffer) > MAX_HEADER_BYTES:
                 raise Unanswered("response headers too long")
-            data = await self.stream.receive_some(65536)
+            data = await self.receive()
             if not data:
                 raise EOFError
             self.buffer += data
 
     async def read_body(self, length: int) -> bytes:
         while len(self.buffer) < length:
-            data = await self.stream.receive_some(max(65536, length - len(self.buffer)))
+            with trio.fail_after(self.read_timeout):
+                data = await self.stream.receive_some(max(65536, length - len(self.buffer)))
             if not data:
                 raise Unanswered("connection closed mid-body")
             self.buffer += data
@@ -145,9 +177,15 @@ class DirectClient:
     """Kept-alive HTTP/1.1 connections to one S3 endpoint, one request on each at a time.
 
     `base_url` is any URL of an object in the bucket as botocore would address it, with the
-    key `probe_key`; everything before the key is the bucket's base."""
+    key `probe_key`; everything before the key is the bucket's base.
 
-    def __init__(self, base_url: str, probe_key: str, region: str, timeout: float,
+    The pool: an idle connection is reused only within IDLE_EXPIRY seconds and only if
+    nothing arrived on it while idle; one that still turns out closed (EOF before any
+    answer: the server closed it as the request left) is replaced by a new connection, once.
+    Such a replacement is no failure of the endpoint: `stale_replaced` counts them."""
+
+    def __init__(self, base_url: str, probe_key: str, region: str,
+                 connect_timeout: float, read_timeout: float,
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 64):
         url = urllib.parse.urlsplit(base_url)
         quoted = quote_key(probe_key)
@@ -159,22 +197,25 @@ class DirectClient:
         self.netloc = url.netloc.rpartition("@")[2]
         self.base_path = url.path[:len(url.path) - len(quoted)]
         self.signer = Signer(region)
-        self.timeout = timeout
+        self.connect_timeout = connect_timeout  # TCP connect and TLS handshake
+        self.read_timeout = read_timeout  # each send and each read of the socket
+        self.stale_replaced = 0  # kept-alive connections found closed and replaced
         self._ssl = ssl_context if self.https else None
         if self.https and self._ssl is None:
             self._ssl = ssl.create_default_context()
         self._idle: list[_Connection] = []
         self._idle_run: object = None  # the trio run the idle connections belong to
-        self.pipelining = True  # until the server closes a connection part way (head_many)
+        self.pipelining = True  # until a new connection is closed after one answer
         self._limit = trio.CapacityLimiter(max_connections)
 
     async def _connect(self) -> _Connection:
-        stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
-        if self._ssl is not None:
-            stream = trio.SSLStream(stream, self._ssl, server_hostname=self.host,
-                                    https_compatible=True)
-            await stream.do_handshake()
-        return _Connection(stream)
+        with trio.fail_after(self.connect_timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+            if self._ssl is not None:
+                stream = trio.SSLStream(stream, self._ssl, server_hostname=self.host,
+                                        https_compatible=True)
+                await stream.do_handshake()
+        return _Connection(stream, self.read_timeout)
 
     async def request(self, method: str, key: str, credentials: Credentials,
                       headers: dict[str, str] | None = None, body: bytes = b"",
@@ -209,6 +250,10 @@ class DirectClient:
         requests = b"".join(self._build("HEAD", key, credentials) for key in keys)
 
         async def pipeline(connection: _Connection) -> tuple[list[Response | None], bool]:
+            # a new connection closed after its first answer (a server that takes one
+            # request per connection) ends pipelining for good; a kept-alive one closed part
+            # way (a server's cap of requests per connection) ends only this pipeline
+            fresh = not connection.used
             await self._send(connection, requests, b"")
             for index in range(len(keys)):
                 try:
@@ -216,9 +261,12 @@ class DirectClient:
                 except CONNECTION_ERRORS:
                     if index == 0:
                         raise  # no answer at all: as for a single request
+                    if fresh and index == 1:
+                        self.pipelining = False
                     return results, False  # the answers so far stand
                 if not keep:
-                    self.pipelining = index + 1 == len(keys)
+                    if fresh and index == 0 and len(keys) > 1:
+                        self.pipelining = False
                     return results, False
             return results, True
 
@@ -228,21 +276,22 @@ class DirectClient:
             return results
 
     async def _on_a_connection(self, exchange):
-        """`exchange(connection)` -> (result, keep) on an idle connection or a new one; once
-        more on a new one when a kept-alive connection turns out to be closed before any
-        answer. Raises Unanswered for anything but an answer."""
+        """`exchange(connection)` -> (result, keep) on a kept-alive connection that is still
+        good, or a new one; once more on a *new* one when a kept-alive connection turns out
+        to be closed before any answer. Raises Unanswered for anything but an answer."""
         self._check_run()
         async with self._limit:
+            connection = await self._take_idle()
             for attempt in range(2):
-                connection = self._idle.pop() if self._idle else None
                 try:
-                    with trio.fail_after(self.timeout):
-                        if connection is None:
-                            connection = await self._connect()
-                        result, keep = await exchange(connection)
+                    if connection is None:
+                        connection = await self._connect()
+                    result, keep = await exchange(connection)
                 except EOFError:
                     await self._discard(connection)
                     if attempt == 0 and connection is not None and connection.used:
+                        self.stale_replaced += 1
+                        connection = None  # a new one: the others may be as stale
                         continue
                     raise Unanswered("connection closed before the answer") from None
                 except (*CONNECTION_ERRORS, trio.TooSlowError) as exc:
@@ -254,6 +303,18 @@ class DirectClient:
                 await self._keep_or_close(connection, keep)
                 return result
         raise AssertionError("unreachable")
+
+    async def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection that is young and still open, if any;
+        older or closed ones are dropped on the way."""
+        now = trio.current_time()
+        while self._idle:
+            connection = self._idle.pop()
+            if now - connection.idle_since < IDLE_EXPIRY and \
+                    not connection.closed_while_idle():
+                return connection
+            await self._discard(connection)
+        return None
 
     def _check_run(self) -> None:
         run = trio.lowlevel.current_root_task()
@@ -282,9 +343,9 @@ class DirectClient:
 
     async def _send(self, connection: _Connection, request: bytes, body: bytes) -> None:
         try:
-            await connection.stream.send_all(request + body if len(body) < 65536 else request)
+            await connection.send(request + body if len(body) < 65536 else request)
             if len(body) >= 65536:
-                await connection.stream.send_all(body)
+                await connection.send(body)
         except trio.BrokenResourceError:
             raise EOFError from None  # closed by the server while idle: no answer to wait for
 
@@ -304,9 +365,7 @@ class DirectClient:
         if "transfer-encoding" in headers:
             raise Unanswered("chunked answer")
         length = 0 if method == "HEAD" or status in (204, 304) else \
-            int(headers.get("content-length", "-1"))
-        if length < 0:
-            raise Unanswered("answer without a length")
+            _content_length(headers.get("content-length"))
         response = Response(status, headers, await connection.read_body(length))
         connection.used = True
         if parts[0] == "HTTP/1.0":  # kept alive only when it says so
@@ -315,6 +374,7 @@ class DirectClient:
 
     async def _keep_or_close(self, connection: _Connection, keep: bool) -> None:
         if keep and len(self._idle) < IDLE_MAX:
+            connection.idle_since = trio.current_time()
             self._idle.append(connection)
         else:
             await self._discard(connection)
@@ -328,3 +388,16 @@ class DirectClient:
         idle, self._idle = self._idle, []
         for connection in idle:
             await self._discard(connection)
+
+
+def _content_length(value: str | None) -> int:
+    """A Content-Length as RFC 9110 writes it (digits only: not `+5`, `1_000` or `٥`), and
+    small enough to read into memory; anything else is no plain answer."""
+    if value is None:
+        raise Unanswered("answer without a length")
+    if not (value.isascii() and value.isdigit()) or len(value) > 15:
+        raise Unanswered("answer with a malformed Content-Length")
+    length = int(value)
+    if length > MAX_BODY:
+        raise Unanswered(f"answer of {length} bytes: more than a direct request reads")
+    return length

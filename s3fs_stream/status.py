@@ -326,6 +326,10 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
     lines.append(f"requests: {requests or 'none'}; retries {document['retries']}")
     errors = ", ".join(f"{k} {v}" for k, v in sorted(document["errors"].items()))
     lines.append(f"errors: {errors or 'none'}")
+    fallbacks = ", ".join(f"{k} {v}" for k, v in
+                          sorted(document.get("direct_fallbacks", {}).items()))
+    lines.append(f"sent again through botocore: {fallbacks or 'none'}; stale connections "
+                 f"replaced {document.get('stale_connections_replaced', 0)}")
     return "\n".join(lines)
 
 

@@ -24,6 +24,9 @@ read-only credentials, as the mount meets them); `proxy.refuse(None)` stops refu
 can change while a mount runs (the mount's own checks at start-up pass first); each refused
 request is counted in `refused`.
 
+`idle_close=SECONDS` closes a client connection that waits that long for its next request,
+as S3 and load balancers close idle kept-alive connections.
+
 Faults happen at HTTP-message boundaries of a connection; everything else is a byte pump.
 `Expect: 100-continue` is relayed: the server's interim answer goes back to the client before
 the body is sent on (an injected 500/503 answers at once; the client then sends no body).
@@ -153,13 +156,15 @@ def _reset(sock: socket.socket) -> None:
 class FaultProxy:
     def __init__(self, upstream_port: int, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1",
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, idle_close: float | None = None):
         unknown = set(modes) - set(ALL_MODES)
         if unknown:
             raise ValueError(f"unknown fault modes: {sorted(unknown)}")
         self.upstream = (upstream_host, upstream_port)
         self.tls = tls  # clients speak https to the proxy (it speaks http upstream)
         self.rate = rate
+        self.idle_close = idle_close
+        self.idle_closed = 0  # connections closed for idleness
         self.modes = tuple(modes)
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -252,10 +257,16 @@ class FaultProxy:
             reader = _Reader(client)
             up_reader: _Reader | None = None
             while not self._stopped:
+                client.settimeout(self.idle_close)  # only while waiting for a request
                 try:
                     head = reader.head()
                 except _Closed:
                     return
+                except TimeoutError:
+                    with self._lock:
+                        self.idle_closed += 1
+                    return
+                client.settimeout(None)
                 start, headers = _headers(head)
                 method, target = start.decode("latin-1").split(" ")[:2]
                 mode = self._choose(method, target, headers)

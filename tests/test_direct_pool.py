@@ -1,0 +1,218 @@
+"""The direct client's connection pool against a stand-in endpoint that behaves like the ones
+users meet (issue 18): it closes connections idle for a moment (S3, load balancers), closes
+after every N-th request (nginx's keepalive_requests), closes a kept-alive connection just as
+a request arrives, stalls, or sends lengths no one should allocate. Every HEAD gets its
+answer without a fallback to botocore, and none of these is counted as the endpoint failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from conftest import VENV_BIN, new_bucket
+from fault_proxy import FaultProxy
+
+from s3fs_stream import direct_requests
+from s3fs_stream.direct_requests import Credentials, DirectClient, Unanswered
+
+CREDENTIALS = Credentials("AKID", "secret")
+ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nETag: \"e\"\r\n"
+          b"Last-Modified: Thu, 26 Nov 2026 03:28:12 GMT\r\n")
+
+
+@dataclass
+class Endpoint:
+    """A loopback stand-in for S3 that answers every HEAD 200."""
+    idle_close: float = 60.0  # close a connection idle this long
+    close_every: int = 0  # answer every N-th request of a connection with Connection: close
+    drop_request: int = 0  # close without an answer when a connection's N-th request comes
+    stall: bool = False  # never answer
+    answer: bytes = ANSWER
+    connections: int = 0
+    requests: int = 0
+    port: int = 0
+    nursery: trio.Nursery | None = field(default=None, repr=False)
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        served = 0
+        try:
+            while True:
+                with trio.move_on_after(self.idle_close) as idle:
+                    while b"\r\n\r\n" not in buffer:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            return
+                        buffer += data
+                if idle.cancelled_caught:
+                    return  # closed for idleness, as S3 does
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                served += 1
+                self.requests += 1
+                if self.drop_request and served == self.drop_request:
+                    return
+                if self.stall:
+                    await trio.sleep_forever()
+                close = self.close_every and served % self.close_every == 0
+                await stream.send_all(self.answer + (b"Connection: close\r\n" if close else b"")
+                                      + b"\r\n")
+                if close:
+                    return
+        except trio.BrokenResourceError:
+            return
+        finally:
+            await stream.aclose()
+
+    def client(self, read_timeout: float = 5.0) -> DirectClient:
+        return DirectClient(f"http://127.0.0.1:{self.port}/bucket/p", "p", "us-east-1",
+                            connect_timeout=2, read_timeout=read_timeout)
+
+
+@pytest.fixture
+async def endpoint(nursery):
+    made = Endpoint()
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, made.serve, 0,
+                                                      host="127.0.0.1"))
+    made.port = listeners[0].socket.getsockname()[1]
+    return made
+
+
+async def heads(client: DirectClient, count: int) -> list:
+    return [await client.request("HEAD", f"k{i}", CREDENTIALS) for i in range(count)]
+
+
+@pytest.mark.timeout(30)
+async def test_connections_closed_while_idle_are_not_reused(endpoint):
+    """Bursts of parallel HEADs with pauses longer than the endpoint's idle timeout: every
+    HEAD answered, and no request is lost on a connection the server closed."""
+    endpoint.idle_close = 0.2
+    client = endpoint.client()
+    for _ in range(3):
+        results = []
+
+        async def burst(results=results):
+            results.extend(await heads(client, 4))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(burst)
+        assert [r.status for r in results] == [200] * 32
+        await trio.sleep(0.5)  # every kept connection is closed by now
+    assert client.stale_replaced == 0  # each closed one was seen before use
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_old_idle_connections_expire(endpoint, monkeypatch):
+    """An idle connection older than IDLE_EXPIRY is not used (the server may be closing it
+    at that very moment), even if it still looks open."""
+    monkeypatch.setattr(direct_requests, "IDLE_EXPIRY", 0.1)
+    client = endpoint.client()
+    await heads(client, 2)
+    assert endpoint.connections == 1
+    await trio.sleep(0.2)
+    await heads(client, 1)
+    assert endpoint.connections == 2
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_connection_closed_as_the_request_arrives_is_replaced(endpoint):
+    """The race no check can see: the server closes a kept-alive connection as the request
+    reaches it. The request goes again on a new connection, and counts as no failure."""
+    endpoint.drop_request = 2
+    client = endpoint.client()
+    assert len(await heads(client, 6)) == 6
+    assert client.stale_replaced >= 2
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_cap_per_connection_keeps_pipelining(endpoint):
+    """Connection: close after every 3rd request (nginx's keepalive_requests): a pipeline
+    is cut short, its answers stand, and pipelining stays on for the next directory."""
+    endpoint.close_every = 3
+    client = endpoint.client()
+    await heads(client, 1)  # a kept-alive connection, used once
+    found = await client.head_many([f"k{i}" for i in range(10)], CREDENTIALS)
+    assert [r.status for r in found[:2]] == [200, 200]
+    assert client.pipelining
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_server_of_one_request_per_connection_ends_pipelining(endpoint):
+    endpoint.close_every = 1
+    client = endpoint.client()
+    found = await client.head_many([f"k{i}" for i in range(5)], CREDENTIALS)
+    assert found[0].status == 200 and found[1] is None
+    assert not client.pipelining
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("length", [b"100000000000", b"+5", b"1_000", b"-1", b"\xd9\xa5"])
+async def test_odd_lengths_are_no_answer(endpoint, length):
+    endpoint.answer = b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n"
+    client = endpoint.client()
+    with pytest.raises(Unanswered):
+        await client.request("GET", "k", CREDENTIALS)
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_stalled_answer_ends_after_the_read_timeout(endpoint):
+    endpoint.stall = True
+    client = endpoint.client(read_timeout=0.3)
+    started = trio.current_time()
+    with pytest.raises(Unanswered):
+        await client.request("HEAD", "k", CREDENTIALS)
+    assert trio.current_time() - started < 2
+    await client.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_mount_through_an_endpoint_that_closes_idle_connections(seaweed, mount_factory):
+    """Through a real mount, an endpoint that closes connections idle for 2 s (as S3 does
+    after a few seconds): bursts of `ls -l` and small-file copies, quiet periods longer than
+    that between them. Every result right; the status socket counts no request sent again
+    through botocore, and no 60 s pause follows."""
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=0.0, idle_close=2.0) as proxy:
+        bucket = new_bucket(seaweed)
+        client = seaweed.client()
+        for i in range(40):
+            client.put_object(Bucket=bucket, Key=f"listed/f{i}", Body=b"x" * (5000 + i))
+        m = mount_factory(dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url),
+                          bucket=bucket)
+        source = m.path.parent / "src"
+        source.mkdir()
+        for i in range(20):
+            (source / f"s{i}").write_bytes(os.urandom(100 + i))
+        for burst in range(3):
+            listing = subprocess.run(["ls", "-l", m.path / "listed"], capture_output=True,
+                                     text=True, timeout=60, check=True).stdout
+            sizes = sorted(int(line.split()[4]) for line in listing.splitlines()[1:])
+            assert sizes == [5000 + i for i in range(40)]
+            subprocess.run(["cp", "-r", source, m.path / f"copy{burst}"], check=True,
+                           timeout=60)
+            for i in range(20):
+                assert m.get(f"copy{burst}/s{i}") == (source / f"s{i}").read_bytes()
+            time.sleep(3)  # every kept connection is closed by the endpoint meanwhile
+        assert proxy.idle_closed > 0  # the endpoint did close idle connections
+        status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        document = json.loads(status.stdout)[0]
+        assert document.get("direct_fallbacks") == {}, document
+        log = m.log()
+        assert "again through botocore" not in log and "botocore sends them" not in log
