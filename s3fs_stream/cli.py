@@ -139,6 +139,19 @@ class KernelGaveUpFilter(logging.Filter):
         return True
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(32), 127]}
+
+
+class OneLineFormatter(logging.Formatter):
+    r"""Every log line is one line: control characters in a message (file names may hold
+    `\n`, `\r`, escape sequences) are written as `\xNN`, so a name cannot forge or hide a
+    line; a traceback after the message is left as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
+
+
 def setup_logging(config: MountConfig, to_stderr: bool) -> None:
     level = getattr(logging, config.log_level.upper())
     if config.verbose:
@@ -147,20 +160,20 @@ def setup_logging(config: MountConfig, to_stderr: bool) -> None:
     root.handlers.clear()
     if config.log_file:
         handler: logging.Handler = logging.FileHandler(config.log_file)
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(OneLineFormatter(
             "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     elif to_stderr:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     elif os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("s3stream[%(process)d]: %(levelname)s "
+        handler.setFormatter(OneLineFormatter("s3stream[%(process)d]: %(levelname)s "
                                                "%(message)s"))
     else:  # no syslog (containers): a file the user can find, never silence
         state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
         os.makedirs(os.path.join(state, "s3stream"), exist_ok=True)
         handler = logging.FileHandler(os.path.join(state, "s3stream", "mount.log"))
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(OneLineFormatter(
             "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
