@@ -57,6 +57,7 @@ class Handle:
     # opened for writing with the writeback cache on: the kernel reads through it to complete
     # a page before a partial-page write (a program's own read looks the same)
     patching: bool = False
+    stale: bool = False  # the object was replaced while open: every read is ESTALE
 
 
 class OpenFiles:
@@ -187,6 +188,8 @@ class OpenFiles:
 
     async def read(self, fh: int, offset: int, length: int) -> bytes | bytearray | memoryview:
         handle = self._handle(fh)
+        if handle.stale:
+            raise FsError("", errno.ESTALE)  # said once, at the first such read
         if handle.reader is not None:
             if handle.node.meta_pending and self.before_read is not None:
                 # attributes set after the open and not yet stored: stored before reading, so
@@ -199,10 +202,17 @@ class OpenFiles:
             try:
                 return await handle.reader.read(offset, length)
             except FsError as exc:
-                if exc.errno == errno.ESTALE:
-                    handle.node.expires = 0.0  # the next open sees the new object
-                    handle.node.cached_etag = None
-                raise
+                if exc.errno != errno.ESTALE:
+                    raise
+                # the old bytes are gone from the bucket (overwritten): ESTALE, as NFS
+                # answers, for this descriptor from now on; one line, not one per read
+                handle.stale = True
+                handle.node.expires = 0.0  # the next open sees the new object
+                handle.node.cached_etag = None
+                log.warning("%s: replaced while open here (by a rename over it or another "
+                            "client); reads of this descriptor answer ESTALE, open it again "
+                            "to read the new object", handle.node.path)
+                raise FsError("", errno.ESTALE) from None
         return await handle.writer.read_held(offset, length, handle.patching)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
