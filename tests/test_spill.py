@@ -182,8 +182,12 @@ def test_spills_refused_while_mounted_back_off(seaweed, proxy, mount_factory):
     ENOSPC, never hang, and the mount keeps answering."""
     bucket = new_bucket(seaweed)
     seaweed.client().put_object(Bucket=bucket, Key="other.txt", Body=b"hello")
+    seen: list[tuple[str, str]] = []
+    proxy.refuse(lambda method, target, headers: seen.append((method, target)) and False)
     m = mount_factory(through(seaweed, proxy), "max_memory=16M", bucket=bucket)
-    assert wait_until(lambda: proxy.requests >= 3, 10)  # the start-up check passed
+    # the start-up check passed: its probe was put and deleted
+    assert wait_until(lambda: any(method == "DELETE" and target.endswith("/probe")
+                                  for method, target in seen), 10), seen
     proxy.refuse(refuse_method("PUT", ".s3stream/"))
     size = 12 * MiB
     started = time.monotonic()
@@ -197,7 +201,8 @@ def test_spills_refused_while_mounted_back_off(seaweed, proxy, mount_factory):
     log = m.log()
     refusals = [line for line in log.splitlines()
                 if "could not spill" in line and " WARNING " in line]
-    assert len(refusals) <= 1 + took / 60, refusals
+    assert 1 <= len(refusals) <= 1 + took / 60, refusals
+    assert "spilling is off" not in log
     assert len(spill_lines(log)) == failed + len(refusals)
     assert prober.count >= 3 and prober.slowest < 3.0, (prober.count, prober.slowest)
     proxy.refuse(None)  # allowed again: after the pause, spilling works
