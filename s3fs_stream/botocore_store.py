@@ -60,6 +60,7 @@ RETRY_DELAY_MAX = 5.0
 DIRECT_PUT_MAX = 1024 * 1024  # larger bodies go through botocore (checksums in a thread)
 DIRECT_PAUSE = 60.0  # after DIRECT_MISSES requests of one kind in a row get no plain answer
 DIRECT_MISSES = 5
+OWNER_ONLY_ACLS = ("private", "bucket-owner-read", "bucket-owner-full-control")
 CREDENTIALS_REFRESH = 60.0  # seconds a frozen copy of refreshable credentials is used
 
 _CLIENT_ERRORS: dict[str, type[StoreError]] = {
@@ -488,20 +489,26 @@ class BotocoreStore:
         args: dict = {"Metadata": dict(options.metadata)}
         if options.content_type:
             args["ContentType"] = options.content_type
-        return args | self._storage_args()
+        return args | self._storage_args(options.temporary)
 
-    def _storage_args(self) -> dict:
+    def _storage_args(self, temporary: bool = False) -> dict:
         """The mount's options for every object it creates, copies included: S3 does not
         carry storage class, encryption or ACL over in a CopyObject (it applies the
-        bucket's defaults), even when the metadata is copied."""
+        bucket's defaults), even when the metadata is copied.
+
+        A temporary object (a spilled part, read back within minutes) is STANDARD: GLACIER
+        could not be read back, STANDARD_IA and GLACIER_IR bill every object 30-90 days. It
+        keeps the encryption, and only an ACL that grants nobody beyond the bucket owner
+        (a bucket policy may demand bucket-owner-full-control): public-read would publish
+        the bytes of files still being written."""
         args: dict = {}
-        if self.config.storage_class:
+        if self.config.storage_class and not temporary:
             args["StorageClass"] = self.config.storage_class
         if self.config.sse:
             args["ServerSideEncryption"] = self.config.sse
             if self.config.sse_kms_key_id:
                 args["SSEKMSKeyId"] = self.config.sse_kms_key_id
-        if self.config.acl:
+        if self.config.acl and (not temporary or self.config.acl in OWNER_ONLY_ACLS):
             args["ACL"] = self.config.acl
         return args
 
@@ -714,7 +721,7 @@ class BotocoreStore:
         headers = {f"x-amz-meta-{name}": value for name, value in options.metadata.items()}
         if options.content_type:
             headers["content-type"] = options.content_type
-        storage = self._storage_args()
+        storage = self._storage_args(options.temporary)
         for arg, header in (("StorageClass", "x-amz-storage-class"),
                             ("ServerSideEncryption", "x-amz-server-side-encryption"),
                             ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),

@@ -14,6 +14,10 @@ Memory decides how fast writers go, never whether they succeed:
   uploaded, a partly filled one is spilled to a temporary object in the bucket. Spilling is
   what keeps any number of writers from deadlocking: the kernel can park every writer's data
   behind memory that only more data could free (README "Many files at once").
+- When spilling is impossible (the bucket refuses it, spill_area.py) and nothing else can
+  make room -- nothing in flight, nothing uploadable, nothing pinned by a request in
+  progress -- for STUCK_GRACE seconds, the longest waiting request is refused with ENOSPC
+  (its writer fails and its memory is freed: the next in line may then fit), one at a time.
 
 The budget also recycles the large buffers behind reserved memory (part buffers, read-ahead
 segments). A fresh multi-MiB buffer costs a page fault per 4 KiB the first time it is filled,
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reuses them anyway
 SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
+STUCK_GRACE = 2.0  # seconds nothing can make room before the longest waiter gets ENOSPC
 
 
 class MemoryHolder(Protocol):
@@ -51,6 +56,12 @@ class MemoryHolder(Protocol):
     def busy(self) -> bool:
         """An upload or spill is running: memory will come back without our help."""
 
+    def pinned(self) -> bool:
+        """A request in progress uses one of its parts: it lets go on its own."""
+
+    def blocked(self) -> bool:
+        """It holds memory that only a spill could free, and spilling is not possible now."""
+
     def eviction_candidate(self) -> tuple[int, float, object] | None:
         """(cost class, last use, part) of the part `evict` would free next, if any."""
 
@@ -62,6 +73,7 @@ class MemoryHolder(Protocol):
 class _Waiter:
     amount: int
     granted: trio.Event = field(default_factory=trio.Event)
+    refused: FsError | None = None  # granted nothing: nothing could make room
 
 
 class MemoryBudget:
@@ -71,6 +83,8 @@ class MemoryBudget:
         self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
         self.peak = 0
         self.spills = 0  # parts spilled to the bucket so far (reported in the log and status)
+        self.refusals = 0  # requests refused with ENOSPC: nothing could make room
+        self._stuck_since: float | None = None  # trio time since which nothing can make room
         self._waiters: deque[_Waiter] = deque()
         self._holders: set[MemoryHolder] = set()
         self._pressure = trio.Event()  # set while someone waits
@@ -112,12 +126,16 @@ class MemoryBudget:
         try:
             await waiter.granted.wait()
         except BaseException:
-            if waiter.granted.is_set():
+            if waiter.refused is not None:
+                pass  # took nothing, no longer in line
+            elif waiter.granted.is_set():
                 self.release(amount)
             else:
                 self._waiters.remove(waiter)
                 self._grant()  # the next in line may fit now
             raise
+        if waiter.refused is not None:
+            raise waiter.refused
 
     def release(self, amount: int) -> None:
         if amount <= 0:
@@ -164,18 +182,44 @@ class MemoryBudget:
         if not self._waiters:
             return
         if any(holder.busy() for holder in self._holders):
+            self._stuck_since = None
             with trio.move_on_after(SETTLE):
                 await self._released.wait()
             return
         candidates = [(found, holder) for holder in list(self._holders)
                       if (found := holder.eviction_candidate()) is not None]
-        if not candidates:
-            # everything is pinned by requests in progress: they finish on their own
+        if candidates:
+            self._stuck_since = None
+            (_, _, part), holder = min(candidates, key=lambda c: c[0][:2])
+            await holder.evict(part)
+            return
+        if any(holder.pinned() for holder in self._holders) \
+                or not any(holder.blocked() for holder in self._holders):
+            # requests in progress hold what is left: they finish on their own
+            self._stuck_since = None
             with trio.move_on_after(SETTLE):
                 await self._released.wait()
             return
-        (_, _, part), holder = min(candidates, key=lambda c: c[0][:2])
-        await holder.evict(part)
+        self._when_stuck()
+        with trio.move_on_after(SETTLE):
+            await self._released.wait()
+
+    def _when_stuck(self) -> None:
+        """Nothing can make room: after STUCK_GRACE, refuse the longest waiter (ENOSPC)."""
+        now = trio.current_time()
+        if self._stuck_since is None:
+            self._stuck_since = now
+        if now - self._stuck_since < STUCK_GRACE or not self._waiters:
+            return
+        self._stuck_since = now  # the next refusal after another grace, if still stuck
+        waiter = self._waiters.popleft()
+        waiter.refused = FsError(
+            f"no memory for its next {-(-waiter.amount // 1024)} KiB: all of max_memory "
+            f"({self.limit >> 20} MiB) is held by partly filled parts that can be neither "
+            "uploaded nor spilled", errno.ENOSPC)
+        waiter.granted.set()
+        self.refusals += 1
+        self._grant()  # the next in line may fit now
 
     # -- recycled buffers --------------------------------------------------------------
 

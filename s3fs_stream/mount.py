@@ -217,7 +217,8 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
                         pages.drop, notifier.notify)
         nursery.start_soon(budget.reclaim_forever)
-        nursery.start_soon(_delete_stale_spills, fs)
+        if not config.fs.read_only:  # check the spill area, clean up after crashed mounts
+            nursery.start_soon(fs.spill.maintain)
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
         nursery.start_soon(fs.namespace.store_meta_forever)  # chmod/utimes of closed files
@@ -248,6 +249,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             notifier.stop()
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
+                await fs.spill.close()  # after the writers: their spills are deleted
                 await fs.namespace.store_all_meta()  # after the writers: none holds a file
                 await pool.close()
                 await store.aclose()
@@ -259,13 +261,6 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
     if left:
         raise QuietError(f"{len(left)} file(s) were still open at unmount; their uploads are "
                          "left for 's3stream recover'", UPLOADS_LEFT)
-
-
-async def _delete_stale_spills(fs: FileSystem) -> None:
-    try:
-        await fs.spill.delete_stale()
-    except StoreError as exc:
-        log.warning("could not look for temporary objects of crashed mounts: %s", exc)
 
 
 async def _terminate_on_signals(operations: FuseOperations) -> None:

@@ -5,17 +5,32 @@ has parked that data behind a request that needs memory, only storing a part els
 anyone move. The bucket is that elsewhere: a spilled part's bytes go to
 `PREFIX.s3stream/spill/MOUNT-ID/N` and come back (ranged GET) when the part is uploaded or
 changed, after which the temporary object is deleted. The namespace hides `.s3stream` at
-the mount's root. Objects left by a crashed mount are deleted by the next mount of the prefix
-once they are a day old.
+the mount's root. Spills are STANDARD objects whatever the mount's storage class
+(`PutOptions.temporary`).
+
+Whether spilling works is checked once the mount runs (`maintain`: a PUT and a DELETE of a
+probe object); if not, spilling is off for the mount's life, said in one log line. A spill
+refused later pauses spilling (1 s, doubling up to a minute, at most one WARNING a minute):
+meanwhile the reclaimer uploads what it can, and a writer nobody can make room for fails
+with ENOSPC (memory_budget.py).
+
+Liveness: once a mount has spilled, it keeps a lease object `MOUNT-ID/alive` beside its
+spills, written again every hour and deleted at unmount. A mount deletes the spill areas
+of other mounts of its prefix whose newest object (lease or spill) is a day old: a crashed
+mount's. A live mount's spills, however old, are never deleted by another mount.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import math
 import os
 import time
 import uuid
+
+import trio
 
 from .errors import FsError
 from .object_store import ObjectStore, PutOptions, read_into
@@ -24,20 +39,73 @@ from .part_buffer import Segment
 log = logging.getLogger(__name__)
 
 RESERVED_NAME = ".s3stream"  # hidden at the mount's root
-STALE_AFTER = 24 * 3600
+STALE_AFTER = 24 * 3600  # an area whose newest object is this old belongs to a dead mount
+LEASE_NAME = "alive"
+PAUSE_FIRST = 1.0  # seconds without spills after a refused one, doubling ...
+PAUSE_MAX = 60.0  # ... up to this
+WARN_EVERY = 60.0  # at most one WARNING about refused spills per this many seconds
+TEMPORARY = PutOptions(temporary=True)
 
 
 class SpillArea:
-    def __init__(self, store: ObjectStore, prefix: str):
+    def __init__(self, store: ObjectStore, prefix: str, stale_after: float = STALE_AFTER):
         self._store = store
         self.root = f"{prefix}{RESERVED_NAME}/spill/"
         self._prefix = f"{self.root}{uuid.uuid4().hex[:12]}-{os.getpid()}/"
         self._numbers = itertools.count(1)
+        self.stale_after = stale_after
+        self.enabled = True  # False: the start-up check failed, no spills for the mount's life
+        self.refused = 0  # spills refused so far (status, tests)
+        self._error = ""  # why spilling is off or paused, for the writer's error line
+        self._pause = 0.0
+        self._retry_at = -math.inf  # trio time before which no spill is tried
+        self._next_warning = -math.inf
+        self._unwarned = 0  # refusals since the last WARNING
+        self._spilled = trio.Event()  # set by the first spill: the lease is needed from then
+        self._lease = False  # the lease object exists
+
+    @property
+    def where(self) -> str:
+        return f"s3://{self._store.bucket}/{self.root}"
+
+    def ready(self) -> bool:
+        """A spill may be tried now: spilling is on and not paused after a refusal."""
+        return self.enabled and trio.current_time() >= self._retry_at
+
+    def why_not(self) -> str:
+        """For a writer's error line: why nothing could be spilled, and what to do."""
+        return (f"spilling to {self.where} is not possible ({self._error}); raise max_memory, "
+                "or allow PutObject and DeleteObject on that prefix")
 
     async def put(self, data: bytes | bytearray | memoryview, start: int) -> Segment:
+        if not self.ready():
+            raise FsError(f"spilling is paused: {self._error}", errno.ENOSPC)
         key = f"{self._prefix}{next(self._numbers)}"
-        etag = await self._store.put(key, data, PutOptions())
+        try:
+            etag = await self._store.put(key, data, TEMPORARY)
+        except FsError as exc:
+            self._refused_now(exc, len(data))
+            raise
+        self._pause = 0.0
+        self._spilled.set()
         return Segment(key, etag, start, start + len(data))
+
+    def _refused_now(self, exc: FsError, size: int) -> None:
+        """No spill for a while; one WARNING a minute at most (with the count meanwhile)."""
+        now = trio.current_time()
+        self.refused += 1
+        self._unwarned += 1
+        self._pause = min(PAUSE_MAX, max(PAUSE_FIRST, 2 * self._pause))
+        self._retry_at = now + self._pause
+        self._error = f"the last spill was refused: {exc}"
+        if now < self._next_warning:
+            return
+        log.warning("could not spill %d bytes to %s to free memory (%d spill(s) refused since "
+                    "the last such warning): %s; no spills for %.0f s (at most a minute, then "
+                    "tried again): a writer nothing else can make room for fails with ENOSPC "
+                    "meanwhile", size, self.where, self._unwarned, exc, self._pause)
+        self._unwarned = 0
+        self._next_warning = now + WARN_EVERY
 
     async def read_into(self, segment: Segment, into: memoryview) -> None:
         await read_into(self._store, segment.key, 0, segment.end - segment.start, segment.etag,
@@ -55,15 +123,74 @@ class SpillArea:
             except FsError as exc:
                 log.warning("could not delete temporary object %s: %s", segment.key, exc)
 
+    # -- the mount's lifetime --------------------------------------------------------------
+
+    async def maintain(self) -> None:
+        """For as long as the mount runs: check that spills can be stored (else spilling is
+        off), delete dead mounts' spill areas, keep this mount's lease once it has spilled."""
+        await self.check()
+        if not self.enabled:
+            return
+        try:
+            await self.delete_stale()
+        except FsError as exc:
+            log.warning("could not look for temporary objects of crashed mounts: %s", exc)
+        await self._spilled.wait()
+        while True:
+            try:
+                await self._store.put(f"{self._prefix}{LEASE_NAME}", b"", TEMPORARY)
+                self._lease = True
+            except FsError as exc:  # its spills are young meanwhile; one line an interval
+                log.warning("could not refresh this mount's lease on its temporary objects "
+                            "in %s: %s", self.where, exc)
+            await trio.sleep(self.stale_after / 24)
+
+    async def check(self) -> None:
+        """A PUT and a DELETE of a probe object where spills go; if either fails, spilling is
+        off for the mount's life (one line)."""
+        probe = f"{self._prefix}probe"
+        try:
+            await self._store.put(probe, b"", TEMPORARY)
+            await self._store.delete(probe)
+        except FsError as exc:
+            self.enabled = False
+            self._error = f"the start-up check was refused: {exc}"
+            log.warning("spilling is off: temporary objects cannot be stored in %s (%s). When "
+                        "max_memory is all held by partly filled parts, a writer waits for a "
+                        "few seconds, then fails with ENOSPC; allow PutObject and DeleteObject "
+                        "on that prefix, or raise max_memory", self.where, exc)
+
+    async def close(self) -> None:
+        """At unmount, once every spill is deleted: the lease goes too."""
+        if self._lease:
+            try:
+                await self._store.delete(f"{self._prefix}{LEASE_NAME}")
+            except FsError as exc:
+                log.warning("could not delete this mount's lease %s%s: %s", self._prefix,
+                            LEASE_NAME, exc)
+
     async def delete_stale(self) -> None:
-        """Delete what crashed mounts of this prefix left behind (a day old or more)."""
+        """Delete the spill areas of dead mounts of this prefix: those whose newest object
+        (the lease, refreshed hourly by a live mount, or a spill) is `stale_after` old. Stops
+        at the first refused DELETE (one line)."""
+        areas: dict[str, list] = {}
         token = None
-        cutoff = time.time() - STALE_AFTER
         while True:
             page = await self._store.list_page(self.root, None, token)
             for info in page.objects:
-                if info.last_modified < cutoff:
-                    await self.delete([Segment(info.key, info.etag, 0, info.size)])
+                area = info.key[:len(self.root)] + info.key[len(self.root):].split("/", 1)[0]
+                areas.setdefault(area, []).append(info)
             token = page.next_token
             if token is None:
-                return
+                break
+        cutoff = time.time() - self.stale_after
+        for area, objects in areas.items():
+            if f"{area}/" == self._prefix or max(o.last_modified for o in objects) >= cutoff:
+                continue  # this mount's, or a mount that showed life within the period
+            for info in objects:
+                try:
+                    await self._store.delete(info.key)
+                except FsError as exc:
+                    log.warning("could not delete temporary objects of a crashed mount in "
+                                "%s: %s", self.where, exc)
+                    return

@@ -109,6 +109,7 @@ class StreamingWriter:
         self.error: FsError | None = None
         self._session: UploadSession | None = None
         self._parts: dict[int, Part] = {}
+        self._dead_segments: list[Segment] = []  # spills of parts freed once failed
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
         self._meta_version = 0  # counts those changes: one during a completion is not lost
@@ -396,8 +397,16 @@ class StreamingWriter:
             await self._seal(number)
 
     async def _reserve(self, amount: int) -> None:
-        """Wait for `amount` more bytes of budget for this request (holding no pins)."""
-        await self._budget.acquire(amount, self.name)
+        """Wait for `amount` more bytes of budget for this request (holding no pins). Refused
+        (ENOSPC) when nothing can make room, spilling being impossible: the file fails (its
+        bytes so far are lost to the object, which is never completed without them) and
+        the reclaimer frees its memory for the others."""
+        try:
+            await self._budget.acquire(amount, self.name)
+        except FsError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise self._fail(FsError(f"{exc}; {self._spill.why_not()}", errno.ENOSPC)) from None
         self._credit += amount
 
     async def _seal(self, number: int) -> None:
@@ -442,6 +451,7 @@ class StreamingWriter:
         """Part `number` in memory, idle and pinned (the caller unpins), its buffer reaching
         back to byte `within`: loaded, gathered or rebased as `where` in the docstring says."""
         while True:
+            self._check_failed()  # a failed writer's parts may be freed across any await
             part = self._parts.get(number)
             if part is not None:
                 if part.busy:
@@ -744,19 +754,37 @@ class StreamingWriter:
                 and (part.stored == "base" or part.full))
 
     def drop_stored(self) -> None:
+        failed = self.state is State.FAILED  # nothing of it will be stored: free it all
         for part in list(self._parts.values()):
-            if self._droppable(part):
+            if failed and not part.busy and not part.pins:
+                self._dead_segments += part.segments  # deleted at release
+                self._release_buffer(part)
+                self._parts.pop(part.number, None)
+            elif self._droppable(part):
                 self._free(part)
 
     def busy(self) -> bool:
         return any(part.busy for part in self._parts.values())
 
+    def pinned(self) -> bool:
+        return any(part.pins for part in self._parts.values())
+
+    def blocked(self) -> bool:
+        return self.state is not State.FAILED and not self._spill.ready() and any(
+            not part.busy and not part.pins and part.in_memory and not self._droppable(part)
+            and not self._uploadable(part) for part in self._parts.values())
+
     def eviction_candidate(self) -> tuple[int, float, Part] | None:
+        if self.state is State.FAILED:
+            return None  # `drop_stored` frees its parts
         best = None
+        spill = self._spill.ready()
         for part in self._parts.values():
             if part.busy or part.pins or not part.in_memory or self._droppable(part):
                 continue
             cost = 0 if self._uploadable(part) else 1
+            if cost and not spill:
+                continue  # paused after a refusal, or off: `blocked` tells the budget
             if best is None or (cost, part.last_used) < best[:2]:
                 best = (cost, part.last_used, part)
         return best
@@ -780,9 +808,8 @@ class StreamingWriter:
             data = part.buf if len(part.buf) == part.in_memory else \
                 bytes(part.view(part.mem_start, part.length))
             segment = await self._spill.put(data, part.mem_start)
-        except FsError as exc:
-            log.warning("%s: could not spill %d bytes to the bucket to free memory: %s",
-                        self.name, part.in_memory, exc)
+        except FsError as exc:  # the spill area logs refusals (at most one line a minute)
+            log.debug("%s: could not spill %d bytes: %s", self.name, part.in_memory, exc)
         else:
             part.segments.append(segment)
             part.mem_start = part.length
@@ -813,6 +840,8 @@ class StreamingWriter:
         while any(part.busy for part in self._parts.values()):
             await next(p for p in self._parts.values() if p.busy).idle.wait()
         segments = [segment for part in self._parts.values() for segment in part.segments]
+        segments += self._dead_segments
+        self._dead_segments = []
         for part in list(self._parts.values()):
             self._release_buffer(part)
         self._parts.clear()
