@@ -34,6 +34,9 @@ class Node:
     ctime_ns: int = 0  # 0: the mtime
     target: bytes | None = None  # a symbolic link's target, once read
     fetching: object = None  # trio.Event while a HEAD for these attributes is in flight
+    # what the object carries besides our attributes (object_meta.Kept), from its HEAD;
+    # None for a listing's entry (has_metadata False) or an object this mount made
+    kept: object = None
     # attributes changed here and not yet stored (Namespace's deferred metadata): the node
     # stays in the table even when the kernel forgets it, or the change would be lost
     meta_pending: bool = False
