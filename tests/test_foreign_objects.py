@@ -16,6 +16,7 @@ number) is shown as the mount's defaults: `ls -l` works, one WARNING line says s
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -192,3 +193,76 @@ def test_odd_metadata_of_other_tools_is_shown_as_defaults(any_server, mount_fact
     lines = [line for line in m.log().splitlines() if "written by another tool?" in line]
     assert len(lines) == 1, lines
     assert " WARNING " in lines[0]
+
+
+def test_parse_mtime_takes_seconds_only_within_64_bit_nanoseconds():
+    from s3fs_stream.object_meta import parse_mtime
+
+    assert parse_mtime("1700000000") == 1_700_000_000_000_000_000
+    assert parse_mtime(" 12.5 ") == 12_500_000_000
+    assert parse_mtime("-1.5") == -1_500_000_000
+    assert parse_mtime("9223372036") == 9_223_372_036_000_000_000
+    for odd in ("9223372037", "99999999999999999999", "nan", "inf", "abc", "1e9", "", "1.-5",
+                "--1", "1.5x"):
+        assert parse_mtime(odd) is None, odd
+
+
+def test_renamed_type():
+    from s3fs_stream.object_meta import renamed_type
+
+    assert renamed_type("a.txt", "a.wav", "text/plain", "auto") == "audio/x-wav"
+    assert renamed_type("a.tmp", "a.wav", "binary/octet-stream", "auto") == "audio/x-wav"
+    assert renamed_type("a.txt", "a.wav", "application/x-foreign", "auto") == \
+        "application/x-foreign"
+    assert renamed_type("a.txt", "a.wav", "video/mp4", "video/mp4") == "video/mp4"
+
+
+def test_a_rewrite_sends_the_objects_own_headers(monkeypatch):
+    """What goes over the wire (S3 itself, unlike the test servers, is not at hand): a copy
+    with new metadata sends the object's content headers, class and encryption instead of
+    the mount's, and no tags (they stay); a plain copy sends its class and encryption; an
+    upload sends its tags."""
+    import datetime
+
+    import trio
+    from botocore.stub import Stubber
+
+    from s3fs_stream.botocore_store import BotocoreStore
+    from s3fs_stream.config import StoreConfig
+    from s3fs_stream.object_store import PutOptions
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    store = BotocoreStore(StoreConfig(bucket="b", endpoint_url="http://127.0.0.1:9",
+                                      storage_class="STANDARD_IA", sse="AES256",
+                                      acl="private", direct_requests=False))
+    own = {"content-encoding": "gzip", "cache-control": "no-cache", "expires": EXPIRES,
+           "x-amz-storage-class": "GLACIER_IR", "x-amz-server-side-encryption": "aws:kms",
+           "x-amz-server-side-encryption-aws-kms-key-id": KMS_KEY,
+           "x-amz-server-side-encryption-bucket-key-enabled": "true"}
+    storage = {"StorageClass": "GLACIER_IR", "ServerSideEncryption": "aws:kms",
+               "SSEKMSKeyId": KMS_KEY, "BucketKeyEnabled": True, "ACL": "private"}
+    source = {"Bucket": "b", "Key": "k"}
+    with Stubber(store._client) as stub:
+        stub.add_response("copy_object", {"CopyObjectResult": {"ETag": '"1"'}},
+                          {"Bucket": "b", "Key": "k", "CopySource": source,
+                           "MetadataDirective": "REPLACE",
+                           "Metadata": {"foo": "bar", "mode": "33188"},
+                           "ContentType": "application/x-foreign", "ContentEncoding": "gzip",
+                           "CacheControl": "no-cache",
+                           "Expires": datetime.datetime(2037, 10, 21, 7, 28,
+                                                        tzinfo=datetime.UTC),
+                           **storage})
+        stub.add_response("copy_object", {"CopyObjectResult": {"ETag": '"2"'}},
+                          {"Bucket": "b", "Key": "new", "CopySource": source, **storage})
+        stub.add_response("create_multipart_upload", {"UploadId": "u"},
+                          {"Bucket": "b", "Key": "k", "Metadata": {"mode": "33188"},
+                           "Tagging": "a=1", "ACL": "private"})
+        options = PutOptions({"foo": "bar", "mode": "33188"}, "application/x-foreign", own,
+                             tags="a=1")
+        assert trio.run(store.copy, "k", "k", options, 10) == '"1"'
+        assert trio.run(functools.partial(store.copy, "k", "new", None, 10,
+                                          headers=own)) == '"2"'
+        assert trio.run(store.create_upload, "k",
+                        PutOptions({"mode": "33188"}, None, {}, "a=1")) == "u"
+        stub.assert_no_pending_responses()
