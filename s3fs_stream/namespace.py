@@ -1175,7 +1175,8 @@ class Namespace:
             # each object's storage class and encryption, which CopyObject does not keep:
             # HEADs pipelined, far cheaper than the copies
             files = [info.key for info in page.objects if not info.key.endswith("/")]
-            heads = dict(zip(files, await self.store.head_many(files), strict=True))
+            heads = dict(zip(files, await self.store.head_many(files), strict=True)) \
+                if files else {}
             await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix,
                                                  heads.get(info.key))
                                for info in page.objects)

@@ -139,6 +139,17 @@ def test_a_rewrite_keeps_what_other_tools_stored(any_server, mount_factory, oper
 
 
 @pytest.mark.timeout(120)
+def test_a_directory_rename_keeps_them(any_server, mount_factory):
+    bucket = new_bucket(any_server)
+    put_foreign(any_server, bucket, "dir/f.txt")
+    m = mount_factory(any_server, "storage_class=REDUCED_REDUNDANCY", "sse=AES256",
+                      bucket=bucket)
+    os.rename(m.path / "dir", m.path / "moved")
+    assert m.keys() == ["moved/f.txt"]
+    assert kept(m, "moved/f.txt") == expected(any_server)
+
+
+@pytest.mark.timeout(120)
 def test_new_objects_and_untagged_rewrites(any_server, mount_factory):
     """New objects get the mount's options; rewriting an untagged object costs no
     GetObjectTagging (its HEAD counts no tags)."""
