@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import datetime
 import email.utils
 import errno
@@ -51,7 +52,14 @@ from .errors import (
     Unreachable,
     run_parallel,
 )
-from .object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
+from .object_store import (
+    KEPT_HEADERS,
+    ListPage,
+    ObjectInfo,
+    PendingUpload,
+    PutOptions,
+    UploadedPart,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,68 @@ _CLIENT_ERRORS: dict[str, type[StoreError]] = {
     "InvalidDigest": IntegrityError,
     "XAmzContentChecksumMismatch": IntegrityError,
 }
+
+
+# each of KEPT_HEADERS as botocore's parameter; storage class and encryption are the
+# "storage" ones (a plain CopyObject needs them too), the rest go with new metadata only
+_HEADER_ARGS = {
+    "content-encoding": "ContentEncoding",
+    "cache-control": "CacheControl",
+    "content-disposition": "ContentDisposition",
+    "content-language": "ContentLanguage",
+    "expires": "Expires",
+    "x-amz-website-redirect-location": "WebsiteRedirectLocation",
+    "x-amz-storage-class": "StorageClass",
+    "x-amz-server-side-encryption": "ServerSideEncryption",
+    "x-amz-server-side-encryption-aws-kms-key-id": "SSEKMSKeyId",
+    "x-amz-server-side-encryption-bucket-key-enabled": "BucketKeyEnabled",
+}
+assert set(_HEADER_ARGS) == set(KEPT_HEADERS)
+_STORAGE_ARGS = ("StorageClass", "ServerSideEncryption", "SSEKMSKeyId", "BucketKeyEnabled")
+# the parameters of a PutObject sent directly, as headers
+_ARG_HEADERS = {arg: name for name, arg in _HEADER_ARGS.items()} | {
+    "ContentType": "content-type", "ACL": "x-amz-acl", "Tagging": "x-amz-tagging"}
+
+
+def kept_headers(headers: dict[str, str]) -> tuple[dict[str, str], int]:
+    """KEPT_HEADERS and the tag count of a HEAD's answer (header names lower case)."""
+    kept = {name: headers[name] for name in KEPT_HEADERS if headers.get(name)}
+    try:
+        count = max(0, int(headers.get("x-amz-tagging-count", "0")))
+    except ValueError:
+        count = 1  # some tags, how many unsaid: GetObjectTagging tells
+    return kept, count
+
+
+def _kept_args(headers: dict[str, str]) -> dict:
+    """An object's KEPT_HEADERS as botocore parameters. An Expires that is no date is
+    dropped (botocore would refuse the request); a KMS key goes only with KMS encryption."""
+    args: dict = {}
+    for name, arg in _HEADER_ARGS.items():
+        value = headers.get(name)
+        if not value:
+            continue
+        if arg == "Expires":
+            try:
+                value = parse_timestamp(value)
+            except Exception:
+                log.debug("Expires %r is not a date: not kept", value)
+                continue
+        elif arg == "BucketKeyEnabled":
+            value = value.strip().lower() == "true"
+        args[arg] = value
+    if not str(args.get("ServerSideEncryption", "")).startswith("aws:kms"):
+        args.pop("SSEKMSKeyId", None)
+        args.pop("BucketKeyEnabled", None)
+    return args
+
+
+def _header_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime.datetime):
+        return email.utils.format_datetime(value.astimezone(datetime.UTC), usegmt=True)
+    return str(value)
 
 
 def crc32_base64(data: bytes | bytearray | memoryview) -> str:
@@ -486,28 +556,42 @@ class BotocoreStore:
         return f"{op} s3://{self.bucket}/{key}"
 
     def _put_args(self, options: PutOptions) -> dict:
+        """A new object's (or new metadata's) parameters: metadata, content type, an
+        existing object's own content headers, the storage options, its tags."""
         args: dict = {"Metadata": dict(options.metadata)}
         if options.content_type:
             args["ContentType"] = options.content_type
-        return args | self._storage_args(options.temporary)
+        if options.headers is not None:
+            args |= {arg: value for arg, value in _kept_args(options.headers).items()
+                     if arg not in _STORAGE_ARGS}
+        if options.tags:
+            args["Tagging"] = options.tags
+        return args | self._storage_args(options.headers, options.temporary)
 
-    def _storage_args(self, temporary: bool = False) -> dict:
-        """The mount's options for every object it creates, copies included: S3 does not
-        carry storage class, encryption or ACL over in a CopyObject (it applies the
-        bucket's defaults), even when the metadata is copied.
+    def _storage_args(self, headers: dict[str, str] | None = None,
+                      temporary: bool = False) -> dict:
+        """Storage class, encryption and ACL of an object written, copies included: S3 does
+        not carry them over in a CopyObject (it applies the bucket's defaults), even when
+        the metadata is copied. A new object gets the mount's options; an existing one
+        rewritten (`headers`: its own, from its HEAD) keeps its class and encryption. The
+        ACL is always the mount's: a HEAD does not show an object's grants.
 
         A temporary object (a spilled part, read back within minutes) is STANDARD: GLACIER
         could not be read back, STANDARD_IA and GLACIER_IR bill every object 30-90 days. It
         keeps the encryption, and only an ACL that grants nobody beyond the bucket owner
         (a bucket policy may demand bucket-owner-full-control): public-read would publish
         the bytes of files still being written."""
-        args: dict = {}
-        if self.config.storage_class and not temporary:
-            args["StorageClass"] = self.config.storage_class
-        if self.config.sse:
-            args["ServerSideEncryption"] = self.config.sse
-            if self.config.sse_kms_key_id:
-                args["SSEKMSKeyId"] = self.config.sse_kms_key_id
+        if headers is not None:
+            args = {arg: value for arg, value in _kept_args(headers).items()
+                    if arg in _STORAGE_ARGS}
+        else:
+            args = {}
+            if self.config.storage_class and not temporary:
+                args["StorageClass"] = self.config.storage_class
+            if self.config.sse:
+                args["ServerSideEncryption"] = self.config.sse
+                if self.config.sse_kms_key_id:
+                    args["SSEKMSKeyId"] = self.config.sse_kms_key_id
         if self.config.acl and (not temporary or self.config.acl in OWNER_ONLY_ACLS):
             args["ACL"] = self.config.acl
         return args
@@ -548,10 +632,12 @@ class BotocoreStore:
             return found
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
                              Bucket=self.bucket, Key=key)
+        kept, tag_count = kept_headers(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
                           metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
-                          content_type=r.get("ContentType"))
+                          content_type=r.get("ContentType"), headers=kept,
+                          tag_count=tag_count)
 
     async def head_many(self, keys: list[str]) -> list[ObjectInfo | FsError]:
         """HEADs of many keys, pipelined on one connection (`DirectClient.head_many`); each
@@ -593,13 +679,14 @@ class BotocoreStore:
         if response.status != 200:
             return None
         headers = response.headers
+        kept, tag_count = kept_headers(headers)
         try:
             return ObjectInfo(
                 key=key, size=int(headers["content-length"]), etag=headers.get("etag", ""),
                 last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
                 metadata={name[11:]: value for name, value in headers.items()
                           if name.startswith("x-amz-meta-")},
-                content_type=headers.get("content-type"))
+                content_type=headers.get("content-type"), headers=kept, tag_count=tag_count)
         except (KeyError, ValueError, TypeError):
             return None  # an answer botocore may understand better
 
@@ -719,15 +806,9 @@ class BotocoreStore:
 
     async def _put_direct(self, key: str, body: bytes, options: PutOptions) -> str | None:
         headers = {f"x-amz-meta-{name}": value for name, value in options.metadata.items()}
-        if options.content_type:
-            headers["content-type"] = options.content_type
-        storage = self._storage_args(options.temporary)
-        for arg, header in (("StorageClass", "x-amz-storage-class"),
-                            ("ServerSideEncryption", "x-amz-server-side-encryption"),
-                            ("SSEKMSKeyId", "x-amz-server-side-encryption-aws-kms-key-id"),
-                            ("ACL", "x-amz-acl")):
-            if storage.get(arg):
-                headers[header] = storage[arg]
+        for arg, value in self._put_args(options).items():
+            if arg in _ARG_HEADERS:
+                headers[_ARG_HEADERS[arg]] = _header_value(value)
         checks = self._checksum_args(body)
         if "ChecksumCRC32" in checks:
             headers["x-amz-checksum-crc32"] = checks["ChecksumCRC32"]
@@ -820,7 +901,8 @@ class BotocoreStore:
             args["UploadIdMarker"] = r["NextUploadIdMarker"]
 
     async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
-                   size: int, source_etag: str | None = None) -> str:
+                   size: int, source_etag: str | None = None,
+                   headers: dict[str, str] | None = None) -> str:
         if source_etag:
             source_etag = '"' + source_etag.strip('"') + '"'  # SeaweedFS answers unquoted
         if size > 5 * 1024**3:
@@ -831,9 +913,12 @@ class BotocoreStore:
         if source_etag:
             args["CopySourceIfMatch"] = source_etag
         if options is not None:
-            args.update(self._put_args(options), MetadataDirective="REPLACE")
+            # tags stay (TaggingDirective COPY, the default): x-amz-tagging is not sent
+            put_args = self._put_args(options)
+            put_args.pop("Tagging", None)
+            args.update(put_args, MetadataDirective="REPLACE")
         else:
-            args.update(self._storage_args())
+            args.update(self._storage_args(headers))
         r = await self._call(self._where("CopyObject", dest_key), self._client.copy_object,
                              **args)
         return r.get("CopyObjectResult", {}).get("ETag", "")
@@ -841,10 +926,14 @@ class BotocoreStore:
     async def _multipart_copy(self, source_key: str, dest_key: str,
                               options: PutOptions | None, size: int,
                               source_etag: str | None) -> str:
-        """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel."""
+        """Copies over 5 GiB: UploadPartCopy of 512 MiB ranges, several in parallel. A new
+        upload keeps nothing of the source by itself: its metadata (unless replaced),
+        content headers, storage class, encryption and tags are sent from its HEAD."""
+        head = await self.head(source_key)
         if options is None:
-            head = await self.head(source_key)
-            options = PutOptions(head.metadata, head.content_type)
+            options = PutOptions(head.metadata, head.content_type, head.headers)
+        if options.tags is None and head.tag_count:
+            options = dataclasses.replace(options, tags=await self.get_tags(source_key))
         upload_id = await self.create_upload(dest_key, options)
         step = 512 * 1024 * 1024
         ranges = [(i + 1, start, min(start + step, size))
@@ -862,6 +951,11 @@ class BotocoreStore:
             with trio.CancelScope(shield=True):
                 await self.abort(dest_key, upload_id)
             raise
+
+    async def get_tags(self, key: str) -> str:
+        r = await self._call(self._where("GetObjectTagging", key),
+                             self._client.get_object_tagging, Bucket=self.bucket, Key=key)
+        return urllib.parse.urlencode([(t["Key"], t["Value"]) for t in r.get("TagSet", [])])
 
     async def delete(self, key: str) -> None:
         if await self._send_direct("DeleteObject", "DELETE", key, (200, 204)) is not None:

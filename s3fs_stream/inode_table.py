@@ -10,6 +10,10 @@ from __future__ import annotations
 import stat
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .object_meta import Kept
 
 ROOT_INODE = 1
 
@@ -34,6 +38,9 @@ class Node:
     ctime_ns: int = 0  # 0: the mtime
     target: bytes | None = None  # a symbolic link's target, once read
     fetching: object = None  # trio.Event while a HEAD for these attributes is in flight
+    # what the object carries besides our attributes (object_meta.Kept), from its HEAD;
+    # None for a listing's entry (has_metadata False) or an object this mount made
+    kept: Kept | None = None
     # attributes changed here and not yet stored (Namespace's deferred metadata): the node
     # stays in the table even when the kernel forgets it, or the change would be lost
     meta_pending: bool = False

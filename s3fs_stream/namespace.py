@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import dataclasses
 import errno
 import functools
 import itertools
@@ -36,12 +37,17 @@ from .directory_listing import (
 from .errors import FsError, NotFound, PreconditionFailed, run_parallel
 from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
 from .object_meta import (
+    OUR_KEYS,
     FileMeta,
+    Kept,
     SetAttr,
     changed_meta,
     content_type,
     dir_attrs,
     file_attrs,
+    kept_type,
+    renamed_type,
+    rewrite_options,
 )
 from .object_store import ObjectInfo, ObjectStore, PutOptions
 from .open_files import OpenFiles
@@ -489,6 +495,9 @@ class Namespace:
             await self.store_meta(inode)  # a truncation continues the object as stored
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
+            if not node.has_metadata and not node.path.startswith("\0"):
+                # a listed entry: the truncation keeps what the object carries (its HEAD)
+                await self._fetch_meta(node, raising=True)
         if change.size is not None and (change.size != node.size
                                         or self.files.writer(inode) is not None):
             await self.files.truncate(fh, node, change.size)
@@ -533,9 +542,8 @@ class Namespace:
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or unstored or not node.has_metadata:
             key = self.key(node.path)
-            options = PutOptions(meta.to_headers(), content_type(node.path,
-                                                                 self.config.content_type))
-            node.etag = await self.store.copy(key, key, options, node.size)
+            node.etag = await self.store.copy(key, key, self._rewrite_options(node, meta),
+                                              node.size)
         self._apply_meta(node, meta)
         return node
 
@@ -615,8 +623,7 @@ class Namespace:
                       node.path)
             return None
         key = self.key(node.path)
-        options = PutOptions(pending.meta.to_headers(),
-                             content_type(node.path, self.config.content_type))
+        options = self._rewrite_options(node, pending.meta)
         try:
             # across the copy (the lock is held): no rename, unlink or setattr of the file
             # runs, an open for writing waits; the change stays registered, so a HEAD or a
@@ -727,6 +734,12 @@ class Namespace:
             yield
         if not lock.locked() and not lock.statistics().tasks_waiting:
             self._meta_locks.pop(inode, None)
+
+    def _rewrite_options(self, node: Node, meta: FileMeta) -> PutOptions:
+        """`meta` stored on the node's object, with what else the object carries."""
+        return rewrite_options(meta.to_headers(), node.kept,
+                               kept_type(node.kept, content_type(node.path,
+                                                                 self.config.content_type)))
 
     def _meta_of(self, node: Node) -> FileMeta:
         return FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,
@@ -955,7 +968,7 @@ class Namespace:
         meta = FileMeta(stat.S_IFREG | stat.S_IMODE(mode), uid, gid, now)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=0, etag="",
-                                 has_metadata=True, expires=0.0)
+                                 has_metadata=True, kept=None, expires=0.0)
         node.lookups += 1
         return self.files.create(node, meta, flags), node
 
@@ -1073,8 +1086,8 @@ class Namespace:
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
             await writer.move(self.key(new), new,
-                              functools.partial(self._move_object, old, new),
-                              content_type(new, self.config.content_type))
+                              functools.partial(self._move_object, old, new, source=source),
+                              self._renamed_type(source, old, new))
         else:
             target_inode = target.inode if target is not None else None
             async with self._meta_lock_all(source.inode, target_inode):
@@ -1093,7 +1106,7 @@ class Namespace:
                     carried = None  # for an object no longer there
                 try:
                     etag = await self._move_object(old, new, source.size,
-                                                   carried.meta if carried else None)
+                                                   carried.meta if carried else None, source)
                 except BaseException:
                     if carried is not None:  # still to be stored, under the old name
                         self._pending[source.inode] = carried
@@ -1116,18 +1129,40 @@ class Namespace:
                 del self._negative[path]
         return True
 
+    def _renamed_type(self, source: Node, old: str, new: str) -> str | None:
+        """The content type of `source` once renamed (`_move_object` decides the same)."""
+        choice = self.config.content_type
+        return renamed_type(old, new, kept_type(source.kept, content_type(old, choice)), choice)
+
     async def _move_object(self, old: str, new: str, size: int,
-                           meta: FileMeta | None = None) -> str:
-        """`meta`: attributes deferred for the object, stored by this copy."""
-        options = None  # metadata and content type copied as they are
-        wanted = content_type(new, self.config.content_type)
-        if meta is not None:
-            options = PutOptions(meta.to_headers(), wanted)
-        elif self.config.content_type == "auto" and wanted != content_type(old, "auto"):
-            # a guessed type follows the name: rsync and recorders write to a temporary name
+                           meta: FileMeta | None = None, source: Node | None = None) -> str:
+        """`meta`: attributes deferred for the object, stored by this copy. The object keeps
+        what it carries (`Kept`, which CopyObject alone does not for storage class and
+        encryption): known from the source node's HEAD, or a HEAD now for a node that was
+        only listed. A guessed content type follows the new name (`renamed_type`)."""
+        ours = None  # our attributes as stored, where a HEAD tells them
+        if source is None or not source.has_metadata:
             info = await self.store.head(self.key(old))
-            options = PutOptions(info.metadata, wanted)
-        etag = await self.store.copy(self.key(old), self.key(new), options, size)
+            kept = Kept.of(info)
+            ours = {k: v for k, v in info.metadata.items() if k in OUR_KEYS}
+        else:
+            kept = source.kept
+        choice = self.config.content_type
+        stored = kept_type(kept, content_type(old, choice))
+        wanted = renamed_type(old, new, stored, choice)
+        if meta is None and wanted == stored:
+            options = None  # metadata and content headers copied as they are
+        else:
+            if meta is not None:
+                ours = meta.to_headers()
+            elif ours is None:
+                ours = self._meta_of(self.files.view(source)).to_headers()
+            options = rewrite_options(ours, kept, wanted)
+        # (class and encryption are sent either way: the object's own where known)
+        etag = await self.store.copy(self.key(old), self.key(new), options, size,
+                                     headers=kept.headers if kept is not None else None)
+        if source is not None and source.kept is not None and wanted != stored:
+            source.kept = dataclasses.replace(source.kept, content_type=wanted)
         await self.store.delete(self.key(old))
         return etag
 
@@ -1137,7 +1172,13 @@ class Namespace:
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
-            await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix)
+            # each object's storage class and encryption, which CopyObject does not keep:
+            # HEADs pipelined, far cheaper than the copies
+            files = [info.key for info in page.objects if not info.key.endswith("/")]
+            heads = dict(zip(files, await self.store.head_many(files), strict=True)) \
+                if files else {}
+            await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix,
+                                                 heads.get(info.key))
                                for info in page.objects)
             for info in sorted(page.objects, key=lambda o: (o.key.endswith("/"), -len(o.key))):
                 await self.store.delete(info.key)
@@ -1146,7 +1187,8 @@ class Namespace:
                 break
         self.table.invalidate_subtree(old)
 
-    async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str) -> None:
+    async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str,
+                        head: ObjectInfo | FsError | None = None) -> None:
         target = new_prefix + info.key[len(old_prefix):]
         if info.key.endswith("/") and not info.size:
             # a directory marker: some servers (SeaweedFS) keep these as real directories
@@ -1154,7 +1196,8 @@ class Namespace:
             # written by another tool, is copied: its bytes are data)
             await self.store.put(target, b"", PutOptions({}, None))
         else:
-            await self.store.copy(info.key, target, None, info.size)
+            await self.store.copy(info.key, target, None, info.size, headers=head.headers
+                                  if isinstance(head, ObjectInfo) else None)
 
 
     # -- symbolic links, and what an object store cannot be ----------------------------------
@@ -1172,7 +1215,7 @@ class Namespace:
         self._forget_missing(path)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
-                                 has_metadata=True,
+                                 has_metadata=True, kept=None,
                                  expires=time.monotonic() + self.config.attr_timeout)
         node.target = bytes(target)
         node.lookups += 1

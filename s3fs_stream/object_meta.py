@@ -7,17 +7,33 @@ mount's defaults and their LastModified. The mode carries the file type as s3fs-
 it: a symbolic link is an object whose body is the target and whose mode has S_IFLNK; a
 directory marker `dir/` may carry S_IFDIR and the directory's attributes (servers that keep
 no metadata on markers, SeaweedFS, give directories the mount's defaults).
+
+Values other tools wrote that are no valid attribute (`uid: -1`, an owner of 2**32 or more,
+"abc", an mtime beyond what a time_t in nanoseconds holds) are not shown: the mount's
+default (or LastModified) takes their place, and the first of them is logged once.
+
+Everything else an existing object carries (its content type and other content headers,
+other tools' x-amz-meta-*, storage class, encryption, tags) is `Kept` by every rewrite.
 """
 
 from __future__ import annotations
 
+import logging
 import mimetypes
+import re
 import stat
 import time
 from dataclasses import dataclass, replace
 
 from .config import FsConfig
-from .object_store import ObjectInfo
+from .object_store import ObjectInfo, PutOptions
+
+log = logging.getLogger(__name__)
+
+OUR_KEYS = frozenset({"mode", "uid", "gid", "mtime", "atime", "ctime"})
+ID_MAX = 2**32 - 2  # uid_t; 2**32 - 1 is (uid_t)-1, "no owner"
+NS_MAX = 2**63 - 1  # times travel as signed 64-bit nanoseconds
+_SECONDS = re.compile(r"\s*(-?)(\d{1,20})(?:\.(\d*))?\s*")
 
 
 @dataclass
@@ -73,13 +89,16 @@ def format_mtime(mtime_ns: int) -> str:
 
 
 def parse_mtime(text: str) -> int | None:
-    """x-amz-meta-mtime as s3fs-fuse writes it ("1700000000" or "1700000000.123456789")."""
-    try:
-        seconds, _, fraction = text.strip().partition(".")
-        nanos = int((fraction + "000000000")[:9]) if fraction else 0
-        return int(seconds) * 1_000_000_000 + nanos
-    except ValueError:
+    """x-amz-meta-mtime as s3fs-fuse writes it ("1700000000" or "1700000000.123456789");
+    None for anything else (NaN, "abc") and for times a signed 64-bit count of nanoseconds
+    does not hold (before 1677 or after 2262)."""
+    match = _SECONDS.fullmatch(text)
+    if match is None:
         return None
+    sign, seconds, fraction = match.groups()
+    nanos = int(seconds) * 1_000_000_000 + int(((fraction or "") + "000000000")[:9])
+    nanos = -nanos if sign else nanos
+    return nanos if -NS_MAX <= nanos <= NS_MAX else None
 
 
 def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
@@ -109,25 +128,58 @@ def changed_meta(meta: FileMeta, change: SetAttr, started_ns: int) -> FileMeta:
     return replace(meta, **updates) if updates else meta
 
 
-def _time(meta: dict[str, str], name: str) -> int | None:
-    return parse_mtime(meta[name]) if name in meta else None
+def _time(meta: dict[str, str], name: str, key: str) -> int | None:
+    if name not in meta:
+        return None
+    value = parse_mtime(meta[name])
+    if value is None:
+        _odd(key, name, meta[name], "a time")
+    return value
+
+
+def _id(meta: dict[str, str], name: str, default: int, key: str, limit: int) -> int:
+    text = meta.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if 0 <= value <= limit:
+        return value
+    _odd(key, name, text, f"a number from 0 to {limit}")
+    return default
+
+
+_odd_logged = False
+
+
+def _odd(key: str, name: str, value: str, wanted: str) -> None:
+    """Once per mount: metadata another tool wrote that is no valid attribute."""
+    global _odd_logged
+    if not _odd_logged:
+        _odd_logged = True
+        log.warning("%r carries x-amz-meta-%s: %.40r, not %s (written by another tool?): "
+                    "shown with the mount's default instead; other such values in this "
+                    "bucket are not logged again", key, name, value, wanted)
 
 
 def file_attrs(info: ObjectInfo, config: FsConfig) -> dict:
     """Node attributes of an object, from its metadata where it has some. A listing's entry
     (no metadata) gets the mount's defaults and LastModified until a HEAD tells more."""
-    meta = info.metadata
-    mode = to_int(meta.get("mode"), config.file_mode)
+    meta, key = info.metadata, info.key
+    mode = _id(meta, "mode", config.file_mode, key, 2**32 - 1)
     kind = stat.S_IFLNK if stat.S_ISLNK(mode) else stat.S_IFREG
-    mtime_ns = _time(meta, "mtime")
+    mtime_ns = _time(meta, "mtime", key)
     if mtime_ns is None:
         mtime_ns = int(info.last_modified * 1e9)
     return dict(mode=kind | stat.S_IMODE(mode),
-                uid=to_int(meta.get("uid"), config.uid),
-                gid=to_int(meta.get("gid"), config.gid),
-                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime") or mtime_ns,
-                ctime_ns=_time(meta, "ctime") or mtime_ns,
+                uid=_id(meta, "uid", config.uid, key, ID_MAX),
+                gid=_id(meta, "gid", config.gid, key, ID_MAX),
+                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime", key) or mtime_ns,
+                ctime_ns=_time(meta, "ctime", key) or mtime_ns,
                 size=info.size, etag=info.etag, has_metadata=info.has_metadata,
+                kept=Kept.of(info) if info.has_metadata else None,
                 expires=time.monotonic() + config.attr_timeout)
 
 
@@ -135,15 +187,16 @@ def dir_attrs(config: FsConfig, marker: ObjectInfo | None = None) -> dict:
     """A directory's attributes: from its marker's metadata where the server kept some,
     else the mount's defaults (and the marker's LastModified, or the mount's start)."""
     meta = marker.metadata if marker is not None else {}
-    mode = to_int(meta.get("mode"), config.dir_mode)
-    mtime_ns = _time(meta, "mtime")
+    key = marker.key if marker is not None else ""
+    mode = _id(meta, "mode", config.dir_mode, key, 2**32 - 1)
+    mtime_ns = _time(meta, "mtime", key)
     if mtime_ns is None:
         mtime_ns = int(marker.last_modified * 1e9) if marker is not None else MOUNT_TIME_NS
     return dict(mode=stat.S_IFDIR | stat.S_IMODE(mode),
-                uid=to_int(meta.get("uid"), config.uid),
-                gid=to_int(meta.get("gid"), config.gid),
-                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime") or mtime_ns,
-                ctime_ns=_time(meta, "ctime") or mtime_ns,
+                uid=_id(meta, "uid", config.uid, key, ID_MAX),
+                gid=_id(meta, "gid", config.gid, key, ID_MAX),
+                mtime_ns=mtime_ns, atime_ns=_time(meta, "atime", key) or mtime_ns,
+                ctime_ns=_time(meta, "ctime", key) or mtime_ns,
                 expires=time.monotonic() + config.attr_timeout, has_metadata=True)
 
 
@@ -159,8 +212,47 @@ def content_type(path: str, choice: str) -> str | None:
     return choice
 
 
-def to_int(text: str | None, default: int) -> int:
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
+def renamed_type(old: str, new: str, stored: str | None, choice: str) -> str | None:
+    """The content type of an object renamed from `old` to `new` that has `stored`. With
+    "auto", a type that is the guess for the old name (or a generic octet-stream) was
+    guessed and follows the name: rsync and recorders write to a temporary name first. Any
+    other was chosen by whoever wrote the object and stays, as with a fixed choice."""
+    if choice == "auto" and (stored is None or stored == content_type(old, "auto")
+                             or stored in ("binary/octet-stream", "application/octet-stream")):
+        return content_type(new, "auto")
+    return stored
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What an existing object carries besides the mount's own x-amz-meta-* keys, as its
+    HEAD showed it: its content type, KEPT_HEADERS (content headers, storage class,
+    encryption), other tools' x-amz-meta-* and how many tags. Every rewrite of the object
+    (chmod, touch, appends, in-place changes, truncation, rename) sends them again."""
+
+    content_type: str | None
+    headers: dict[str, str]
+    metadata: dict[str, str]  # other tools' x-amz-meta-*, without OUR_KEYS
+    tag_count: int = 0
+
+    @classmethod
+    def of(cls, info: ObjectInfo) -> Kept:
+        return cls(info.content_type, dict(info.headers),
+                   {k: v for k, v in info.metadata.items() if k not in OUR_KEYS},
+                   info.tag_count)
+
+
+def kept_type(kept: Kept | None, guessed: str | None) -> str | None:
+    """An object's content type as stored: its own where a HEAD showed one, else what
+    this mount gave it (`guessed`)."""
+    return kept.content_type if kept is not None and kept.content_type is not None \
+        else guessed
+
+
+def rewrite_options(ours: dict[str, str], kept: Kept | None, content_type: str | None,
+                    tags: str | None = None) -> PutOptions:
+    """What a rewrite of an object stores: our metadata `ours` over the object's own
+    (`kept`: None for an object this mount made, which carries the mount's options)."""
+    if kept is None:
+        return PutOptions(ours, content_type, tags=tags)
+    return PutOptions(kept.metadata | ours, content_type, dict(kept.headers), tags)

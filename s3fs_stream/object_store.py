@@ -12,6 +12,18 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from .errors import FsError
 
+# What a HEAD shows of an object besides its size, times and x-amz-meta-*, and a rewrite of
+# it (a copy onto itself, an upload that continues it) must send again or lose: S3 keeps
+# none of these on a CopyObject with MetadataDirective=REPLACE or a new upload, and storage
+# class and encryption not even on a plain CopyObject (docs/SEMANTICS.md "Objects written
+# by other tools"). Lower-case header names, as ObjectInfo.headers holds them.
+KEPT_HEADERS = (
+    "content-encoding", "cache-control", "content-disposition", "content-language",
+    "expires", "x-amz-website-redirect-location", "x-amz-storage-class",
+    "x-amz-server-side-encryption", "x-amz-server-side-encryption-aws-kms-key-id",
+    "x-amz-server-side-encryption-bucket-key-enabled",
+)
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -22,6 +34,8 @@ class ObjectInfo:
     metadata: dict[str, str] = field(default_factory=dict)  # x-amz-meta-*, names lower case
     has_metadata: bool = True  # False when it came from a listing (no x-amz-meta-* there)
     content_type: str | None = None  # from HEAD only
+    headers: dict[str, str] = field(default_factory=dict)  # KEPT_HEADERS it has (HEAD only)
+    tag_count: int = 0  # x-amz-tagging-count (HEAD only): GetObjectTagging has them
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,12 @@ class PendingUpload:
 
 @dataclass(frozen=True)
 class PutOptions:
-    """What every new object carries: metadata, content type and the mount's storage options."""
+    """What every new object carries: metadata, content type and the mount's storage options.
+
+    A rewrite of an existing object carries that object's own instead: its KEPT_HEADERS in
+    `headers` (sent in place of the mount's storage class and encryption; the mount's
+    canned ACL still applies, grants cannot be read from a HEAD) and, for an upload, its
+    tags (URL-encoded, as x-amz-tagging); a CopyObject keeps the tags by itself."""
 
     metadata: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
@@ -56,6 +75,8 @@ class PutOptions:
     # the mount's storage class, and without a canned ACL that grants anyone beyond the
     # bucket owner; encryption as for every object (`BotocoreStore._storage_args`)
     temporary: bool = False
+    headers: dict[str, str] | None = None  # None: a new object, the mount's options
+    tags: str | None = None
 
 
 class ObjectStore(Protocol):
@@ -100,9 +121,16 @@ class ObjectStore(Protocol):
         """Incomplete multipart uploads under `prefix`; with `max_uploads`, one request."""
 
     async def copy(self, source_key: str, dest_key: str, options: PutOptions | None,
-                   size: int, source_etag: str | None = None) -> str:
-        """Server-side copy; options=None keeps the metadata, otherwise replaces it. With
-        `source_etag`, raises PreconditionFailed if the source is no longer that object."""
+                   size: int, source_etag: str | None = None,
+                   headers: dict[str, str] | None = None) -> str:
+        """Server-side copy; options=None keeps the metadata (and content headers), with
+        the source's storage class and encryption from `headers` (its ObjectInfo.headers)
+        where given, else the mount's; otherwise replaces them with `options`. Tags are
+        kept either way. With `source_etag`, raises PreconditionFailed if the source is no
+        longer that object."""
+
+    async def get_tags(self, key: str) -> str:
+        """The object's tags, URL-encoded as x-amz-tagging takes them ("" when none)."""
 
     async def delete(self, key: str) -> None: ...
 

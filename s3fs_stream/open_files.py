@@ -35,7 +35,7 @@ from .config import FsConfig
 from .errors import FsError
 from .inode_table import InodeTable, Node
 from .memory_budget import MemoryBudget
-from .object_meta import FileMeta, content_type
+from .object_meta import FileMeta, content_type, kept_type
 from .object_store import ObjectStore
 from .part_schedule import PartSchedule
 from .ranged_reader import RangedReader
@@ -153,10 +153,14 @@ class OpenFiles:
 
         drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages
                       else None)
+        # an existing object keeps what it carries (its content type, other tools' headers,
+        # tags ...): the open's HEAD just told them (`Namespace.open`)
+        kept = node.kept if base is not None else None
         writer = StreamingWriter(self.prefix + node.path, node.path, self.store, self._pool,
                                  self.budget, self.schedule, self._spill, meta,
-                                 content_type(node.path, self.config.content_type), base,
-                                 completed, drop_pages)
+                                 kept_type(kept, content_type(node.path,
+                                                              self.config.content_type)),
+                                 base, completed, drop_pages, kept)
         writer.fsync_interval = self.config.fsync_interval
         return writer
 

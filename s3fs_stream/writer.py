@@ -49,9 +49,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import FsError, PreconditionFailed
+from .errors import AccessDenied, FsError, PreconditionFailed
 from .memory_budget import MemoryBudget
-from .object_meta import FileMeta
+from .object_meta import FileMeta, Kept, rewrite_options
 from .object_store import ObjectStore, PutOptions, read_into
 from .part_buffer import Part, Segment
 from .part_schedule import PartSchedule
@@ -86,7 +86,8 @@ class StreamingWriter:
                  budget: MemoryBudget, schedule: PartSchedule, spill: SpillArea,
                  meta: FileMeta, content_type: str | None, base: Base | None = None,
                  on_complete: Callable[[str, int], None] | None = None,
-                 drop_pages: Callable[[int, int], None] | None = None):
+                 drop_pages: Callable[[int, int], None] | None = None,
+                 kept: Kept | None = None):
         self.key = key
         self.name = name
         self._store = store
@@ -96,6 +97,11 @@ class StreamingWriter:
         self._spill = spill
         self.meta = meta
         self._content_type = content_type
+        # what the object this writer continues carries besides our metadata (None: a new
+        # object, the mount's options): every completion stores it again. Its tags, when
+        # it has any, are read once (GetObjectTagging) for the first new upload or put.
+        self._kept = kept
+        self._tags: str | None = None
         self._on_complete = on_complete
         self._drop_pages = drop_pages  # (start, length) stored and out of memory
         self._lock = trio.Lock()
@@ -558,12 +564,28 @@ class StreamingWriter:
     # -- uploading ---------------------------------------------------------------------
 
     def _options(self, with_mtime: bool) -> PutOptions:
-        return PutOptions(self.meta.to_headers(with_mtime), self._content_type)
+        """Our metadata and what the object carries (a copy onto itself keeps its tags)."""
+        return rewrite_options(self.meta.to_headers(with_mtime), self._kept,
+                               self._content_type, self._tags)
+
+    async def _new_object_options(self) -> PutOptions:
+        """`_options` for a new upload or put, which keeps no tags unless sent: those of
+        the object continued, read the first time they are needed (one GetObjectTagging,
+        only when its HEAD counted some)."""
+        if self._kept is not None and self._kept.tag_count and self._tags is None:
+            try:
+                # across the await: only this writer's own state, under its lock
+                self._tags = await self._store.get_tags(self.key)
+            except AccessDenied as exc:
+                self._tags = ""
+                log.warning("%s: its tags cannot be read (%s; s3:GetObjectTagging is "
+                            "needed): stored again without them", self.name, exc)
+        return self._options(with_mtime=True)
 
     async def _ensure_session(self) -> None:
         if self._session is None:
             # every object carries its mtime: the upload's start unless the program sets one
-            options = self._options(with_mtime=True)
+            options = await self._sticky(self._new_object_options())
             self._session = await self._sticky(UploadSession.start(self._store, self.key,
                                                                    options))
 
@@ -677,7 +699,7 @@ class StreamingWriter:
 
     async def _put_small(self) -> str:
         """A file of at most one part is one PutObject (its metadata with it)."""
-        options = self._options(with_mtime=True)
+        options = await self._new_object_options()
         if self.size == 0:
             return await self._store.put(self.key, b"", options)
         part = await self._hold(1, 0)

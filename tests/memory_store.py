@@ -180,7 +180,7 @@ class MemoryStore:
         return [PendingUpload(k, u, 0.0) for u, (k, _, _) in self.uploads.items()
                 if k.startswith(prefix)]
 
-    async def copy(self, source_key, dest_key, options, size, source_etag=None):
+    async def copy(self, source_key, dest_key, options, size, source_etag=None, headers=None):
         await self._step("copy", source_key, dest_key)
         if source_key not in self.objects:
             raise NotFound(source_key)
@@ -188,6 +188,10 @@ class MemoryStore:
         if source_etag and source_etag.strip('"') != etag.strip('"'):
             raise PreconditionFailed(source_key)
         return self._store(dest_key, data, options.metadata if options else meta)
+
+    async def get_tags(self, key):
+        await self._step("get_tags", key)
+        return ""
 
     async def delete(self, key):
         await self._step("delete", key)
