@@ -67,9 +67,9 @@ BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
 KNOWN_DIRS = 256
-# chmod/chown/utimes of a closed file are stored at most this many seconds later (unless a
-# rename carries them first, an unlink makes them moot, or fsync/open/unmount stores them):
-# rsync sets a temporary file's times and mode just before renaming it, and one CopyObject
+# chmod/chown/utimes of a closed file this mount stored are stored at most this many
+# seconds later (unless a rename carries them first, an unlink makes them moot, or
+# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before renaming it, and one CopyObject
 # then does what three did. What a crash of the mount can lose.
 META_DELAY = 1.0
 META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
@@ -560,8 +560,9 @@ class Namespace:
 
     # -- deferred metadata (META_DELAY) ------------------------------------------------------
     #
-    # A chmod/chown/utimes of a closed regular file changes its node at once (stat shows it)
-    # and is stored by the first of: a rename of the file (its CopyObject carries the new
+    # A chmod/chown/utimes of a closed regular file whose object this mount stored itself
+    # (`Node.stored_etag`; any other is stored at once, so that a refusal is chmod's errno)
+    # changes its node at once (stat shows it) and is stored by the first of: a rename of the file (its CopyObject carries the new
     # metadata: one copy instead of one per setattr plus the rename's), an open, truncate or
     # fsync of it, the mount's shutdown, or `store_meta_forever` once META_DELAY has passed.
     # An unlink (or the object's replacement, by this mount or another client) drops it.
@@ -569,7 +570,9 @@ class Namespace:
     # store in flight never interleaves with a rename, an unlink or another setattr of the
     # file. A change is stored only onto the object it was made for (its ETag as this mount
     # last saw it): a node that another client's object replaced, or that a writer of this
-    # mount completed anew, has its change dropped, never copied onto the new object.
+    # mount completed anew, has its change dropped, never copied onto the new object. A
+    # store S3 refuses keeps the change pending and visible, retried with backoff
+    # (`_store_failed`): a change the mount could not store is never silently reverted.
 
     def _may_defer(self, node: Node) -> bool:
         """A closed regular file whose object and metadata this mount knows as they are now,
