@@ -69,8 +69,8 @@ KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing 
 KNOWN_DIRS = 256
 # chmod/chown/utimes of a closed file this mount stored are stored at most this many
 # seconds later (unless a rename carries them first, an unlink makes them moot, or
-# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before renaming it, and one CopyObject
-# then does what three did. What a crash of the mount can lose.
+# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before
+# renaming it, and one CopyObject then does what three did. What a crash of the mount can lose.
 META_DELAY = 1.0
 META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
 META_RETRY_MAX = 300.0  # a refused deferred store is retried after 2, 4, 8 ... s, then this
