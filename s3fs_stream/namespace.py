@@ -564,8 +564,9 @@ class Namespace:
     # (`Node.stored_etag`; any other is stored at once, so that a refusal is chmod's errno)
     # changes its node at once (stat shows it) and is stored by the first of: a rename of
     # the file (its CopyObject carries the new metadata: one copy instead of one per setattr
-    # plus the rename's), an open, truncate or fsync of it, the mount's shutdown, or `store_meta_forever` once META_DELAY has passed.
-    # An unlink (or the object's replacement, by this mount or another client) drops it.
+    # plus the rename's), an open, truncate or fsync of it, the mount's shutdown, or
+    # `store_meta_forever` once META_DELAY has passed. An unlink (or the object's
+    # replacement, by this mount or another client) drops it.
     # Everything that stores, drops or carries a change holds the inode's metadata lock, so a
     # store in flight never interleaves with a rename, an unlink or another setattr of the
     # file. A change is stored only onto the object it was made for (its ETag as this mount
