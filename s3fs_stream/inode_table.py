@@ -44,6 +44,9 @@ class Node:
     # attributes changed here and not yet stored (Namespace's deferred metadata): the node
     # stays in the table even when the kernel forgets it, or the change would be lost
     meta_pending: bool = False
+    # the ETag of the object as this mount last stored it (a completion, a copy): while it is
+    # still the node's, S3 has just shown that the mount may rewrite it (deferred metadata)
+    stored_etag: str = ""
 
     @property
     def name(self) -> str:

@@ -52,6 +52,7 @@ from .object_meta import (
 from .object_store import ObjectInfo, ObjectStore, PutOptions
 from .open_files import OpenFiles
 from .spill_area import RESERVED_NAME
+from .writer import StreamingWriter
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,13 @@ BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
 KNOWN_DIRS = 256
-# chmod/chown/utimes of a closed file are stored at most this many seconds later (unless a
-# rename carries them first, an unlink makes them moot, or fsync/open/unmount stores them):
-# rsync sets a temporary file's times and mode just before renaming it, and one CopyObject
-# then does what three did. What a crash of the mount can lose.
+# chmod/chown/utimes of a closed file this mount stored are stored at most this many
+# seconds later (unless a rename carries them first, an unlink makes them moot, or
+# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before
+# renaming it, and one CopyObject then does what three did. What a crash of the mount can lose.
 META_DELAY = 1.0
 META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
+META_RETRY_MAX = 300.0  # a refused deferred store is retried after 2, 4, 8 ... s, then this
 
 
 @dataclass
@@ -87,7 +89,13 @@ class _PendingMeta:
     node: Node
     meta: FileMeta  # what to store (the node shows it already)
     etag: str  # the object they belong to: never stored onto another one
-    due: float  # trio time by which they are stored
+    due: float  # trio time by which they are stored (the next retry after a failure)
+    failures: int = 0  # stores that failed (refused): kept, retried with backoff
+    logged: bool = False  # the ERROR line for its failure was written
+
+
+def _reason(exc: FsError) -> str:
+    return exc.message or os.strerror(exc.errno)
 
 
 def same_etag(a: str, b: str) -> bool:
@@ -116,7 +124,7 @@ class Namespace:
         # ("entry", parent inode, name, old inode) / ("inode", inode): tell the kernel
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
-        files.before_read = self.store_meta
+        files.before_read = functools.partial(self.store_meta, report=False)
         self._dir_handles: dict[int, _DirHandle] = {}
         self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
         # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
@@ -492,7 +500,8 @@ class Namespace:
             return await self._setattr_dir(node, change)
         await self.files.wait_closed(inode)
         if change.size is not None:
-            await self.store_meta(inode)  # a truncation continues the object as stored
+            # a truncation continues the object as stored (or carries what S3 refused)
+            await self.store_meta(inode, report=False)
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
             if not node.has_metadata and not node.path.startswith("\0"):
@@ -522,13 +531,17 @@ class Namespace:
             # opened for writing, and its deferred attributes stored
             if self._may_defer(node):
                 return self._defer_meta(node, change)
-            # stored now, with whatever was deferred for this object
-            pending = self._pending.pop(inode, None)
+            # stored now, with whatever was deferred for this object: a refusal reaches the
+            # program as its errno, the node keeps what it showed, and what was deferred
+            # stays pending (shown, retried)
+            pending = self._pending.get(inode)
+            if pending is not None and not same_etag(pending.etag, node.etag):
+                self._drop_pending(inode)  # for an object no longer there
+                pending = None
+            await self._rewrite_meta(node, change, pending is not None)
             if pending is not None:
-                self.table.meta_stored(node)
-                if not same_etag(pending.etag, node.etag):
-                    pending = None
-            return await self._rewrite_meta(node, change, pending is not None)
+                self._drop_pending(inode)  # stored with this change
+            return node
 
     async def _rewrite_meta(self, node: Node, change: SetAttr, unstored: bool = False) -> Node:
         """Read, change and store a closed object's metadata (`unstored`: the node's are not
@@ -542,31 +555,48 @@ class Namespace:
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or unstored or not node.has_metadata:
             key = self.key(node.path)
-            node.etag = await self.store.copy(key, key, self._rewrite_options(node, meta),
-                                              node.size)
+            try:
+                node.etag = await self.store.copy(key, key, self._rewrite_options(node, meta),
+                                                  node.size)
+            except FsError as exc:  # S3's AccessDenied is EACCES: chmod says so
+                raise FsError(f"{node.path}: its new attributes could not be stored "
+                              f"({_reason(exc)}); they are left as they were",
+                              exc.errno) from None
+            node.stored_etag = node.etag
         self._apply_meta(node, meta)
         return node
 
     # -- deferred metadata (META_DELAY) ------------------------------------------------------
     #
-    # A chmod/chown/utimes of a closed regular file changes its node at once (stat shows it)
-    # and is stored by the first of: a rename of the file (its CopyObject carries the new
-    # metadata: one copy instead of one per setattr plus the rename's), an open, truncate or
-    # fsync of it, the mount's shutdown, or `store_meta_forever` once META_DELAY has passed.
-    # An unlink (or the object's replacement, by this mount or another client) drops it.
+    # A chmod/chown/utimes of a closed regular file whose object this mount stored itself
+    # (`Node.stored_etag`; any other is stored at once, so that a refusal is chmod's errno)
+    # changes its node at once (stat shows it) and is stored by the first of: a rename of
+    # the file (its CopyObject carries the new metadata: one copy instead of one per setattr
+    # plus the rename's), an open, truncate or fsync of it, the mount's shutdown, or
+    # `store_meta_forever` once META_DELAY has passed. An unlink (or the object's
+    # replacement, by this mount or another client) drops it.
     # Everything that stores, drops or carries a change holds the inode's metadata lock, so a
     # store in flight never interleaves with a rename, an unlink or another setattr of the
     # file. A change is stored only onto the object it was made for (its ETag as this mount
     # last saw it): a node that another client's object replaced, or that a writer of this
-    # mount completed anew, has its change dropped, never copied onto the new object.
+    # mount completed anew, has its change dropped, never copied onto the new object. A
+    # store S3 refuses keeps the change pending and visible, retried with backoff
+    # (`_store_failed`): a change the mount could not store is never silently reverted.
 
     def _may_defer(self, node: Node) -> bool:
-        """A closed regular file whose object and metadata this mount knows as they are now;
-        anything less clear (symbolic links, writers, a release still storing) is stored at
-        once as before."""
+        """A closed regular file whose object and metadata this mount knows as they are now,
+        and whose object this mount stored itself (rsync's temporary file, a file it just
+        copied or chmod'ed): writing it has just shown that S3 lets the mount rewrite it.
+        Anything else -- another tool's object, where a policy, Object Lock or read-only
+        credentials may refuse the copy, symbolic links, writers, a release still storing,
+        a file whose deferred store was refused -- is stored at once, so that a refusal
+        reaches the program as an errno instead of being reported done."""
+        pending = self._pending.get(node.inode)
         return (self._deferring and stat.S_ISREG(node.mode) and node.has_metadata
-                and bool(node.etag) and not node.path.startswith("\0")
-                and self.table.by_path(node.path) is node and not self._busy(node))
+                and bool(node.etag) and same_etag(node.stored_etag, node.etag)
+                and not node.path.startswith("\0")
+                and self.table.by_path(node.path) is node and not self._busy(node)
+                and (pending is None or not pending.failures))
 
     def _busy(self, node: Node) -> bool:
         """A writer holds the object (its base pinned by ETag): a copy now would break it."""
@@ -598,23 +628,29 @@ class Namespace:
             self.table.meta_stored(pending.node)
         return pending
 
-    async def store_meta(self, inode: int) -> tuple[str, str] | None:
-        """Store deferred attributes of `inode` now (before an open, a truncation, a
-        reader's first read, at fsync); failing raises EIO. Left deferred while a writer
-        holds the object: that writer's completion stores them (it started from the node's
-        attributes). Returns (the ETag before, the copy's) when it copied."""
-        if inode not in self._pending:
+    async def store_meta(self, inode: int, report: bool = True) -> tuple[str, str] | None:
+        """Store deferred attributes of `inode` now (at fsync, before a directory rename
+        copies it: a failure raises its errno; `report=False` before an open for writing, a
+        truncation or a reader's first read: a failure leaves them pending, and a writer
+        then carries them). Left deferred while a writer holds the object: that writer's
+        completion stores them (it started from the node's attributes). Returns (the ETag
+        before, the copy's) when it copied."""
+        pending = self._pending.get(inode)
+        if pending is None:
             return None
+        if not report and pending.failures and pending.due > trio.current_time():
+            return None  # refused before: retried at its time, not at every read
         async with self._meta_lock(inode):
+            # across the wait: the change may have been stored, carried or dropped
             pending = self._pending.get(inode)
             if pending is not None and not self._busy(pending.node):
-                return await self._store_pending(pending, raising=True)
+                return await self._store_pending(pending, raising=report)
         return None
 
-    async def _store_pending(self, pending: _PendingMeta,
-                             raising: bool) -> tuple[str, str] | None:
+    async def _store_pending(self, pending: _PendingMeta, raising: bool,
+                             final: bool = False) -> tuple[str, str] | None:
         """The caller holds the inode's metadata lock. Returns (the ETag before, the
-        copy's) when it copied."""
+        copy's) when it copied. A failure keeps the change (see `_store_failed`)."""
         node = pending.node
         if node.path.startswith("\0") or self.table.by_path(node.path) is not node or \
                 not same_etag(node.etag, pending.etag):
@@ -636,20 +672,53 @@ class Namespace:
                      "were stored", node.path)
             return None
         except FsError as exc:
-            self._drop_pending(node.inode)
-            message = (f"{node.path}: could not store its new attributes: "
-                       f"{exc.message or os.strerror(exc.errno)}")
-            if raising:
-                raise FsError(message, errno.EIO) from None
-            log.error("%s", message)
+            self._store_failed(pending, exc, raising, final)
             return None
         # (cancelled: the mount is going, and `store_all_meta` stores it)
         self._drop_pending(node.inode)
+        if pending.failures:
+            log.info("%s: its new attributes are stored, after %d refused attempt(s)",
+                     node.path, pending.failures)
+        node.stored_etag = etag
         if node.cached_etag is not None and same_etag(node.cached_etag, node.etag):
             node.cached_etag = etag  # the same bytes: the kernel's cached pages stay valid
         node.etag = etag
         node.expires = time.monotonic() + self.config.attr_timeout
         return pending.etag, etag
+
+    def _store_failed(self, pending: _PendingMeta, exc: FsError, raising: bool,
+                      final: bool) -> None:
+        """A deferred change S3 refused (or failed to store): never silently reverted. It
+        stays pending -- the node shows it, the kernel enforces it, HEADs and listings of
+        the same object leave it -- and is retried with backoff (2, 4, 8 ... s up to
+        META_RETRY_MAX); the next setattr of the file is stored at once (`_may_defer`), so
+        its program sees the errno, and so does an fsync (`raising`: the adapter logs that
+        one). Otherwise one ERROR line per file says what to do; at unmount (`final`)
+        another says it is lost."""
+        node = pending.node
+        pending.failures += 1
+        pending.due = trio.current_time() + min(META_DELAY * 2 ** pending.failures,
+                                                META_RETRY_MAX)
+        reason = _reason(exc)
+        if final:
+            log.error("%s: its new attributes (mode %o, uid %d, gid %d) were never stored "
+                      "and are lost at unmount: %s; set them again once S3 allows copying "
+                      "the object onto itself", node.path, stat.S_IMODE(pending.meta.mode),
+                      pending.meta.uid, pending.meta.gid, reason)
+        elif raising:
+            pending.logged = True
+            raise FsError(f"{node.path}: its new attributes are not stored ({reason}); this "
+                          "mount keeps them and retries", exc.errno)
+        elif not pending.logged:
+            pending.logged = True
+            log.error("%s: could not store its new attributes (%s); this mount keeps showing "
+                      "them and retries with backoff, but S3 and other mounts have the old "
+                      "ones until it succeeds: allow CopyObject of the key onto itself (bucket "
+                      "policy, Object Lock, credentials), or chmod/touch it again to see the "
+                      "error", node.path, reason)
+        else:
+            log.debug("%s: attributes still not stored (attempt %d, next in %.0f s): %s",
+                      node.path, pending.failures, pending.due - trio.current_time(), reason)
 
     async def store_meta_forever(self) -> None:
         """Owned by the mount: stores each deferred change once META_DELAY has passed, each
@@ -708,7 +777,7 @@ class Namespace:
             async with limiter, self._meta_lock(inode):
                 pending = self._pending.get(inode)
                 if pending is not None:
-                    await self._store_pending(pending, raising=False)
+                    await self._store_pending(pending, raising=False, final=True)
 
         async with trio.open_nursery() as nursery:
             for inode in list(self._pending):
@@ -717,7 +786,7 @@ class Namespace:
     async def _store_meta_under(self, prefix: str) -> None:
         """Before a directory's keys are copied: what was deferred for files inside it."""
         for inode in [i for i, p in self._pending.items() if p.node.path.startswith(prefix)]:
-            await self.store_meta(inode)
+            await self.store_meta(inode)  # a failure fails the rename: the copy would lose it
 
     @contextlib.asynccontextmanager
     async def _meta_lock_all(self, *inodes: int | None):
@@ -982,8 +1051,9 @@ class Namespace:
         if flags & os.O_ACCMODE != os.O_RDONLY:
             # attributes set here and not yet stored go first: the writer pins the object's
             # ETag as it will stay. A reader stores them before its first read instead
-            # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it
-            await self.store_meta(inode)
+            # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it. If S3
+            # refuses, they stay pending (not reverted): the writer starts from them
+            await self.store_meta(inode, report=False)
             async with self._meta_lock(inode):
                 pass  # a rename of the file in progress moves it before a writer starts
         if self.files.writer(inode) is None and node.path.startswith("\0"):
@@ -1007,28 +1077,48 @@ class Namespace:
         node = await self._settled(path)
         if node.is_dir:
             raise FsError("", errno.EISDIR)
-        async with self._meta_lock(node.inode):  # a store of its attributes in flight ends
-            self._drop_pending(node.inode)        # first; deferred ones are never stored
-        detached = set()
+        # S3 first: a refused delete (bucket policy, Object Lock, read-only credentials)
+        # fails the unlink with the file as it was -- its writer still uploading, its
+        # deferred attributes still to be stored. Only then is a writer detached.
+        first = self.files.writer(node.inode)
+        first_stores = first.stores if first is not None else 0
+        async with self._meta_lock(node.inode):
+            # under the lock: a store of its attributes in flight ended first, and none runs
+            # during the delete; once the object is gone, deferred ones are never stored
+            await self._delete_file(path)
+            self._drop_pending(node.inode)
+        detached: list[StreamingWriter] = []
         while True:
+            # across the delete (and each await below): an open of the node (looked up
+            # before) may have made a writer, a writer may have completed and stored the
+            # object again, or its last release begun. Each writer is detached once (its
+            # upload aborted, later writes dropped); what it stored since the delete began
+            # (a completion in flight, or one that came during the delete) is deleted again
             writer = self.files.writer(node.inode)
-            if writer is not None and id(writer) not in detached:
-                await writer.detach()  # its upload aborted; later writes are dropped
-                detached.add(id(writer))
-            try:
-                await self.store.delete(self.key(path))
-            except NotFound:
-                pass
-            # an open of the node (looked up before) may have come during the delete, or its
-            # last release begun: detach that writer too, and delete what it stored meanwhile
-            writer = self.files.writer(node.inode)
-            if writer is not None and id(writer) not in detached:
-                continue
-            if not self.files.closing(node.inode):
+            if writer is not None and not any(writer is done for done in detached):
+                before = first_stores if writer is first else 0  # a new one: nothing yet
+                await writer.detach()  # waits for a completion in progress
+                detached.append(writer)
+                if writer.stores == before:
+                    continue  # it stored nothing since the delete began
+            elif self.files.closing(node.inode):
+                await self.files.wait_closed(node.inode)  # what that release stored goes
+            else:
                 break
-            await self.files.wait_closed(node.inode)
+            await self._delete_file(path, again=True)
         self.table.remove_path(path)
         self._gone(path)
+
+    async def _delete_file(self, path: str, again: bool = False) -> None:
+        try:
+            await self.store.delete(self.key(path))
+        except NotFound:
+            pass
+        except FsError as exc:
+            left = ("what a writer of it stored meanwhile is left; rm it again" if again else
+                    "the file and its open writers are left as they were")
+            raise FsError(f"rm {path}: the delete failed ({_reason(exc)}); {left}",
+                          exc.errno) from None
 
     async def _settled(self, path: str) -> Node:
         """The node at `path` once no last release of its writer is still storing it (an
@@ -1055,6 +1145,7 @@ class Namespace:
         """False when a writer of the source appeared across the awaits before the move."""
         source = await self._settled(old)
         writer = self.files.writer(source.inode)
+        replaced = None  # the target's writer: detached once the copy replaced its object
         try:
             target = await self._settled(new)  # a release still storing it finishes first
         except FsError:
@@ -1069,10 +1160,8 @@ class Namespace:
             if target.is_dir and not await self._dir_is_empty(new):
                 raise FsError("", errno.ENOTEMPTY)
             replaced = self.files.writer(target.inode)
-            if replaced is not None and replaced is not writer and target is not source:
-                # open for writing elsewhere: like an unlinked file, it must never store
-                # its bytes over the object renamed here
-                await replaced.detach()
+            if replaced is writer or target is source:
+                replaced = None
         if source.is_dir:
             busy = [node.path for i, _ in self.files.writers()
                     if (node := self.table.get(i)) is not None
@@ -1086,7 +1175,8 @@ class Namespace:
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
             await writer.move(self.key(new), new,
-                              functools.partial(self._move_object, old, new, source=source),
+                              functools.partial(self._move_object, old, new, source=source,
+                                                replacing=replaced),
                               self._renamed_type(source, old, new))
         else:
             target_inode = target.inode if target is not None else None
@@ -1099,19 +1189,23 @@ class Namespace:
                 if self.files.writer(source.inode) is not None or \
                         self.files.closing(source.inode):
                     return False
-                if target_inode is not None:
-                    self._drop_pending(target_inode)  # its object is about to be replaced
                 carried = self._pending.pop(source.inode, None)
                 if carried is not None and not same_etag(carried.etag, source.etag):
                     carried = None  # for an object no longer there
                 try:
                     etag = await self._move_object(old, new, source.size,
-                                                   carried.meta if carried else None, source)
+                                                   carried.meta if carried else None,
+                                                   source=source, replacing=replaced)
                 except BaseException:
-                    if carried is not None:  # still to be stored, under the old name
+                    # a refused copy changed nothing: the target keeps its deferred
+                    # attributes, the source's are still to be stored under the old name
+                    if carried is not None:
                         self._pending[source.inode] = carried
                     raise
+                if target_inode is not None:
+                    self._drop_pending(target_inode)  # its object was replaced
                 self.table.move(old, new)
+                source.stored_etag = etag  # the copy is this mount's: it may rewrite it
                 if carried is not None:  # what the copy stored is known: no HEAD needed
                     source.etag = etag
                     source.expires = time.monotonic() + self.config.attr_timeout
@@ -1135,11 +1229,14 @@ class Namespace:
         return renamed_type(old, new, kept_type(source.kept, content_type(old, choice)), choice)
 
     async def _move_object(self, old: str, new: str, size: int,
-                           meta: FileMeta | None = None, source: Node | None = None) -> str:
+                           meta: FileMeta | None = None, source: Node | None = None,
+                           replacing: StreamingWriter | None = None) -> str:
         """`meta`: attributes deferred for the object, stored by this copy. The object keeps
         what it carries (`Kept`, which CopyObject alone does not for storage class and
         encryption): known from the source node's HEAD, or a HEAD now for a node that was
-        only listed. A guessed content type follows the new name (`renamed_type`)."""
+        only listed. A guessed content type follows the new name (`renamed_type`).
+        `replacing`: the writer of a file open at `new`, detached once the copy has replaced
+        its object (a refused copy leaves it writing, as if the rename had not been asked)."""
         ours = None  # our attributes as stored, where a HEAD tells them
         if source is None or not source.has_metadata:
             info = await self.store.head(self.key(old))
@@ -1159,11 +1256,35 @@ class Namespace:
                 ours = self._meta_of(self.files.view(source)).to_headers()
             options = rewrite_options(ours, kept, wanted)
         # (class and encryption are sent either way: the object's own where known)
-        etag = await self.store.copy(self.key(old), self.key(new), options, size,
-                                     headers=kept.headers if kept is not None else None)
+        headers = kept.headers if kept is not None else None
+        stores = replacing.stores if replacing is not None else 0
+        try:
+            etag = await self.store.copy(self.key(old), self.key(new), options, size,
+                                         headers=headers)
+        except FsError as exc:
+            raise FsError(f"mv {old} {new}: the copy failed ({_reason(exc)}); nothing was "
+                          "changed", exc.errno) from None
         if source is not None and source.kept is not None and wanted != stored:
             source.kept = dataclasses.replace(source.kept, content_type=wanted)
-        await self.store.delete(self.key(old))
+        if replacing is not None:
+            # like an unlinked file's, its bytes must never land over the object renamed
+            # here. Across the copy it may have completed, storing after the copy did: once
+            # detached (which waits for a completion in flight) it stores nothing more, and
+            # the copy is made again if it stored since the copy began. (A writer of the
+            # source may hold its own lock here, in `move`: the kernel never runs two
+            # renames of one file system at once over the same names, so no two renames
+            # take these locks in opposite order.)
+            await replacing.detach()
+            self.table.remove_path(new)  # its node is unlinked, whatever comes next
+            if replacing.stores != stores:
+                etag = await self.store.copy(self.key(old), self.key(new), options, size,
+                                             headers=headers)
+        try:
+            await self.store.delete(self.key(old))
+        except FsError as exc:
+            raise FsError(f"mv {old} {new}: copied, but deleting {old} failed "
+                          f"({_reason(exc)}); both names are there now, as after a crash in "
+                          f"between: rm {old} once allowed", exc.errno) from None
         return etag
 
     async def _rename_tree(self, old: str, new: str) -> None:

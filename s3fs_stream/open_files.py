@@ -149,6 +149,7 @@ class OpenFiles:
     def _new_writer(self, node: Node, meta: FileMeta, base: Base | None) -> StreamingWriter:
         def completed(etag: str, size: int) -> None:
             node.etag, node.size = etag, size
+            node.stored_etag = etag  # this mount may rewrite it (`Namespace._may_defer`)
             node.has_metadata = True
 
         drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages

@@ -128,6 +128,9 @@ class StreamingWriter:
         self.bytes_uploaded = 0  # ... and their bytes
         self.parts_in_flight = 0  # UploadParts handed to the pool, not yet done
         self.completing = False  # a completion (flush, release, rename) is in progress
+        # times this writer wrote the object at its key (a completion, an attribute rewrite):
+        # an unlink or a rename over the file compares it across its own request
+        self.stores = 0
         budget.register(self)
 
     # -- requests (each under the lock) ------------------------------------------------
@@ -276,14 +279,17 @@ class StreamingWriter:
                 self._content_type = content_type
 
     async def detach(self) -> None:
-        """The file was unlinked while open: abort the upload, keep accepting writes."""
+        """The object was deleted or replaced (unlink, a rename over the file) while open:
+        abort the upload, keep accepting writes and drop them. Called only once S3 did that
+        (a refused delete or copy leaves the writer as it was); waits for a completion in
+        progress, after which nothing of this writer reaches S3."""
         async with self._lock:
-            segments = await self._drop_all_parts()
-            if self._session is not None:
-                await self._session.abort(self.name)
-                self._session = None
+            segments = await self._drop_all_parts()  # (uploads in flight end first)
+            session, self._session = self._session, None
             self.base = None
             self.state = State.DETACHED
+            if session is not None:
+                await session.abort(self.name)  # a failure is a warning: the file is gone
             await self._spill.delete(segments)
 
     async def release(self) -> None:
@@ -745,6 +751,7 @@ class StreamingWriter:
         """The object at the key now holds every byte: held parts are stored there."""
         self.base = Base(etag, self.size)
         self._session = None
+        self.stores += 1
         last = self._last_part()
         for part in list(self._parts.values()):
             part.stored = "base"
@@ -758,10 +765,11 @@ class StreamingWriter:
             # onto the object this writer stored, never another client's replacement
             etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
                                           self.size, self.base.etag if self.base else None)
-        except FsError as exc:
+        except FsError as exc:  # S3's AccessDenied stays EACCES, anything else is EIO
             raise FsError(f"{self.name}: could not store new attributes: {exc}",
-                          errno.EIO) from None
+                          exc.errno if exc.errno == errno.EACCES else errno.EIO) from None
         self.base = Base(etag, self.size)
+        self.stores += 1
         self._meta_dirty = version != self._meta_version
         if self._on_complete:
             self._on_complete(etag, self.size)

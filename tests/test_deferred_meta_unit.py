@@ -3,6 +3,7 @@ the mount's background task running."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -10,6 +11,7 @@ import pytest
 import trio
 
 from s3fs_stream import namespace
+from s3fs_stream.errors import AccessDenied, FsError
 from s3fs_stream.inode_table import ROOT_INODE
 from s3fs_stream.object_meta import SetAttr
 from tests.test_filesystem_unit import Fs, listing, unit_filesystem
@@ -160,3 +162,55 @@ async def test_rename_of_the_parent_directory_stores_it(fs):
     await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o640))
     await fs.rename(ROOT_INODE, "d", ROOT_INODE, "e", 0)
     assert stored_meta(fs, "pre/e/f")["mode"] == str(stat.S_IFREG | 0o640)
+
+
+def refuse_copies(fs) -> list[str]:
+    """Every CopyObject answers AccessDenied (a policy, Object Lock); returns the refused
+    keys. `del fs.store.copy` lets them through again."""
+    refused = []
+
+    async def copy(source, dest, *args, **kwargs):
+        refused.append(dest)
+        raise AccessDenied(f"CopyObject {dest}: AccessDenied")
+
+    fs.store.copy = copy
+    return refused
+
+
+async def test_another_tools_object_is_changed_at_once(fs):
+    """Not stored by this mount: no deferral, a refusal is chmod's errno, nothing shown."""
+    fs.store._store("pre/theirs", b"x", {"mode": str(stat.S_IFREG | 0o644)})
+    node = await fs.lookup(ROOT_INODE, "theirs")
+    refused = refuse_copies(fs)
+    with pytest.raises(FsError) as info:
+        await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o600))
+    assert info.value.errno == errno.EACCES and refused == ["pre/theirs"]
+    assert stat.S_IMODE(node.mode) == 0o644 and not node.meta_pending
+    del fs.store.copy
+    await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o600))
+    assert stored_meta(fs, "pre/theirs")["mode"] == str(stat.S_IFREG | 0o600)
+
+
+async def test_a_refused_deferred_store_is_kept_and_retried(fs):
+    node = await written(fs, "mine")
+    refused = refuse_copies(fs)
+    await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o600))  # deferred
+    await trio.sleep(namespace.META_DELAY + 2 * namespace.META_DELAY + 0.5)  # 1 s, then +2 s
+    assert refused == ["pre/mine", "pre/mine"]  # backed off: not one per loop
+    assert stat.S_IMODE(node.mode) == 0o600 and node.meta_pending  # never reverted
+    node.expires = 0.0
+    assert stat.S_IMODE((await fs.getattr(node.inode)).mode) == 0o600  # a HEAD keeps it
+    with pytest.raises(FsError) as info:
+        await fs.store_meta(node.inode)  # fsync reports it
+    assert info.value.errno == errno.EACCES
+    with pytest.raises(FsError) as info:  # the next change is stored at once
+        await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o640))
+    assert info.value.errno == errno.EACCES
+    assert stat.S_IMODE(node.mode) == 0o600 and node.meta_pending
+    fh = await fs.open(node.inode, os.O_RDONLY)
+    assert await fs.read(fh, 0, 4) == b"xxxx"  # a read does not fail for it
+    await fs.release(fh)
+    del fs.store.copy
+    await fs.store_meta(node.inode)
+    assert stored_meta(fs, "pre/mine")["mode"] == str(stat.S_IFREG | 0o600)
+    assert not node.meta_pending

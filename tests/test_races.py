@@ -143,3 +143,44 @@ def test_echo_then_rm_sends_no_placeholder_key(seaweed, mount_factory):
     assert not bad, bad[:5]
     # `touch g & rm g`: when the rm wins, touch creates g anew, as on a local disk
     assert all(key.startswith("g") for key in m.keys()), m.keys()
+
+
+async def test_a_completion_during_the_unlinks_delete_is_deleted_again(fs):  # noqa: F811
+    """The unlink deletes first and detaches the writer after: a close whose completion
+    lands after the delete acted (while its answer is on the way) stores the object again;
+    the unlink detaches the writer once that completion is done and deletes it again."""
+    fh, node = await fs.create(ROOT_INODE, "f", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, b"data")
+    slow(fs.store, "delete", 0.3, answer_late=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.unlink, ROOT_INODE, "f")
+        await trio.sleep(0.05)  # the delete acted; its answer is 0.25 s away
+        await fs.flush(fh)  # stores "pre/f" again
+        assert "pre/f" in fs.store.objects
+    assert "pre/f" not in fs.store.objects
+    await fs.write(fh, 4, b"more")  # detached: dropped
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert "pre/f" not in fs.store.objects and not fs.store.uploads
+    assert [call[0] for call in fs.store.calls].count("delete") == 2
+
+
+async def test_a_completion_during_a_rename_over_the_file_is_replaced_again(fs):  # noqa: F811
+    """`mv other f` over a file open for writing: its writer is detached after the copy; a
+    completion of it that lands after the copy (while the copy's answer is on the way) is
+    copied over again, so f ends with other's bytes."""
+    fs.store._store("pre/other", b"other", {})
+    fh, node = await fs.create(ROOT_INODE, "f", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, b"mine")
+    await fs.lookup(ROOT_INODE, "other")
+    slow(fs.store, "copy", 0.3, answer_late=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.rename, ROOT_INODE, "other", ROOT_INODE, "f", 0)
+        await trio.sleep(0.05)  # the copy acted; its answer is 0.25 s away
+        await fs.flush(fh)  # stores "mine" over it
+        assert fs.store.objects["pre/f"][0] == b"mine"
+    assert fs.store.objects["pre/f"][0] == b"other" and "pre/other" not in fs.store.objects
+    await fs.write(fh, 4, b"more")  # detached: dropped
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert fs.store.objects["pre/f"][0] == b"other" and not fs.store.uploads
