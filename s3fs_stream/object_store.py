@@ -71,12 +71,12 @@ class PutOptions:
 
     metadata: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    headers: dict[str, str] | None = None  # None: a new object, the mount's options
+    tags: str | None = None
     # a short-lived object of the mount's own (a spilled part): stored as STANDARD whatever
     # the mount's storage class, and without a canned ACL that grants anyone beyond the
     # bucket owner; encryption as for every object (`BotocoreStore._storage_args`)
     temporary: bool = False
-    headers: dict[str, str] | None = None  # None: a new object, the mount's options
-    tags: str | None = None
 
 
 class ObjectStore(Protocol):
