@@ -168,6 +168,8 @@ class OpenFiles:
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
+            if not writing:
+                writer.readers += 1  # uploaded parts near the end stay held for it
         return fh
 
     def inode_of(self, fh: int) -> int | None:
@@ -256,6 +258,8 @@ class OpenFiles:
             writer = handle.writer
             if writer is not None:
                 writer.handles -= 1
+                if not handle.writing:
+                    writer.reader_closed()
                 if writer.handles == 0:
                     await self._last_close(handle.node, writer)
         finally:
