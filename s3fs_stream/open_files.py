@@ -6,8 +6,9 @@ RangedReader per read-only handle, or through the writer while the file is being
 
 Who completes an object: the flush of a handle opened for writing that changed the file (a
 write, a truncation, O_TRUNC, a create), and the release of the last handle of a writer with
-changes left. A read-only handle never completes anything: a player probing a recording
-leaves it streaming.
+changes left. A read-only handle's close never completes anything: a player probing a
+recording leaves it streaming (only its read of bytes uploaded and freed makes the writer
+complete early, `StreamingWriter._read_part`).
 
 What may change across an await here: the writer table (an open may bind to a writer, a
 release may take it out), a handle's node path (rename), and the writer's own state. So the
