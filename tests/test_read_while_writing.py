@@ -101,7 +101,9 @@ def test_ffmpeg_faststart(seaweed, mount_factory, mp4_source, tmp_path, options)
     assert len(got) == len(expected)
     assert sha(got) == sha(expected), "out.mp4 differs from the local-disk file"
     assert mount.uploads() == []
-    assert REBASE in mount.log()
+    # ffmpeg read bytes uploaded and freed: the upload was completed early for that, or at
+    # 16M maybe before, when memory pressure had taken part 1 and ffmpeg patched its header
+    assert (REBASE if not options else "completing the upload at") in mount.log()
 
 
 WRITER = """
