@@ -6,8 +6,9 @@ RangedReader per read-only handle, or through the writer while the file is being
 
 Who completes an object: the flush of a handle opened for writing that changed the file (a
 write, a truncation, O_TRUNC, a create), and the release of the last handle of a writer with
-changes left. A read-only handle never completes anything: a player probing a recording
-leaves it streaming.
+changes left. A read-only handle's close never completes anything: a player probing a
+recording leaves it streaming (only its read of bytes uploaded and freed makes the writer
+complete early, `StreamingWriter._read_part`).
 
 What may change across an await here: the writer table (an open may bind to a writer, a
 release may take it out), a handle's node path (rename), and the writer's own state. So the
@@ -174,6 +175,8 @@ class OpenFiles:
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
+            if not writing:
+                writer.readers += 1  # uploaded parts near the end stay held for it
         return fh
 
     def inode_of(self, fh: int) -> int | None:
@@ -271,6 +274,8 @@ class OpenFiles:
             writer = handle.writer
             if writer is not None:
                 writer.handles -= 1
+                if not handle.writing:
+                    writer.reader_closed()
                 if writer.handles == 0:
                     await self._last_close(handle.node, writer)
         finally:

@@ -6,9 +6,9 @@ recording leaves up to 100 GiB of cache behind, and every new GiB goes into page
 must newly allocate. On the reference VM, with the server's own writes keeping ~2 GiB dirty,
 that allocation cost the writing program 3.3 s of system time per GiB
 (`copy_folio_from_iter_atomic` in perf), against 0.4 s when the pages of each uploaded part are
-dropped and the kernel reuses them. Those pages are of no use to readers either: while a file is
-being written, bytes uploaded and no longer held are EBUSY to readers, and a write there
-makes the writer read its part back from S3 (`_rebase`), not from these pages.
+dropped and the kernel reuses them. A reader or a write there gets them back from S3
+(`_rebase`) instead. While a read-only handle is open the writer keeps the last parts held
+for it (`_kept_for_readers`), and their pages stay until they are freed.
 
 pyfuse3 can only invalidate a whole inode, which would also write back the dirty pages of the
 part still filling, one page per request. So this sends the ranged FUSE_NOTIFY_INVAL_INODE

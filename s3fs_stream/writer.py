@@ -21,7 +21,7 @@ Where part n's current bytes are, in the order `_hold` looks:
   2. past the end of the file: nowhere yet, a new empty part;
   3. uploaded to the session and freed: S3 cannot read those back, so `_rebase` completes
      the upload as it stands (the object becomes visible with the bytes so far) and they are
-     then in the base;
+     then in the base (for a write there, and for a reader: see `_read_part`);
   4. in the base (the object this writer continues, pinned by its ETag): a ranged GET.
 At completion every part 1..last is put in the session: held ones uploaded, base ones copied
 server-side (UploadPartCopy), the rest are there already. A file of one part is one PutObject.
@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 GRAIN = 1024 * 1024  # a part that cannot have its whole buffer at once grows in these steps
 COPY_CONCURRENCY = 16  # UploadPartCopy requests of one completion at a time
 ZERO_CHUNK = bytes(1024 * 1024)
+# while a read-only handle is open, the uploaded parts in the last this many bytes of the file
+# stay held (memory allowing): a player following a recording reads them from memory and the
+# kernel's cache. Each completion a reader forces doubles it, up to half the budget
+READER_WINDOW = 32 * 1024 * 1024
 
 
 class State(enum.Enum):
@@ -106,6 +110,9 @@ class StreamingWriter:
         self._drop_pages = drop_pages  # (start, length) stored and out of memory
         self._lock = trio.Lock()
         self.handles = 0  # open file handles sharing this writer (owned by OpenFiles)
+        self.readers = 0  # ... of which read-only (owned by OpenFiles, see `reader_closed`)
+        self._reader_window = min(READER_WINDOW, budget.limit // 2)
+        self.reader_rebases = 0  # completions forced by readers (for tests and status)
         self.started_ns = time.time_ns()
         self.base = base
         self.size = base.size if base is not None else 0
@@ -163,11 +170,11 @@ class StreamingWriter:
     async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
         """Bytes of the file as written so far.
 
-        Held bytes come from memory, spilled and base bytes with a ranged GET. Bytes uploaded
-        to the open upload and freed cannot be read back: EBUSY for a reader. `for_writing`:
-        the kernel reads through a writing handle to complete a page before a partial-page
-        write (README "Writeback cache"); the part is then brought back into memory for the
-        write that follows, completing the upload early if it must (see `_rebase`).
+        Held bytes come from memory, spilled and base bytes with a ranged GET, bytes uploaded
+        to the open upload and freed by completing the upload early (`_read_part`).
+        `for_writing`: the kernel reads through a writing handle to complete a page before a
+        partial-page write (README "Writeback cache"); the part is then brought back into
+        memory for the write that follows, completing the upload early if it must.
         """
         async with self._request():
             end = min(offset + length, self.size)
@@ -483,7 +490,7 @@ class StreamingWriter:
                 self._parts[number] = Part(number, self._schedule.size(number))
             elif (self._session is not None and self._session.has(number)
                   and number not in self._session.copied):
-                await self._rebase()
+                await self._rebase("changing bytes already uploaded")
             elif self.base is not None and start < self.base.size:
                 await self._load(number)
             else:
@@ -491,22 +498,39 @@ class StreamingWriter:
                               "is neither held nor stored)", errno.EIO)
 
     async def _read_part(self, number: int, start: int, end: int) -> bytes | memoryview:
-        """Bytes [start, end) of part `number` for a reader, without holding them."""
-        part = self._parts.get(number)
-        if part is not None:
-            # the held bytes first, with no await: the reclaimer may spill them afterwards
-            split = min(max(start, part.mem_start), end)
-            held = bytes(part.view(split, end)) if split < end else b""
-            pieces = [await self._spill.read(segment, max(start, segment.start),
-                                             min(split, segment.end))
-                      for segment in list(part.segments)
-                      if segment.start < split and segment.end > start]
-            return b"".join([*pieces, held])
+        """Bytes [start, end) of part `number` for a reader, without holding them.
+
+        Bytes uploaded to the open upload and freed: S3 cannot read them back from there, so
+        the upload is completed as it stands (`_rebase`, under this request's lock) and they
+        are read from that object, the new base. Every byte written so far is then readable
+        from S3, so a reader behind the writer forces this again only once it passes what was
+        written by then; and each time it does, the part kept for readers doubles (see
+        `_kept_for_readers`): a player that lags a recording by a steady amount costs a few
+        completions, not one per part (each copies every earlier part server-side)."""
+        while True:
+            part = self._parts.get(number)
+            if part is not None:
+                # the held bytes first, with no await: the reclaimer may spill them afterwards
+                split = min(max(start, part.mem_start), end)
+                held = bytes(part.view(split, end)) if split < end else b""
+                pieces = [await self._spill.read(segment, max(start, segment.start),
+                                                 min(split, segment.end))
+                          for segment in list(part.segments)
+                          if segment.start < split and segment.end > start]
+                return b"".join([*pieces, held])
+            if self._session is None or not self._session.has(number) or \
+                    number in self._session.copied:
+                break
+            self._reader_window = max(self._reader_window,
+                                      min(2 * self._reader_window, self._budget.limit // 2))
+            self.reader_rebases += 1
+            await self._rebase("a reader needs bytes already uploaded")
+            # across the completion the reclaimer may have dropped or spilled the part again
+            # (it is in the base now): look again
         first = self._schedule.start(number)
-        if self._session is not None and self._session.has(number) and \
-                number not in self._session.copied or self.base is None:
-            raise FsError(f"{self.name}: bytes at offset {first + start} are uploaded and no "
-                          "longer held in memory; read them after close", errno.EBUSY)
+        if self.base is None or first + end > self.base.size:
+            raise FsError(f"{self.name}: bytes at offset {first + start} are lost (part "
+                          f"{number} is neither held nor stored)", errno.EIO)
         try:
             return await self._store.get_range(self.key, first + start, first + end,
                                                self.base.etag)
@@ -618,6 +642,8 @@ class StreamingWriter:
                 self.parts_in_flight -= 1
                 part.idle.set()
                 self._free_if_done(part)
+                if self.readers:  # an earlier part may have left the readers' window
+                    self._free_unkept()
 
         try:
             await self._pool.submit(job)
@@ -653,10 +679,31 @@ class StreamingWriter:
         follow, and readers, find it held instead of loading it again or, once uploaded,
         completing the object to read it back) -- and memory is not short."""
         keep = part.number == 1 or part.number == self._last_part() and not part.full \
-            or self.base is not None and self._schedule.start(part.number) < self.base.size
+            or self.base is not None and self._schedule.start(part.number) < self.base.size \
+            or self._kept_for_readers(part)
         if self._droppable(part) and (self._budget.under_pressure or not keep) \
                 and self._parts.get(part.number) is part:
             self._free(part)
+
+    def _kept_for_readers(self, part: Part) -> bool:
+        """A read-only handle is open and the part lies in the last `_reader_window` bytes:
+        a reader following the writer (a player behind a recording) finds it in memory, and
+        its pages stay in the kernel's cache, instead of forcing a completion to read it.
+        Such parts are droppable: the reclaimer frees them first when memory is short."""
+        return self.readers > 0 and \
+            self._schedule.start(part.number) + part.capacity > self.size - self._reader_window
+
+    def _free_unkept(self) -> None:
+        """Free the stored parts no longer worth keeping (no lock: as the reclaimer)."""
+        for part in list(self._parts.values()):
+            self._free_if_done(part)
+
+    def reader_closed(self) -> None:
+        """A read-only handle closed (OpenFiles): with the last one, the parts kept for
+        readers go."""
+        self.readers -= 1
+        if not self.readers:
+            self._free_unkept()
 
     def _last_part(self) -> int:
         return self._locate(self.size - 1)[0] if self.size else 1
@@ -735,15 +782,15 @@ class StreamingWriter:
         if self._on_complete:
             self._on_complete(etag, self.size)
 
-    async def _rebase(self) -> None:
+    async def _rebase(self, why: str) -> None:
         """Complete the upload as it stands so that its parts can be read back (the base).
 
-        Needed to change bytes that were uploaded and freed. Until the final completion the
-        object shows the bytes written so far; a recorder's header patch under memory
-        pressure costs this one server-side copy of the file.
+        Needed to change or read bytes that were uploaded and freed. Until the final
+        completion the object shows the bytes written so far; a recorder's header patch under
+        memory pressure costs this one server-side copy of the file.
         """
-        log.info("%s: changing bytes already uploaded: completing the upload at %d bytes and "
-                 "continuing from the stored object", self.name, self.size)
+        log.info("%s: %s: completing the upload at %d bytes and continuing from the stored "
+                 "object", self.name, why, self.size)
         etag = await self._sticky(self._complete_upload())
         self._became_base(etag)
 
@@ -755,7 +802,8 @@ class StreamingWriter:
         last = self._last_part()
         for part in list(self._parts.values()):
             part.stored = "base"
-            if part.number not in (1, last) and self._droppable(part):
+            if part.number not in (1, last) and self._droppable(part) \
+                    and not self._kept_for_readers(part):
                 self._free(part)
 
     async def _rewrite_meta(self) -> None:

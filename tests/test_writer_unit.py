@@ -113,20 +113,73 @@ async def test_write_into_uploaded_and_freed_part_lands(env):
 
 
 async def test_reads_of_freed_parts(env):
-    """A reader gets EBUSY for bytes uploaded and freed; the kernel completing a page for a
-    write gets them (the upload is completed early to read them back)."""
+    """A reader of bytes uploaded and freed gets them: the upload is completed early and they
+    are read back from that object (once: later reads of earlier bytes are ranged GETs); so
+    does the kernel completing a page for a write."""
     dropped = []
     writer = env.make(drop_pages=lambda start, length: dropped.append((start, length)))
     data = os.urandom(4 * PART + 10)
     await write_all(writer, data)
     await writer.fsync()
     assert (PART, PART) in dropped  # freed parts leave the kernel's cache too
-    with pytest.raises(FsError) as info:
-        await writer.read_held(PART + 4096, 4096)
-    assert info.value.errno == errno.EBUSY
+    assert await writer.read_held(PART + 4096, 4096) == data[PART + 4096:PART + 8192]
+    assert len(env.calls("complete")) == 1 and writer.reader_rebases == 1
+    assert await writer.read_held(2 * PART - 10, 20) == data[2 * PART - 10:2 * PART + 10]
     assert await writer.read_held(4 * PART, 10) == data[4 * PART:]
     assert await writer.read_held(PART + 4096, 4096, True) == data[PART + 4096:PART + 8192]
-    assert await writer.read_held(PART + 4096, 4096) == data[PART + 4096:PART + 8192]
+    assert len(env.calls("complete")) == 1
+    more = os.urandom(PART)
+    await write_all(writer, more, offset=len(data))
+    await writer.fsync()
+    data += more
+    assert await writer.read_held(0, len(data)) == data
+    await close(writer)
+    assert env.data() == data
+    assert env.budget.used == 0 and not env.store.uploads
+
+
+async def test_reader_keeps_the_end_of_a_recording_held(env):
+    """While a read-only handle is open, uploaded parts near the end stay in memory (a player
+    following a recording reads them without completing anything); memory pressure frees
+    them first, and the last reader's close frees them."""
+    writer = env.make()
+    writer.readers += 1
+    data = os.urandom(5 * PART)
+    await write_all(writer, data)
+    await writer.fsync()
+    assert writer.holds >= 4 * PART  # part 1 and the last 32 MiB (parts 2-5 here)
+    assert await writer.read_held(PART, 3 * PART) == data[PART:4 * PART]
+    assert not env.calls("complete") and writer.reader_rebases == 0
+    writer.drop_stored()  # what the reclaimer does first when someone waits for memory
+    assert writer.holds <= 2 * PART
+    assert await writer.read_held(2 * PART, 10) == data[2 * PART:2 * PART + 10]
+    assert writer.reader_rebases == 1
+    writer.reader_closed()
+    assert writer.holds <= 2 * PART
+    await close(writer)
+    assert env.data() == data
+
+
+async def test_a_lagging_reader_forces_few_completions(nursery):
+    """A reader that follows the writer a steady distance behind, farther than the parts kept
+    for it: each completion it forces doubles what is kept (up to half the budget), so it
+    forces a few, not one per part (each one copies every earlier part server-side)."""
+    env = Env(nursery, limit=256 * MiB)
+    writer = env.make(schedule=PartSchedule(PART, 10 * MiB))
+    writer.readers += 1
+    lag = 12 * PART
+    total = 40 * PART
+    data = os.urandom(total)
+    position = 0
+    for start in range(0, total, PART):
+        await write_all(writer, data[start:start + PART], chunk=MiB, offset=start)
+        await writer.fsync()
+        while position + MiB <= start + PART - lag:
+            assert await writer.read_held(position, MiB) == data[position:position + MiB]
+            position += MiB
+    assert await writer.read_held(position, total - position) == data[position:]
+    assert 1 <= writer.reader_rebases <= 3, writer.reader_rebases
+    writer.reader_closed()
     await close(writer)
     assert env.data() == data
 
