@@ -14,8 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import require, wait_until
 from tests.fault_proxy import FaultProxy
 
