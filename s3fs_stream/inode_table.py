@@ -39,7 +39,7 @@ class Node:
     meta_pending: bool = False
     # the kernel was handed this inode with a listing's attributes (its HEAD failed): with
     # the writeback cache it keeps that mtime for as long as it holds the inode, so the
-    # metadata, once known, must make it drop the inode (Namespace._took_head)
+    # metadata, once known, must make it drop the inode (Namespace._upsert_file)
     listing_shown: bool = False
 
     @property

@@ -859,13 +859,13 @@ class Namespace:
                     current = self.table.adopt(node)  # forgotten: the kernel gets it again
                 node = current
                 if not reply(name, self.files.view(node), next_offset):
-                    # the next call starts here: keep what the HEADs found until then (the
-                    # last call's that this one did not hand out either stay too)
-                    unsent = [unsent for _, unsent, _ in batch[index:]]
+                    # the next call starts here: keep what the HEADs found until then (nodes
+                    # the last call kept and this one did not hand out either are kept on)
+                    unsent = [later for _, later, _ in batch[index:]]
                     if following is not None:
-                        unsent += [unsent for _, unsent, _ in following[0]]
-                    keep = {id(node) for node in unsent}
-                    handle.unsent = [old for old in handle.unsent if id(old) not in keep]
+                        unsent += [later for _, later, _ in following[0]]
+                    kept = {id(later) for later in unsent}
+                    handle.unsent = [old for old in handle.unsent if id(old) not in kept]
                     self._drop_unsent(handle)
                     handle.unsent = unsent
                     return
