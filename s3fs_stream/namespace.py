@@ -242,7 +242,18 @@ class Namespace:
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
     async def lookup(self, parent: int, name: str) -> Node:
-        node = self.files.view(await self._lookup_quiet(self._child_path(parent, name)))
+        path = self._child_path(parent, name)
+        node = await self._lookup_quiet(path)
+        if self.table.get(node.inode) is not node:
+            # the kernel forgot the node while a HEAD of it was out (FORGET dropped it from
+            # the table): the inode it gets now must be one the table knows
+            current = self.table.by_path(path)
+            if current is None:
+                if node.path != path:
+                    raise FsError("", errno.ENOENT)  # removed or renamed meanwhile
+                current = self.table.adopt(node)
+            node = current
+        node = self.files.view(node)
         node.lookups += 1
         return node
 

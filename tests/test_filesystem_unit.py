@@ -400,3 +400,26 @@ async def test_entries_removed_meanwhile_are_not_listed(fs):
         await fs.readdir(fh, 0, lambda name, node, off: not taken.append(name))
     fs.releasedir(fh)
     assert taken == ["a"]
+
+
+async def test_lookup_hands_out_no_node_that_a_forget_dropped_meanwhile(fs):
+    """A listed directory's lookup HEADs its marker; the kernel forgets the directory while
+    that HEAD is out: the inode the lookup answers is one the table knows."""
+    fs.store._store("pre/d/inner", b"", {})
+    [(_, d, _)] = await listing(fs)
+    assert d.is_dir and not d.has_metadata
+    fs.store.delay = 0.05
+    found = []
+
+    async def look_up():
+        found.append(await fs.lookup(ROOT_INODE, "d"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look_up)
+        await trio.sleep(0.02)  # the marker's HEAD is out
+        fs.inner.forget(d.inode, d.lookups)
+        assert fs.inner.table.get(d.inode) is None
+    fs.store.delay = 0.0
+    [node] = found
+    assert fs.inner.table.get(node.inode) is node and node.lookups == 1
+    assert (await fs.getattr(node.inode)).is_dir
