@@ -33,6 +33,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+@pytest.mark.timeout(600)  # ls and find HEAD each of the 110,000 objects they list
 def test_ls_and_find_over_100000_objects(seaweed, mount_factory):
     bucket = new_bucket(seaweed)
     big = [f"big/f{i:06d}" for i in range(100_000)]
