@@ -25,6 +25,7 @@ from .object_meta import SetAttr
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 512
+DOTS = 2  # readdir offsets of "." and ".."
 NOTIFY_QUEUE = 1024  # invalidations waiting; more are dropped (the timeouts still apply)
 
 
@@ -217,12 +218,22 @@ class FuseOperations(pyfuse3.Operations):
 
     @_converted
     async def readdir(self, fh, start_id, token):
+        # "." and ".." at offsets 0 and 1, the directory's entries from DOTS on. The kernel
+        # links no inode for either in a readdirplus reply (no lookup to count)
+        if start_id < DOTS:
+            directory, parent = self.namespace.dir_nodes(fh)
+            for offset, name, node in ((0, b".", directory), (1, b"..", parent)):
+                if offset >= start_id and \
+                        not pyfuse3.readdir_reply(token, name, self._attributes(node),
+                                                  offset + 1):
+                    return
+
         def reply(name: str, node: Node, next_id: int) -> bool:
             # readdirplus: the namespace counts a lookup for each accepted entry
             return pyfuse3.readdir_reply(token, os.fsencode(name), self._attributes(node),
-                                         next_id)
+                                         next_id + DOTS)
 
-        await self.namespace.readdir(fh, start_id, reply)
+        await self.namespace.readdir(fh, max(start_id - DOTS, 0), reply)
 
     @_converted
     async def releasedir(self, fh):

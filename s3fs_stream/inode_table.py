@@ -47,6 +47,10 @@ class Node:
     # the ETag of the object as this mount last stored it (a completion, a copy): while it is
     # still the node's, S3 has just shown that the mount may rewrite it (deferred metadata)
     stored_etag: str = ""
+    # the kernel was handed this inode with a listing's attributes (its HEAD failed): with
+    # the writeback cache it keeps that mtime for as long as it holds the inode, so the
+    # metadata, once known, must make it drop the inode (Namespace._upsert_file)
+    listing_shown: bool = False
 
     @property
     def name(self) -> str:
@@ -124,6 +128,17 @@ class InodeTable:
         else:
             for name, value in attrs.items():
                 setattr(node, name, value)
+        return node
+
+    def adopt(self, node: Node) -> Node:
+        """`node` back in the table under its inode number and path after it was dropped
+        (the kernel forgot it while a readdir that is about to hand it out again waited);
+        the node now at its path, if another took it meanwhile."""
+        current = self._by_path.get(node.path)
+        if current is not None:
+            return current
+        self._by_inode[node.inode] = node  # numbers are never reused: no other has it
+        self._by_path[node.path] = node
         return node
 
     def forget(self, inode: int, count: int) -> None:

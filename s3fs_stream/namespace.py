@@ -60,9 +60,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-# Objects this small may be symbolic links (s3fs-fuse's: the body is the target, at most
-# PATH_MAX - 1 bytes); a listing cannot say, and the kernel fails a getattr whose file type
-# differs from the entry it was given, so readdir HEADs these before answering.
+# A symbolic link's object (s3fs-fuse's: the body is the target) is at most PATH_MAX - 1.
 SYMLINK_MAX = 4095
 HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
 HEAD_BATCH = 16  # HEADs pipelined on one connection
@@ -121,7 +119,7 @@ class Namespace:
         self.table = table
         self.files = files
         self._nursery = nursery
-        # ("entry", parent inode, name, old inode) / ("inode", inode): tell the kernel
+        # ("entry", parent inode, name, old inode or 0) / ("inode", inode): tell the kernel
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
         files.before_read = functools.partial(self.store_meta, report=False)
@@ -258,15 +256,30 @@ class Namespace:
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
     async def lookup(self, parent: int, name: str) -> Node:
-        node = self.files.view(await self._lookup_quiet(self._child_path(parent, name)))
+        path = self._child_path(parent, name)
+        node = await self._lookup_quiet(path)
+        if self.table.get(node.inode) is not node:
+            # the kernel forgot the node while a HEAD of it was out (FORGET dropped it from
+            # the table): the inode it gets now must be one the table knows
+            current = self.table.by_path(path)
+            if current is None:
+                if node.path != path:
+                    raise FsError("", errno.ENOENT)  # removed or renamed meanwhile
+                current = self.table.adopt(node)
+            node = current
+        node = self.files.view(node)
         node.lookups += 1
         return node
 
     async def _lookup_quiet(self, path: str) -> Node:
         """The node for `path` from the table while fresh (or being written), else from S3."""
         node = self.table.by_path(path)
-        if node is not None and (node.fresh or self.files.writer(node.inode) is not None):
+        if node is not None and (node.fresh and node.has_metadata
+                                 or self.files.writer(node.inode) is not None):
             return node
+        if node is not None and node.is_dir and node.fresh:
+            # listed just now: it exists; its marker may carry attributes the listing lacks
+            return await self._with_meta(node)
         if node is None and await self._known_missing(path):
             raise FsError("", errno.ENOENT)
         if node is not None and not node.is_dir:
@@ -303,7 +316,7 @@ class Namespace:
         start = bisect.bisect_right(names, name)
         ahead = [node for sibling in names[start:start + WALK_AHEAD]
                  if (node := self.table.by_path(join(parent, sibling))) is not None
-                 and not node.is_dir and not node.fresh
+                 and not node.is_dir and not (node.fresh and node.has_metadata)
                  and self.files.writer(node.inode) is None]
         self._head_soon(ahead)  # those whose HEAD is not out yet
 
@@ -345,7 +358,18 @@ class Namespace:
         if pending is not None and pending.node is node and same_etag(info.etag, pending.etag):
             node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
             return node
-        return self.table.upsert(path, False, **file_attrs(info, self.config))
+        node = self.table.upsert(path, False, **file_attrs(info, self.config))
+        if node.listing_shown and node.has_metadata:
+            # the kernel holds the inode with a listing's attributes and keeps its own mtime
+            # of a regular file whatever a getattr answers: it must drop the inode (unless
+            # in use) and look the name up again, creating the inode with these attributes
+            node.listing_shown = False
+            parent = self.table.by_path(parent_of(path))
+            if parent is not None:
+                log.debug("%s: metadata after a listing's attributes; the kernel drops its "
+                          "inode", path)
+                self._notify("entry", parent.inode, node.name, 0)
+        return node
 
     async def _head_marker(self, path: str) -> ObjectInfo | None:
         try:
@@ -357,14 +381,20 @@ class Namespace:
         node = self._node(inode)
         if self.files.writer(inode) is not None:
             return self.files.view(node)
-        if node.fresh or node.path.startswith("\0") or inode == ROOT_INODE:
+        if node.fresh and node.has_metadata or node.path.startswith("\0") or \
+                inode == ROOT_INODE:
             return node
         self._demand(node)
-        if node.fetching is not None:
+        return await self._with_meta(node, raising=True)
+
+    async def _with_meta(self, node: Node, raising: bool = False) -> Node:
+        """The node once a HEAD told its metadata (a listing's attributes are never
+        answered as if they were the object's: mode, owner and mtime live in x-amz-meta-*)."""
+        if node.fetching is not None:  # a HEAD of it is out: that one answers
             await node.fetching.wait()
-            if node.fresh:
+            if node.fresh and node.has_metadata:
                 return node
-        await self._fetch_meta(node, raising=True)
+        await self._fetch_meta(node, raising)
         return node
 
     async def _fetch_meta(self, node: Node, raising: bool = False) -> Node:
@@ -451,6 +481,9 @@ class Namespace:
                 self._took_head(node, path, result)
             elif not isinstance(result, NotFound):
                 log.debug("HEAD for %s failed: %s", path, result)
+            elif not node.has_metadata and node.path == path and \
+                    self.files.writer(node.inode) is None:
+                self.table.remove_path(path)  # listed, deleted since: readdir skips it
         for node in nodes:
             if node.is_dir:
                 try:
@@ -858,6 +891,17 @@ class Namespace:
         self._dir_handles[fh] = _DirHandle(node, stream)
         return fh
 
+    def dir_nodes(self, fh: int) -> tuple[Node, Node]:
+        """The open directory and its parent (the root's is itself): `.` and `..`."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise FsError("", errno.EBADF)
+        directory = handle.node
+        parent = None
+        if directory.inode != ROOT_INODE:
+            parent = self.table.by_path(parent_of(directory.path))
+        return directory, parent or directory
+
     def _unlisted_writers(self, directory: str, listed: set[str]) -> list[Entry]:
         """Files being written here whose objects the listing did not show."""
         entries = []
@@ -874,9 +918,13 @@ class Namespace:
         """Hand entries from `offset` on to `reply(name, node, next_offset)` until it
         returns False (the kernel's buffer is full); each accepted entry is a lookup.
 
-        Entries come as the pages do; small objects (possible symbolic links) are HEADed in
-        parallel before they are handed on, the metadata of the others when someone asks for
-        it (`_demand`)."""
+        Entries come as the pages do. Files are HEADed (pipelined, in parallel) before they
+        are handed on: readdirplus makes each entry an inode with the attributes given, and
+        with the writeback cache the kernel keeps the mtime it was first given, so a
+        listing's (the upload time, the mount's default mode and owner) would stay. An entry
+        whose HEAD failed goes with the listing's attributes (`listing_shown`); one found
+        deleted is left out. Directories go as listed: the kernel takes each getattr's
+        attributes of a directory, and getattr HEADs their markers (`_demand`)."""
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise FsError("", errno.EBADF)
@@ -893,16 +941,31 @@ class Namespace:
                 self._head_soon(following[1])
             await self._head_nodes(need_head)
             for index, (name, node, next_offset) in enumerate(batch):
-                node = self.table.get(node.inode) or node
+                # across the awaits since it was listed: the kernel may have forgotten the
+                # node (FORGET dropped it from the table), a HEAD replaced it with a new
+                # inode, or this mount removed or renamed it
+                path = join(directory.path, name)
+                current = self.table.by_path(path)
+                if current is None:
+                    if node.path != path:
+                        continue  # removed or renamed here, or found deleted: not listed
+                    current = self.table.adopt(node)  # forgotten: the kernel gets it again
+                node = current
                 if not reply(name, self.files.view(node), next_offset):
-                    # the next call starts here: keep what the HEADs found until then
-                    self._drop_unsent(handle)
-                    handle.unsent = [unsent for _, unsent, _ in batch[index:]]
+                    # the next call starts here: keep what the HEADs found until then (nodes
+                    # the last call kept and this one did not hand out either are kept on)
+                    unsent = [later for _, later, _ in batch[index:]]
                     if following is not None:
-                        handle.unsent += [unsent for _, unsent, _ in following[0]]
+                        unsent += [later for _, later, _ in following[0]]
+                    kept = {id(later) for later in unsent}
+                    handle.unsent = [old for old in handle.unsent if id(old) not in kept]
+                    self._drop_unsent(handle)
+                    handle.unsent = unsent
                     return
                 node.lookups += 1
                 if not node.has_metadata:
+                    if not node.is_dir and self.files.writer(node.inode) is None:
+                        node.listing_shown = True
                     self._listed_without_meta(directory.path, node)
             if following is None:
                 if stream.names is not None and not handle.known:
@@ -914,8 +977,7 @@ class Namespace:
     async def _collect(self, directory: str, stream: DirectoryStream, position: int
                        ) -> tuple[list[tuple[str, Node, int]], list[Node], int]:
         """Up to READDIR_CHUNK entries from `position` on, as (name, node, next offset);
-        the nodes among them that need a HEAD first (possible symbolic links); the offset
-        after them."""
+        the files among them that need a HEAD first; the offset after them."""
         batch: list[tuple[str, Node, int]] = []
         need_head: list[Node] = []
         while len(batch) < READDIR_CHUNK:
@@ -927,8 +989,8 @@ class Namespace:
             if node is None:
                 continue
             batch.append((entry.name, node, position))
-            if not node.has_metadata and not node.is_dir and \
-                    self.files.writer(node.inode) is None and 0 < node.size <= SYMLINK_MAX:
+            if not (node.fresh and node.has_metadata) and not node.is_dir and \
+                    self.files.writer(node.inode) is None:
                 need_head.append(node)
         if self._nursery is not None:
             stream.prefetch_next(self._nursery)
@@ -954,8 +1016,10 @@ class Namespace:
             return node
         if entry.info is None:
             return node  # a file being written, not listed: its writer knows
-        if node is not None and not node.is_dir and node.etag == entry.info.etag and \
-                node.fresh and node.has_metadata:
+        if node is not None and not node.is_dir and node.has_metadata and \
+                same_etag(node.etag, entry.info.etag) and node.size == entry.info.size:
+            # the same object: its metadata stays until the HEAD (`_collect`) says more
+            # (another client may have copied it onto itself with new metadata, same ETag)
             return node
         return self._upsert_file(path, entry.info)
 

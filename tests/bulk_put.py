@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
+from collections.abc import Callable
 
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -12,12 +13,15 @@ from botocore.credentials import Credentials
 
 
 def put_many(endpoint_url: str, access_key: str, secret_key: str, bucket: str,
-             keys: list[str], body: bytes = b"", connections: int = 200) -> None:
+             keys: list[str], body: bytes = b"", connections: int = 200,
+             each: Callable[[str], tuple[bytes, dict[str, str]]] | None = None) -> None:
+    """`each(key)`: that key's body and x-amz-meta-* (names without the prefix), instead of
+    `body` and none."""
     asyncio.run(_put_many(endpoint_url, Credentials(access_key, secret_key), bucket, keys,
-                          body, connections))
+                          each or (lambda key: (body, {})), connections))
 
 
-async def _put_many(endpoint_url, credentials, bucket, keys, body, connections):
+async def _put_many(endpoint_url, credentials, bucket, keys, each, connections):
     url = urllib.parse.urlsplit(endpoint_url)
     queue: asyncio.Queue[str] = asyncio.Queue()
     for key in keys:
@@ -32,8 +36,11 @@ async def _put_many(endpoint_url, credentials, bucket, keys, body, connections):
                 except asyncio.QueueEmpty:
                     return
                 path = f"/{bucket}/" + urllib.parse.quote(key, safe="/~")
+                body, metadata = each(key)
+                headers = {"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+                headers.update({f"x-amz-meta-{k}": v for k, v in metadata.items()})
                 request = AWSRequest("PUT", f"{endpoint_url}{path}", data=body,
-                                     headers={"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"})
+                                     headers=headers)
                 S3SigV4Auth(credentials, "s3", "us-east-1").add_auth(request)
                 head = [f"PUT {path} HTTP/1.1", f"Host: {url.netloc}",
                         f"Content-Length: {len(body)}"]

@@ -186,9 +186,12 @@ async def test_listing_streams_pages_with_stable_offsets_and_hides_objects(fs, c
     assert len(got) == len(set(got))
     assert [n for n, node, _ in entries if node.is_dir] == ["f050"]
     assert [off for _, _, off in entries] == list(range(1, len(entries) + 1))
-    # one LIST per page, no HEAD: objects this large cannot be symbolic links
-    assert {c[0] for c in fs.store.calls} == {"list_page"}
-    assert len(fs.store.calls) <= 102 // 7 + 3
+    # one LIST per page, and one HEAD per file (its x-amz-meta-* before the kernel gets it)
+    lists = [c for c in fs.store.calls if c[0] == "list_page"]
+    heads = [c[1] for c in fs.store.calls if c[0] == "head"]
+    assert len(lists) + len(heads) == len(fs.store.calls)
+    assert len(lists) <= 102 // 7 + 3
+    assert sorted(heads) == sorted(f"pre/d/{name}" for name in got if name != "f050")
     # only what the kernel accepted stays in the table
     assert len(fs.inner.table) <= len(entries) + 3
     await listing(fs, d.inode)
@@ -298,7 +301,125 @@ async def test_metadata_of_listed_entries_is_fetched_once_per_node(fs):
     names = [name for name, _, _ in await listing(fs)]
     assert len(names) == 40
     nodes = [fs.inner.table.by_path(name) for name in names]
+    for node in nodes:  # the listing HEADed them: stale now
+        node.expires = 0.0
     fs.store.calls.clear()
     await fs.inner.namespace._head_nodes(nodes + nodes[:10])
     assert len([c for c in fs.store.calls if c[0] == "head"]) == 40
     assert all(n.fetching is None and n.has_metadata and n.mode == 0o100600 for n in nodes)
+
+
+STORED = {"mode": str(stat.S_IFREG | 0o600), "uid": "7", "gid": "8", "mtime": "1577836800"}
+
+
+@pytest.mark.parametrize("size", [0, 100, 5 * 1024, MiB])
+async def test_listed_entries_carry_their_stored_attributes(fs, size):
+    """readdirplus makes each entry an inode with the attributes handed over, and the
+    kernel keeps a regular file's mtime from then on: a listing's (LastModified, the
+    mount's mode and owner) must never be what it gets for an object with x-amz-meta-*."""
+    fs.store._store("pre/f", b"x" * size, STORED)
+    fs.store._store("pre/d/inner", b"", {})
+    [(name, node, _), (_, d, _)] = sorted(await listing(fs), key=lambda e: e[1].is_dir)
+    assert (name, node.mode, node.uid, node.gid, node.mtime_ns, node.size) == \
+        ("f", stat.S_IFREG | 0o600, 7, 8, 1577836800 * 10**9, size)
+    # a listed directory (no marker here) is what getattr says; a listed file's metadata is
+    # known: getattr within the attribute timeout needs no request
+    fs.store.calls.clear()
+    assert (await fs.getattr(node.inode)).mtime_ns == 1577836800 * 10**9
+    assert fs.store.calls == []
+    assert d.is_dir and (await fs.getattr(d.inode)).has_metadata
+
+
+async def test_metadata_after_a_listing_makes_the_kernel_drop_the_inode(nursery):
+    """A HEAD that fails during readdir leaves an entry with the listing's attributes;
+    getattr HEADs it (fresh or not), and the kernel is told to drop the inode, which it
+    would otherwise keep with the listing's mtime."""
+    notes = []
+    inner = unit_filesystem(nursery)
+    inner.namespace._notify = lambda *args: notes.append(args)
+    fs = Fs(inner)
+    fs.store._store("pre/f", b"x" * 5000, STORED)
+    head_many = fs.store.head_many
+
+    async def refused(keys):
+        return [FsError("refused", errno.EACCES) for _ in keys]
+
+    fs.store.head_many = refused
+    [(_, node, _)] = await listing(fs)
+    assert not node.has_metadata and node.lookups == 1
+    fs.store.head_many = head_many
+    assert (await fs.getattr(node.inode)).mtime_ns == 1577836800 * 10**9
+    assert node.mode == stat.S_IFREG | 0o600 and node.uid == 7
+    assert notes == [("entry", ROOT_INODE, "f", 0)]
+    notes.clear()
+    await listing(fs)  # the same attributes again: nothing to drop
+    assert notes == []
+
+
+async def test_readdir_hands_out_no_node_that_a_forget_dropped_meanwhile(fs):
+    """The kernel forgets an entry while a readdir that lists it again waits for HEADs:
+    the entry it gets must be one the table knows (else a later stat of it fails with
+    "inode N is not known")."""
+    fs.store._store("pre/a", b"x" * 100, STORED)
+    fs.store._store("pre/f", b"x" * 100, STORED)
+    [(_, fresh, _), (_, node, _)] = await listing(fs)
+    node.expires = 0.0  # stale: the next listing HEADs it (and `fresh` waits for that)
+    fs.store.delay = 0.05
+    got = []
+
+    async def list_again():
+        got.extend(await listing(fs))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(list_again)
+        await trio.sleep(0.075)  # the LIST took 0.05 s; the HEAD is out
+        assert node.fetching is not None
+        for forgotten in (fresh, node):
+            fs.inner.forget(forgotten.inode, forgotten.lookups)
+            assert fs.inner.table.get(forgotten.inode) is None
+    fs.store.delay = 0.0
+    assert [name for name, _, _ in got] == ["a", "f"]
+    for _, handed, _ in got:
+        assert fs.inner.table.get(handed.inode) is handed and handed.lookups == 1
+        assert (await fs.getattr(handed.inode)).mtime_ns == 1577836800 * 10**9
+
+
+async def test_entries_removed_meanwhile_are_not_listed(fs):
+    fs.store._store("pre/a", b"x" * 5000, STORED)
+    fs.store._store("pre/b", b"x" * 5000, STORED)
+    fh = await fs.opendir(ROOT_INODE)
+    taken = []
+    fs.store.delay = 0.02
+
+    async def unlink_b_while_heads_are_out():
+        await trio.sleep(0.01)
+        del fs.store.objects["pre/b"]  # another client deletes it after the listing
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(unlink_b_while_heads_are_out)
+        await fs.readdir(fh, 0, lambda name, node, off: not taken.append(name))
+    fs.releasedir(fh)
+    assert taken == ["a"]
+
+
+async def test_lookup_hands_out_no_node_that_a_forget_dropped_meanwhile(fs):
+    """A listed directory's lookup HEADs its marker; the kernel forgets the directory while
+    that HEAD is out: the inode the lookup answers is one the table knows."""
+    fs.store._store("pre/d/inner", b"", {})
+    [(_, d, _)] = await listing(fs)
+    assert d.is_dir and not d.has_metadata
+    fs.store.delay = 0.05
+    found = []
+
+    async def look_up():
+        found.append(await fs.lookup(ROOT_INODE, "d"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look_up)
+        await trio.sleep(0.02)  # the marker's HEAD is out
+        fs.inner.forget(d.inode, d.lookups)
+        assert fs.inner.table.get(d.inode) is None
+    fs.store.delay = 0.0
+    [node] = found
+    assert fs.inner.table.get(node.inode) is node and node.lookups == 1
+    assert (await fs.getattr(node.inode)).is_dir

@@ -1,0 +1,172 @@
+"""What a fresh mount's listing shows: the stored mode, owner and mtime of every file, never
+the listing's defaults (readdirplus makes each entry an inode with the attributes handed
+over, and with the writeback cache the kernel keeps the mtime it was first given); `.` and
+`..`; a no-op nightly `rsync -a` after a remount that sends nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import require, wait_until
+from tests.fault_proxy import FaultProxy
+
+KiB, MiB = 1024, 1024 * 1024
+ATTR_TIMEOUT = 1.0  # the mount's default
+
+# name -> (size, mode, uid, gid, mtime): one below the old 4,095-byte HEAD limit, the rest
+# above it, and an empty one
+FILES = {
+    "empty": (0, 0o640, 1001, 1002, 1_262_304_000),
+    "small": (100, 0o600, 1234, 2345, 1_577_836_800),
+    "five": (5 * KiB, 0o600, 1234, 2345, 1_577_836_801),
+    "mib": (MiB, 0o751, 0, 2345, 1_600_000_000),
+    "nine": (9 * MiB, 0o444, 4321, 0, 1_000_000_000),
+}
+
+
+def run(cmd, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, f"{cmd}: {result.returncode}\n{result.stderr[-2000:]}"
+    return result
+
+
+def ls_l(directory: Path) -> dict[str, tuple[str, int, int, int, int]]:
+    """name -> (mode string, uid, gid, size, mtime in s) as `ls -ln` shows them."""
+    out = run(["ls", "-ln", "--time-style=+%s", str(directory)]).stdout
+    shown = {}
+    for line in out.splitlines()[1:]:  # "total N" first
+        mode, _, uid, gid, size, mtime, name = line.split(None, 6)
+        shown[name] = (mode, int(uid), int(gid), int(size), int(mtime))
+    return shown
+
+
+def stat_of(path: Path) -> tuple[str, int, int, int, int]:
+    st = os.lstat(path)
+    return stat.filemode(st.st_mode), st.st_uid, st.st_gid, st.st_size, int(st.st_mtime)
+
+
+def make_files(directory: Path) -> None:
+    directory.mkdir()
+    for name, (size, mode, uid, gid, mtime) in FILES.items():
+        path = directory / name
+        path.write_bytes(random.Random(name).randbytes(size))
+        os.chown(path, uid, gid)
+        path.chmod(mode)
+        os.utime(path, (mtime, mtime))
+
+
+def expected(name: str) -> tuple[str, int, int, int, int]:
+    size, mode, uid, gid, mtime = FILES[name]
+    return stat.filemode(stat.S_IFREG | mode), uid, gid, size, mtime
+
+
+def test_a_fresh_mount_lists_what_stat_shows(any_server, mount_factory):
+    """chmod/chown/touch -d files, remount: `ls -l` shows at once what `stat` shows after
+    the attribute timeout, and both are what was set (not the upload time, not 0644)."""
+    m = mount_factory(any_server)
+    make_files(m.path / "d")
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    shown = ls_l(fresh.path / "d")
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    later = {name: stat_of(fresh.path / "d" / name) for name in FILES}
+    assert shown == later
+    assert shown == {name: expected(name) for name in FILES}
+
+
+def test_metadata_after_a_failed_head_replaces_the_kernels_inode(seaweed, mount_factory):
+    """A listing whose HEADs are refused hands the kernel the listing's attributes; once a
+    HEAD gets through, the kernel is made to drop its inode (it keeps a regular file's first
+    mtime whatever a getattr answers), and stat shows the stored mtime."""
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=0.0) as proxy:
+        m = mount_factory(seaweed)
+        make_files(m.path / "d")
+        assert m.unmount() == 0
+        through = dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url)
+        fresh = mount_factory(through, bucket=m.bucket)
+        os.stat(fresh.path / "d")
+        # HEADs of the files in d (not of d's marker) are refused
+        proxy.refuse(lambda method, target, headers: method == "HEAD" and
+                     "/d/" in target and not target.split("?")[0].endswith("/d/"))
+        # readdirplus: the kernel gets inodes with the listing's attributes (a getattr now
+        # would HEAD again, and fail)
+        assert sorted(os.listdir(fresh.path / "d")) == sorted(FILES)
+        assert proxy.refused
+        proxy.refuse(None)
+        # each inode is dropped once its HEAD is in (the kernel is told from another thread)
+        stored = {name: expected(name) for name in FILES}
+        assert wait_until(lambda: {name: stat_of(fresh.path / "d" / name)
+                                   for name in FILES} == stored, timeout=15), \
+            {name: stat_of(fresh.path / "d" / name) for name in FILES}
+        assert ls_l(fresh.path / "d") == stored
+
+
+def test_ls_a_shows_dot_and_dot_dot(any_server, mount_factory):
+    m = mount_factory(any_server)
+    directory = m.path / "d"
+    directory.mkdir()
+    for i in range(600):  # more than one readdir call's worth
+        (directory / f"f{i:04d}").write_bytes(b"x" * (i % 7) * 1000)
+    for _ in range(2):
+        names = run(["ls", "-a", str(directory)]).stdout.split()
+        assert names[:2] == [".", ".."] and len(names) == 602
+        assert names[2:] == [f"f{i:04d}" for i in range(600)]
+        lines = run(["ls", "-lai", str(directory)]).stdout.splitlines()
+        dot, dotdot = lines[1].split(), lines[2].split()
+        assert dot[-1] == "." and int(dot[0]) == os.stat(directory).st_ino
+        assert dotdot[-1] == ".." and int(dotdot[0]) == os.stat(m.path).st_ino
+        root = run(["ls", "-a", str(m.path)]).stdout.split()
+        assert root == [".", "..", "d"]
+    assert sorted(os.listdir(directory)) == names[2:]  # readdir(3) users see no change
+    # the kernel counted no lookup for "." and "..": the directories stay usable
+    assert os.stat(directory / "f0001").st_size == 1000
+    assert "is not known" not in m.log()
+
+
+def make_backup_tree(root: Path) -> int:
+    """A few hundred files of mixed sizes, most over 4 KiB, with their own modes and times
+    (what a nightly backup copies); returns how many files."""
+    rng = random.Random(17)
+    count = 0
+    for d in range(6):
+        directory = root / f"dir{d}" / "sub"
+        directory.mkdir(parents=True)
+        for i in range(50):
+            size = rng.choice([0, 100, 3000, 5000, 20_000, 70_000, 200_000, 1_100_000])
+            if i % 5:
+                size = max(size, 4097 + i)
+            path = directory / f"file{i:03d}.dat"
+            path.write_bytes(rng.randbytes(size))
+            path.chmod(rng.choice([0o600, 0o640, 0o644, 0o755, 0o400]))
+            when = 1_400_000_000 + rng.randrange(10**8)
+            os.utime(path, (when, when))
+            count += 1
+    return count
+
+
+def test_no_op_backup_after_a_remount_sends_nothing(any_server, mount_factory, tmp_path):
+    """rsync -a a tree in, unmount, mount, `ls -lR`, rsync -a again: no file is sent (the
+    listing gave the kernel each file's stored mtime, not the upload time)."""
+    require(shutil.which("rsync") is not None, "rsync")
+    source = tmp_path / "src"
+    files = make_backup_tree(source)
+    m = mount_factory(any_server)
+    run(["rsync", "-a", f"{source}/", f"{m.path}/backup/"], timeout=300)
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    listed = run(["ls", "-lR", str(fresh.path / "backup")]).stdout
+    assert sum(line.startswith("-") for line in listed.splitlines()) == files
+    again = run(["rsync", "-a", "--itemize-changes", "--stats", f"{source}/",
+                 f"{fresh.path}/backup/"], timeout=300).stdout
+    sent = [line for line in again.splitlines() if line.startswith((">f", "cf", ".f"))]
+    assert sent == [], f"{len(sent)} of {files} files sent again: {sent[:5]}"
+    assert "Number of regular files transferred: 0" in again
+    run(["diff", "-r", str(source), str(fresh.path / "backup")], timeout=120)
