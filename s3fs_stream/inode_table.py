@@ -138,7 +138,7 @@ class InodeTable:
         if current is not None:
             return current
         self._by_inode[node.inode] = node  # numbers are never reused: no other has it
-        self._by_path[node.path] = node
+        self._set_path(node)
         return node
 
     def forget(self, inode: int, count: int) -> None:

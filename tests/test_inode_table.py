@@ -17,6 +17,7 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("move"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
     st.tuples(st.just("remove"), st.sampled_from(NAMES)),
     st.tuples(st.just("invalidate"), st.sampled_from(NAMES)),
+    st.tuples(st.just("adopt"), st.sampled_from(NAMES)),
 ), max_size=40)
 
 
@@ -30,6 +31,7 @@ def scanned_children(table: InodeTable, directory: str) -> dict:
 @given(operations)
 def test_children_index_matches_paths(ops):
     table = InodeTable(0, 0, 0o755)
+    dropped = []  # nodes a FORGET took out of the table (a readdir may adopt them again)
     for op in ops:
         kind, path = op[0], op[1]
         node = table.by_path(path)
@@ -40,6 +42,10 @@ def test_children_index_matches_paths(ops):
             node.lookups += 1
         elif kind == "forget" and node is not None:
             table.forget(node.inode, 1)
+            if table.get(node.inode) is None:
+                dropped.append(node)
+        elif kind == "adopt" and dropped:
+            table.adopt(dropped.pop())
         elif kind == "move":
             table.move(path, op[2])
         elif kind == "remove":
