@@ -56,3 +56,13 @@ def test_children_index_matches_paths(ops):
             assert table.children(directory) == scanned_children(table, directory)
         assert all(table.by_path(n.path) is n for d in table._children.values()
                    for n in d.values())
+
+
+def test_an_adopted_node_is_its_parents_child_again():
+    """readdir puts back a node a FORGET dropped while it waited (Namespace._collect)."""
+    table = InodeTable(0, 0, 0o755)
+    node = table.upsert("a/x", False, mode=0o100644, uid=0, gid=0, mtime_ns=0)
+    table.forget(node.inode, 1)
+    assert table.get(node.inode) is None and table.children("a") == {}
+    assert table.adopt(node) is node
+    assert table.children("a") == {"x": node} and table.by_path("a/x") is node
