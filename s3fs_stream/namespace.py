@@ -1082,10 +1082,19 @@ class Namespace:
         # deferred attributes still to be stored. Only then is a writer detached.
         first = self.files.writer(node.inode)
         first_stores = first.stores if first is not None else 0
+        aside = None
         async with self._meta_lock(node.inode):
             # under the lock: a store of its attributes in flight ended first, and none runs
             # during the delete; once the object is gone, deferred ones are never stored
-            await self._delete_file(path)
+            if first is None and not self.files.closing(node.inode):
+                aside = await self._set_aside(node, path)
+            try:
+                await self._delete_file(path)
+            except BaseException:
+                if aside is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._put_back(node, *aside)
+                raise
             self._drop_pending(node.inode)
         detached: list[StreamingWriter] = []
         while True:
@@ -1106,8 +1115,46 @@ class Namespace:
             else:
                 break
             await self._delete_file(path, again=True)
+        if aside is not None:
+            # readers opened across the delete (the node still had its path) read the
+            # object set aside too; none can open it from here on
+            self.files.set_aside(node, *aside)
         self.table.remove_path(path)
         self._gone(path)
+
+    async def _set_aside(self, node: Node, path: str) -> tuple[str, str, str, str] | None:
+        """A file open for reading keeps its bytes after `rm` until its last close: before
+        the name is deleted, its object is copied to a key of the mount's own (pinned to
+        the ETag the readers read), and they read from there with the copy's own ETag (a
+        copy of a multipart object has another). Returns (the name's key, its ETag, the
+        copy's key, the copy's ETag) once the readers were moved, None when none reads it.
+        A refused copy fails the unlink with nothing changed."""
+        readers = [r for r in self.files.readers_of(node) if same_etag(r.etag, node.etag)]
+        if not readers or not node.etag:
+            return None  # (readers of an older object get ESTALE anyway)
+        key, etag = self.key(path), node.etag
+        aside = self.files.aside_key(node.inode)
+        try:
+            copied = await self.store.copy(key, aside, PutOptions(temporary=True),
+                                           readers[0].size, etag)
+        except (NotFound, PreconditionFailed):
+            return None  # deleted or replaced by another client: nothing to keep
+        except FsError as exc:
+            raise FsError(f"rm {path}: it is open for reading here, and keeping its bytes "
+                          f"for its readers (a copy to {aside}) failed ({_reason(exc)}); "
+                          "nothing was changed", exc.errno) from None
+        # across the copy: readers may have opened (those until the name is gone are moved
+        # by the call after the delete) or closed, the last one too (the copy goes now)
+        copied = '"' + copied.strip('"') + '"'
+        if not self.files.set_aside(node, key, etag, aside, copied):
+            await self.files.delete_aside(aside)
+            return None
+        return key, etag, aside, copied
+
+    async def _put_back(self, node: Node, key: str, etag: str, aside: str, _: str) -> None:
+        """The delete of the name failed: its readers read it again, the copy goes."""
+        self.files.put_back(node, key, etag)
+        await self.files.delete_aside(aside)
 
     async def _delete_file(self, path: str, again: bool = False) -> None:
         try:
