@@ -126,6 +126,11 @@ class Namespace:
         table.on_replaced = self._replaced
         files.before_read = functools.partial(self.store_meta, report=False)
         self._dir_handles: dict[int, _DirHandle] = {}
+        # whether the server keeps x-amz-meta-* on directory markers `dir/` (AWS, moto,
+        # MinIO do; SeaweedFS drops them): None until a marker shows, else False once a
+        # marker stored with them comes back without. While not True, a directory's
+        # attributes are also kept in an object of the mount's own (`_attrs_key`)
+        self._markers_keep_meta: bool | None = None
         self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
         # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
         # mount-owned task stores them (`store_meta_forever`), else setattr stores at once
@@ -348,10 +353,22 @@ class Namespace:
         return self.table.upsert(path, False, **file_attrs(info, self.config))
 
     async def _head_marker(self, path: str) -> ObjectInfo | None:
+        """What holds the directory's attributes: its marker, or where the server drops a
+        marker's metadata, the object `_attrs_key` (one more HEAD, only on such servers
+        and for markers without metadata)."""
         try:
-            return await self.store.head(self.key(path) + "/")
+            marker = await self.store.head(self.key(path) + "/")
         except NotFound:
-            return None
+            marker = None
+        if marker is not None and "mode" in marker.metadata:
+            self._markers_keep_meta = True  # a server that drops them shows none
+            return marker
+        if self._markers_keep_meta or not path:
+            return marker
+        try:
+            return await self.store.head(self._attrs_key(path))
+        except NotFound:
+            return marker
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
@@ -831,14 +848,68 @@ class Namespace:
     async def _setattr_dir(self, node: Node, change: SetAttr) -> Node:
         """A directory's attributes live on its marker `dir/`, rewritten whole (servers that
         keep directories as such, SeaweedFS, cannot copy a marker onto itself); where the
-        server drops a marker's metadata they last until the attribute timeout."""
+        server drops a marker's metadata, in the object `_attrs_key` too. A refusal of
+        either fails the change with the node as it was."""
         if not change.changes_meta:
             return node
+        if not node.fresh or not node.has_metadata:
+            # a listed directory shows defaults: the change applies to what is stored
+            path = node.path
+            await self._fetch_meta(node)
+            if node.path != path:  # renamed or removed across the HEAD
+                raise FsError("", errno.ENOENT)
         meta = changed_meta(self._meta_of(node), change, time.time_ns())
-        await self.store.put(self.key(node.path) + "/", b"",
-                             PutOptions(meta.to_headers(), None))
+        await self._store_dir_meta(node.path, meta)
         self._apply_meta(node, meta)
         return node
+
+    def _attrs_key(self, path: str) -> str:
+        """Where a directory's attributes are kept on a server that drops them from its
+        marker: an ordinary (empty) object, which keeps its x-amz-meta-*."""
+        return f"{self.prefix}{RESERVED_NAME}/dirs/{path}"
+
+    async def _store_dir_meta(self, path: str, meta: FileMeta) -> None:
+        """Store a directory's attributes on its marker (made if missing) and, where the
+        server drops them there (found out once per mount: the marker's HEAD after the
+        first such PUT), in `_attrs_key` as well."""
+        marker = self.key(path) + "/"
+        headers = meta.to_headers()
+        await self.store.put(marker, b"", PutOptions(headers, None))
+        if self._markers_keep_meta is None:
+            try:
+                info = await self.store.head(marker)
+            except NotFound:
+                info = None  # removed at once by another client: ask again next time
+            if info is not None:
+                self._markers_keep_meta = "mode" in info.metadata
+                if not self._markers_keep_meta:
+                    log.info("s3://%s drops the metadata of directory markers: directory "
+                             "attributes are kept in %s%s/dirs/ as well", self.store.bucket,
+                             self.prefix, RESERVED_NAME)
+        if self._markers_keep_meta:
+            return
+        # stored like a spilled part (STANDARD, no public ACL): tiny, read at each lookup
+        try:
+            await self.store.put(self._attrs_key(path), b"",
+                                 PutOptions(headers, None, temporary=True))
+        except FsError as exc:
+            raise FsError(f"{path}: its attributes could not be stored in "
+                          f"{self._attrs_key(path)} ({_reason(exc)}); this server drops them "
+                          "from directory markers, so they are left as they were",
+                          exc.errno) from None
+
+    async def _delete_dir_meta(self, path: str) -> None:
+        """rmdir: the directory's attributes object goes with it (where there may be one)."""
+        if self._markers_keep_meta:
+            return
+        try:
+            await self.store.delete(self._attrs_key(path))
+        except NotFound:
+            pass
+        except FsError as exc:  # the directory is gone; a new one of its name gets its own
+            log.warning("rmdir %s: could not delete %s, which held its attributes: %s; "
+                        "delete it, or a directory made there by another tool shows them",
+                        path, self._attrs_key(path), exc)
 
     def _check_writable(self) -> None:
         if self.config.read_only:
@@ -976,7 +1047,13 @@ class Namespace:
             raise FsError("", errno.EEXIST)
         now = time.time_ns()
         meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
-        await self.store.put(self.key(path) + "/", b"", PutOptions(meta.to_headers(), None))
+        try:
+            await self._store_dir_meta(path, meta)
+        except FsError:
+            # the marker was stored but not the attributes: no directory showing others
+            with contextlib.suppress(FsError):
+                await self.store.delete(self.key(path) + "/")
+            raise
         self._forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
         self._apply_meta(node, meta)
@@ -1002,6 +1079,7 @@ class Namespace:
         if not await self._dir_is_empty(path):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
+        await self._delete_dir_meta(path)
         self.table.remove_path(path)
         self._gone(path)
 
@@ -1335,14 +1413,18 @@ class Namespace:
         return etag
 
     async def _rename_tree(self, old: str, new: str) -> None:
-        """Every key under the directory, copied in parallel, then deleted (deepest last)."""
+        """Every key under the directory, copied in parallel, then deleted (deepest last).
+        The attributes objects of the directory and those inside (`_attrs_key`) are copied
+        before and deleted after."""
         old_prefix, new_prefix = self.key(old) + "/", self.key(new) + "/"
+        attrs = await self._copy_dir_meta(old, new)
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
-            # each object's storage class and encryption, which CopyObject does not keep:
-            # HEADs pipelined, far cheaper than the copies
-            files = [info.key for info in page.objects if not info.key.endswith("/")]
+            # each object's storage class and encryption, which CopyObject does not keep,
+            # and each marker's metadata (a marker is written anew): HEADs pipelined, far
+            # cheaper than the copies
+            files = [info.key for info in page.objects]
             heads = dict(zip(files, await self.store.head_many(files), strict=True)) \
                 if files else {}
             await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix,
@@ -1353,16 +1435,47 @@ class Namespace:
             token = page.next_token
             if token is None:
                 break
+        for key in attrs:
+            await self.store.delete(key)
         self.table.invalidate_subtree(old)
+
+    async def _copy_dir_meta(self, old: str, new: str) -> list[str]:
+        """A directory renamed on a server that drops markers' metadata: the attributes
+        objects of it and of the directories inside go to the new name. Where the moved
+        directory has none, a replaced (empty) target's goes. Returns the old keys."""
+        if self._markers_keep_meta:
+            return []
+        old_key, new_key = self._attrs_key(old), self._attrs_key(new)
+        keys = [old_key]
+        token = None
+        while True:
+            page = await self.store.list_page(old_key + "/", None, token)
+            keys += [info.key for info in page.objects]
+            token = page.next_token
+            if token is None:
+                break
+        found = []
+        for key in keys:
+            try:
+                await self.store.copy(key, new_key + key[len(old_key):], None, 0)
+            except NotFound:
+                if key == old_key:
+                    with contextlib.suppress(NotFound):
+                        await self.store.delete(new_key)
+                continue
+            found.append(key)
+        return found
 
     async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str,
                         head: ObjectInfo | FsError | None = None) -> None:
         target = new_prefix + info.key[len(old_prefix):]
         if info.key.endswith("/") and not info.size:
             # a directory marker: some servers (SeaweedFS) keep these as real directories
-            # that CopyObject cannot read, so write a new marker instead (one holding bytes,
-            # written by another tool, is copied: its bytes are data)
-            await self.store.put(target, b"", PutOptions({}, None))
+            # that CopyObject cannot read, so write a new marker instead, with the metadata
+            # (the directory's attributes) the old one has (one holding bytes, written by
+            # another tool, is copied: its bytes are data)
+            await self.store.put(target, b"", PutOptions(
+                head.metadata if isinstance(head, ObjectInfo) else {}, None))
         else:
             await self.store.copy(info.key, target, None, info.size, headers=head.headers
                                   if isinstance(head, ObjectInfo) else None)

@@ -4,13 +4,15 @@ attribute timeout and a remount) on every server, and the kernel enforces them."
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
 import time
 
 import pytest
-from conftest import MiB, bucket_with, new_bucket, wait_until
+from conftest import MiB, bucket_with, wait_until
+from fault_proxy import FaultProxy, refuse_method
 
 UNLINKED = ".s3stream/unlinked/"
 
@@ -76,6 +78,45 @@ def test_shell_reads_a_removed_file_through_its_descriptor(seaweed, mount_factor
     assert wait_until(lambda: _names(m.keys()) == [], 5), m.keys()
 
 
+def _copies(method: str, target: str, headers: dict[str, str]) -> bool:
+    return method == "PUT" and "x-amz-copy-source" in headers
+
+
+@pytest.mark.parametrize("refused", ["copy", "delete"])
+def test_a_refused_rm_of_a_file_open_for_reading_changes_nothing(seaweed, mount_factory,
+                                                                  refused):
+    """S3 first: if keeping the bytes (the copy) or deleting the name is refused, rm fails
+    with EACCES, the name and its object stay, the reader reads on, no copy is left."""
+    data = os.urandom(2 * MiB)
+    bucket = bucket_with(seaweed, {"f": data})
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=0.0) as proxy:
+        m = mount_factory(dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url),
+                          bucket=bucket)
+        fd = os.open(m.path / "f", os.O_RDONLY)
+        try:
+            first = os.read(fd, 16 * 1024)
+            proxy.refuse(_copies if refused == "copy" else
+                         refuse_method("DELETE", f"/{bucket}/f"))
+            with pytest.raises(OSError) as info:
+                os.unlink(m.path / "f")
+            assert info.value.errno in (errno.EACCES, errno.EPERM), info.value
+            assert proxy.refused
+            proxy.refuse(None)
+            assert os.listdir(m.path) == ["f"]
+            assert _names(m.keys()) == ["f"]
+            assert not [k for k in m.keys() if k.startswith(UNLINKED)]
+            rest = bytearray()
+            while chunk := os.read(fd, 1 * MiB):
+                rest += chunk
+            assert first + rest == data
+            assert os.fstat(fd).st_nlink == 1
+        finally:
+            os.close(fd)
+        assert (m.path / "f").read_bytes() == data
+        m.unmount()
+
+
 def test_a_file_open_for_writing_that_is_removed_is_dropped(seaweed, mount_factory):
     """Unchanged: the upload of a file removed while being written is aborted."""
     m = mount_factory(seaweed)
@@ -83,3 +124,84 @@ def test_a_file_open_for_writing_that_is_removed_is_dropped(seaweed, mount_facto
         f.write(b"x" * 100)
         os.unlink(m.path / "w")
     assert m.keys() == []
+
+
+# -- a directory's attributes -----------------------------------------------------------------
+
+Y2001 = 978307200  # 2001-01-01 00:00:00 UTC
+
+
+def _check_priv(path, name: str) -> None:
+    st = os.stat(path)
+    assert (oct(st.st_mode & 0o7777), st.st_uid, st.st_gid, int(st.st_mtime)) == \
+        (oct(0o700), 1234, 1234, Y2001), name
+
+
+def test_a_directory_keeps_its_mode_owner_and_times(any_server, mount_factory):
+    m = mount_factory(any_server)
+    priv = m.path / "priv"
+    result = subprocess.run("mkdir priv && chmod 700 priv && chown 1234:1234 priv && "
+                            "TZ=UTC touch -d 2001-01-01 priv", shell=True, cwd=m.path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    _check_priv(priv, "right away")
+    time.sleep(2.5)  # past the attribute timeout: from the bucket again
+    _check_priv(priv, "after the attribute timeout")
+    (priv / "sub").mkdir()
+    os.chmod(priv / "sub", 0o1750)  # the sticky bit too
+    m.unmount()
+    m = mount_factory(any_server, bucket=m.bucket)
+    priv = m.path / "priv"
+    _check_priv(priv, "after remount")
+    assert os.stat(priv / "sub").st_mode & 0o7777 == 0o1750
+    # a listing's entry, then a change of one attribute, keeps the others
+    assert "priv" in os.listdir(m.path)
+    os.chmod(priv, 0o750)
+    assert os.stat(priv).st_uid == 1234
+    os.chmod(priv, 0o700)
+    # renamed: the directory and the one inside keep theirs
+    os.rename(priv, m.path / "moved")
+    time.sleep(2.5)
+    _check_priv(m.path / "moved", "after rename")
+    assert os.stat(m.path / "moved" / "sub").st_mode & 0o7777 == 0o1750
+    m.unmount()
+    m = mount_factory(any_server, bucket=m.bucket)
+    _check_priv(m.path / "moved", "after rename and remount")
+    assert os.stat(m.path / "moved" / "sub").st_mode & 0o7777 == 0o1750
+    assert not os.path.exists(m.path / "priv")
+    # rmdir leaves nothing behind
+    os.rmdir(m.path / "moved" / "sub")
+    os.rmdir(m.path / "moved")
+    assert _names(m.keys()) == [] and not [k for k in m.keys() if "/dirs/" in k], m.keys()
+    # a new directory of the old name has its own attributes
+    os.mkdir(m.path / "moved", 0o755)
+    time.sleep(2.5)
+    assert os.stat(m.path / "moved").st_mode & 0o7777 == 0o755
+    assert os.stat(m.path / "moved").st_uid == 0
+
+
+def _as_nobody(command: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "sh", "-c", command], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_private_directory_keeps_other_users_out(seaweed, mount_factory):
+    m = mount_factory(seaweed, "allow_other")
+    (m.path / "open").mkdir()
+    (m.path / "priv").mkdir()
+    (m.path / "priv" / "secret").write_bytes(b"s")
+    os.chmod(m.path / "priv", 0o700)
+    allowed = _as_nobody("ls open", m.path)
+    assert allowed.returncode == 0, allowed.stderr  # the mount itself lets nobody in
+    for when in ("before remount", "after the attribute timeout", "after remount"):
+        if when == "after the attribute timeout":
+            time.sleep(2.5)
+        if when == "after remount":
+            m.unmount()
+            m = mount_factory(seaweed, "allow_other", bucket=m.bucket)
+        denied = _as_nobody("ls priv", m.path)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, \
+            (when, denied.stdout, denied.stderr)
+        assert os.stat(m.path / "priv").st_mode & 0o777 == 0o700, when
+    assert os.listdir(m.path / "priv") == ["secret"]  # root still gets in
