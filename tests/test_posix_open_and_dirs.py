@@ -13,6 +13,10 @@ import time
 import pytest
 from conftest import MiB, bucket_with, wait_until
 from fault_proxy import FaultProxy, refuse_method
+from memory_store import MemoryStore
+
+from s3fs_stream.object_store import PutOptions
+from s3fs_stream.spill_area import SpillArea
 
 UNLINKED = ".s3stream/unlinked/"
 
@@ -22,20 +26,39 @@ def _names(keys: list[str]) -> list[str]:
     return sorted(k for k in keys if not k.startswith(".s3stream/"))
 
 
-@pytest.fixture(params=["seaweedfs", "moto"])
+@pytest.fixture(params=["seaweedfs", "moto", "seaweedfs-multipart", "moto-multipart"])
 def server_and_size(request):
-    """Each server, with the size of file to read: 3 MiB on SeaweedFS, smaller on moto."""
-    if request.param == "seaweedfs":
-        return request.getfixturevalue("seaweed"), 3 * MiB
-    return request.getfixturevalue("moto_server"), 1 * MiB
+    """Each server, with the size of file to read (3 MiB on SeaweedFS, smaller on moto) and
+    whether it is stored in parts (a copy of it gets another ETag)."""
+    multipart = request.param.endswith("-multipart")
+    if request.param.startswith("seaweedfs"):
+        return request.getfixturevalue("seaweed"), 3 * MiB, multipart
+    return request.getfixturevalue("moto_server"), 1 * MiB, multipart
+
+
+def _put_in_parts(client, bucket: str, key: str, data: bytes) -> None:
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    step = 5 * MiB
+    parts = [{"PartNumber": n + 1, "ETag": client.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload, PartNumber=n + 1,
+        Body=data[start:start + step])["ETag"]}
+        for n, start in enumerate(range(0, len(data), step))]
+    client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload,
+                                     MultipartUpload={"Parts": parts})
 
 
 def test_a_file_removed_while_open_for_reading_keeps_its_content(server_and_size,
                                                                   mount_factory):
-    server, size = server_and_size
-    data = os.urandom(size)
+    server, size, multipart = server_and_size
+    data = os.urandom(size + 5 * MiB if multipart else size)
     # stored by another client: nothing of it is in the kernel's page cache
-    m = mount_factory(server, bucket=bucket_with(server, {"f.bin": data, "other": b"x"}))
+    bucket = bucket_with(server, {"other": b"x"})
+    if multipart:
+        _put_in_parts(server.client(), bucket, "f.bin", data)
+        assert "-" in server.client().head_object(Bucket=bucket, Key="f.bin")["ETag"]
+    else:
+        server.client().put_object(Bucket=bucket, Key="f.bin", Body=data)
+    m = mount_factory(server, bucket=bucket)
     path = m.path / "f.bin"
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -205,3 +228,23 @@ def test_a_private_directory_keeps_other_users_out(seaweed, mount_factory):
             (when, denied.stdout, denied.stderr)
         assert os.stat(m.path / "priv").st_mode & 0o777 == 0o700, when
     assert os.listdir(m.path / "priv") == ["secret"]  # root still gets in
+
+
+async def test_a_crashed_mounts_files_set_aside_are_deleted_after_a_day():
+    """Copies of removed files go like spills: a dead mount's (no life for a day) are
+    deleted by a later mount, a live mount's (its lease is fresh) stay however old."""
+    store = MemoryStore()
+    day_ago = time.time() - 25 * 3600
+    dead = ".s3stream/unlinked/0123456789ab-1/7"
+    live = SpillArea(store, "")
+    kept = live.aside_key(5)
+    lease = f".s3stream/spill/{live.mount_id}/alive"
+    for key in (dead, kept, lease):
+        await store.put(key, b"x", PutOptions(temporary=True))
+    store.modified[dead] = store.modified[kept] = day_ago
+    await SpillArea(store, "").delete_stale()
+    assert dead not in store.objects
+    assert kept in store.objects and lease in store.objects
+    store.modified[lease] = day_ago  # the live mount died too
+    await SpillArea(store, "").delete_stale()
+    assert kept not in store.objects and lease not in store.objects
