@@ -165,7 +165,8 @@ class FuseOperations(pyfuse3.Operations):
         # attributes from a listing lack mtime/mode metadata: let the kernel ask again
         attr.attr_timeout = self._attr_timeout if node.has_metadata else 0
         attr.st_mode = node.mode
-        attr.st_nlink = 2 if node.is_dir else 1
+        # a file removed while open (fstat of its descriptor) has no name left
+        attr.st_nlink = 0 if node.path.startswith("\0") else 2 if node.is_dir else 1
         attr.st_uid = node.uid
         attr.st_gid = node.gid
         attr.st_size = node.size

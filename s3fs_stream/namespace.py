@@ -124,6 +124,11 @@ class Namespace:
         table.on_replaced = self._replaced
         files.before_read = functools.partial(self.store_meta, report=False)
         self._dir_handles: dict[int, _DirHandle] = {}
+        # whether the server keeps x-amz-meta-* on directory markers `dir/` (AWS, moto,
+        # MinIO do; SeaweedFS drops them): None until a marker shows, else False once a
+        # marker stored with them comes back without. While not True, a directory's
+        # attributes are also kept in an object of the mount's own (`_attrs_key`)
+        self._markers_keep_meta: bool | None = None
         self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
         # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
         # mount-owned task stores them (`store_meta_forever`), else setattr stores at once
@@ -372,10 +377,22 @@ class Namespace:
         return node
 
     async def _head_marker(self, path: str) -> ObjectInfo | None:
+        """What holds the directory's attributes: its marker, or where the server drops a
+        marker's metadata, the object `_attrs_key` (one more HEAD, only on such servers
+        and for markers without metadata)."""
         try:
-            return await self.store.head(self.key(path) + "/")
+            marker = await self.store.head(self.key(path) + "/")
         except NotFound:
-            return None
+            marker = None
+        if marker is not None and "mode" in marker.metadata:
+            self._markers_keep_meta = True  # a server that drops them shows none
+            return marker
+        if self._markers_keep_meta or not path:
+            return marker
+        try:
+            return await self.store.head(self._attrs_key(path))
+        except NotFound:
+            return marker
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
@@ -864,14 +881,68 @@ class Namespace:
     async def _setattr_dir(self, node: Node, change: SetAttr) -> Node:
         """A directory's attributes live on its marker `dir/`, rewritten whole (servers that
         keep directories as such, SeaweedFS, cannot copy a marker onto itself); where the
-        server drops a marker's metadata they last until the attribute timeout."""
+        server drops a marker's metadata, in the object `_attrs_key` too. A refusal of
+        either fails the change with the node as it was."""
         if not change.changes_meta:
             return node
+        if not node.fresh or not node.has_metadata:
+            # a listed directory shows defaults: the change applies to what is stored
+            path = node.path
+            await self._fetch_meta(node)
+            if node.path != path:  # renamed or removed across the HEAD
+                raise FsError("", errno.ENOENT)
         meta = changed_meta(self._meta_of(node), change, time.time_ns())
-        await self.store.put(self.key(node.path) + "/", b"",
-                             PutOptions(meta.to_headers(), None))
+        await self._store_dir_meta(node.path, meta)
         self._apply_meta(node, meta)
         return node
+
+    def _attrs_key(self, path: str) -> str:
+        """Where a directory's attributes are kept on a server that drops them from its
+        marker: an ordinary (empty) object, which keeps its x-amz-meta-*."""
+        return f"{self.prefix}{RESERVED_NAME}/dirs/{path}"
+
+    async def _store_dir_meta(self, path: str, meta: FileMeta) -> None:
+        """Store a directory's attributes on its marker (made if missing) and, where the
+        server drops them there (found out once per mount: the marker's HEAD after the
+        first such PUT), in `_attrs_key` as well."""
+        marker = self.key(path) + "/"
+        headers = meta.to_headers()
+        await self.store.put(marker, b"", PutOptions(headers, None))
+        if self._markers_keep_meta is None:
+            try:
+                info = await self.store.head(marker)
+            except NotFound:
+                info = None  # removed at once by another client: ask again next time
+            if info is not None:
+                self._markers_keep_meta = "mode" in info.metadata
+                if not self._markers_keep_meta:
+                    log.info("s3://%s drops the metadata of directory markers: directory "
+                             "attributes are kept in %s%s/dirs/ as well", self.store.bucket,
+                             self.prefix, RESERVED_NAME)
+        if self._markers_keep_meta:
+            return
+        # stored like a spilled part (STANDARD, no public ACL): tiny, read at each lookup
+        try:
+            await self.store.put(self._attrs_key(path), b"",
+                                 PutOptions(headers, None, temporary=True))
+        except FsError as exc:
+            raise FsError(f"{path}: its attributes could not be stored in "
+                          f"{self._attrs_key(path)} ({_reason(exc)}); this server drops them "
+                          "from directory markers, so they are left as they were",
+                          exc.errno) from None
+
+    async def _delete_dir_meta(self, path: str) -> None:
+        """rmdir: the directory's attributes object goes with it (where there may be one)."""
+        if self._markers_keep_meta:
+            return
+        try:
+            await self.store.delete(self._attrs_key(path))
+        except NotFound:
+            pass
+        except FsError as exc:  # the directory is gone; a new one of its name gets its own
+            log.warning("rmdir %s: could not delete %s, which held its attributes: %s; "
+                        "delete it, or a directory made there by another tool shows them",
+                        path, self._attrs_key(path), exc)
 
     def _check_writable(self) -> None:
         if self.config.read_only:
@@ -1040,7 +1111,13 @@ class Namespace:
             raise FsError("", errno.EEXIST)
         now = time.time_ns()
         meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
-        await self.store.put(self.key(path) + "/", b"", PutOptions(meta.to_headers(), None))
+        try:
+            await self._store_dir_meta(path, meta)
+        except FsError:
+            # the marker was stored but not the attributes: no directory showing others
+            with contextlib.suppress(FsError):
+                await self.store.delete(self.key(path) + "/")
+            raise
         self._forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
         self._apply_meta(node, meta)
@@ -1066,6 +1143,7 @@ class Namespace:
         if not await self._dir_is_empty(path):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
+        await self._delete_dir_meta(path)
         self.table.remove_path(path)
         self._gone(path)
 
@@ -1146,10 +1224,19 @@ class Namespace:
         # deferred attributes still to be stored. Only then is a writer detached.
         first = self.files.writer(node.inode)
         first_stores = first.stores if first is not None else 0
+        aside = None
         async with self._meta_lock(node.inode):
             # under the lock: a store of its attributes in flight ended first, and none runs
             # during the delete; once the object is gone, deferred ones are never stored
-            await self._delete_file(path)
+            if first is None and not self.files.closing(node.inode):
+                aside = await self._set_aside(node, path)
+            try:
+                await self._delete_file(path)
+            except BaseException:
+                if aside is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._put_back(node, *aside)
+                raise
             self._drop_pending(node.inode)
         detached: list[StreamingWriter] = []
         while True:
@@ -1170,8 +1257,46 @@ class Namespace:
             else:
                 break
             await self._delete_file(path, again=True)
+        if aside is not None:
+            # readers opened across the delete (the node still had its path) read the
+            # object set aside too; none can open it from here on
+            self.files.set_aside(node, *aside)
         self.table.remove_path(path)
         self._gone(path)
+
+    async def _set_aside(self, node: Node, path: str) -> tuple[str, str, str, str] | None:
+        """A file open for reading keeps its bytes after `rm` until its last close: before
+        the name is deleted, its object is copied to a key of the mount's own (pinned to
+        the ETag the readers read), and they read from there with the copy's own ETag (a
+        copy of a multipart object has another). Returns (the name's key, its ETag, the
+        copy's key, the copy's ETag) once the readers were moved, None when none reads it.
+        A refused copy fails the unlink with nothing changed."""
+        readers = [r for r in self.files.readers_of(node) if same_etag(r.etag, node.etag)]
+        if not readers or not node.etag:
+            return None  # (readers of an older object get ESTALE anyway)
+        key, etag = self.key(path), node.etag
+        aside = self.files.aside_key(node.inode)
+        try:
+            copied = await self.store.copy(key, aside, PutOptions(temporary=True),
+                                           readers[0].size, etag)
+        except (NotFound, PreconditionFailed):
+            return None  # deleted or replaced by another client: nothing to keep
+        except FsError as exc:
+            raise FsError(f"rm {path}: it is open for reading here, and keeping its bytes "
+                          f"for its readers (a copy to {aside}) failed ({_reason(exc)}); "
+                          "nothing was changed", exc.errno) from None
+        # across the copy: readers may have opened (those until the name is gone are moved
+        # by the call after the delete) or closed, the last one too (the copy goes now)
+        copied = '"' + copied.strip('"') + '"'
+        if not self.files.set_aside(node, key, etag, aside, copied):
+            await self.files.delete_aside(aside)
+            return None
+        return key, etag, aside, copied
+
+    async def _put_back(self, node: Node, key: str, etag: str, aside: str, _: str) -> None:
+        """The delete of the name failed: its readers read it again, the copy goes."""
+        self.files.put_back(node, key, etag)
+        await self.files.delete_aside(aside)
 
     async def _delete_file(self, path: str, again: bool = False) -> None:
         try:
@@ -1352,14 +1477,18 @@ class Namespace:
         return etag
 
     async def _rename_tree(self, old: str, new: str) -> None:
-        """Every key under the directory, copied in parallel, then deleted (deepest last)."""
+        """Every key under the directory, copied in parallel, then deleted (deepest last).
+        The attributes objects of the directory and those inside (`_attrs_key`) are copied
+        before and deleted after."""
         old_prefix, new_prefix = self.key(old) + "/", self.key(new) + "/"
+        attrs = await self._copy_dir_meta(old, new)
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
-            # each object's storage class and encryption, which CopyObject does not keep:
-            # HEADs pipelined, far cheaper than the copies
-            files = [info.key for info in page.objects if not info.key.endswith("/")]
+            # each object's storage class and encryption, which CopyObject does not keep,
+            # and each marker's metadata (a marker is written anew): HEADs pipelined, far
+            # cheaper than the copies
+            files = [info.key for info in page.objects]
             heads = dict(zip(files, await self.store.head_many(files), strict=True)) \
                 if files else {}
             await run_parallel(functools.partial(self._move_key, info, old_prefix, new_prefix,
@@ -1370,16 +1499,47 @@ class Namespace:
             token = page.next_token
             if token is None:
                 break
+        for key in attrs:
+            await self.store.delete(key)
         self.table.invalidate_subtree(old)
+
+    async def _copy_dir_meta(self, old: str, new: str) -> list[str]:
+        """A directory renamed on a server that drops markers' metadata: the attributes
+        objects of it and of the directories inside go to the new name. Where the moved
+        directory has none, a replaced (empty) target's goes. Returns the old keys."""
+        if self._markers_keep_meta:
+            return []
+        old_key, new_key = self._attrs_key(old), self._attrs_key(new)
+        keys = [old_key]
+        token = None
+        while True:
+            page = await self.store.list_page(old_key + "/", None, token)
+            keys += [info.key for info in page.objects]
+            token = page.next_token
+            if token is None:
+                break
+        found = []
+        for key in keys:
+            try:
+                await self.store.copy(key, new_key + key[len(old_key):], None, 0)
+            except NotFound:
+                if key == old_key:
+                    with contextlib.suppress(NotFound):
+                        await self.store.delete(new_key)
+                continue
+            found.append(key)
+        return found
 
     async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str,
                         head: ObjectInfo | FsError | None = None) -> None:
         target = new_prefix + info.key[len(old_prefix):]
         if info.key.endswith("/") and not info.size:
             # a directory marker: some servers (SeaweedFS) keep these as real directories
-            # that CopyObject cannot read, so write a new marker instead (one holding bytes,
-            # written by another tool, is copied: its bytes are data)
-            await self.store.put(target, b"", PutOptions({}, None))
+            # that CopyObject cannot read, so write a new marker instead, with the metadata
+            # (the directory's attributes) the old one has (one holding bytes, written by
+            # another tool, is copied: its bytes are data)
+            await self.store.put(target, b"", PutOptions(
+                head.metadata if isinstance(head, ObjectInfo) else {}, None))
         else:
             await self.store.copy(info.key, target, None, info.size, headers=head.headers
                                   if isinstance(head, ObjectInfo) else None)

@@ -79,6 +79,9 @@ class OpenFiles:
         self._fh_numbers = itertools.count(1)
         self._writers: dict[int, StreamingWriter] = {}
         self._closing: dict[int, trio.Event] = {}  # inode -> set when its last release ends
+        # inode -> the key its object was set aside to when it was removed while open for
+        # reading (`Namespace.unlink`): deleted at its readers' last close
+        self._aside: dict[int, str] = {}
         # set by the namespace: stores attributes deferred for an inode (Namespace.store_meta)
         # ((the ETag before, the copy's) if it copied the object onto itself)
         self.before_read: Callable[[int], Awaitable[tuple[str, str] | None]] | None = None
@@ -107,6 +110,47 @@ class OpenFiles:
             node.mode, node.uid, node.gid = writer.meta.mode, writer.meta.uid, writer.meta.gid
             node.mtime_ns = writer.meta.mtime_ns
         return node
+
+    # -- files removed while open for reading -----------------------------------------------
+
+    def readers_of(self, node: Node) -> list[RangedReader]:
+        """The readers of `node`'s object (read-only handles not served by a writer)."""
+        return [h.reader for h in self._handles.values()
+                if h.node is node and h.reader is not None]
+
+    def set_aside(self, node: Node, old_key: str, old_etag: str, key: str, etag: str) -> bool:
+        """The object of `node`, removed while open, is now (also) at `key` with `etag`: its
+        readers of that object read from there, and the copy goes at their last close.
+        Called again (idempotent) for readers opened while the unlink was in progress.
+        False when no reader reads it (all closed meanwhile: the caller deletes the copy)."""
+        readers = self.readers_of(node)
+        for reader in readers:
+            if reader.key == old_key and reader.etag.strip('"') == old_etag.strip('"'):
+                reader.move(key, etag)
+        if any(reader.key == key for reader in readers):
+            self._aside[node.inode] = key
+            return True
+        return False
+
+    def aside_key(self, inode: int) -> str:
+        return self._spill.aside_key(inode)
+
+    def put_back(self, node: Node, old_key: str, old_etag: str) -> str | None:
+        """The unlink failed after `set_aside`: readers read the name's object again.
+        Returns the key set aside (for the caller to delete)."""
+        key = self._aside.pop(node.inode, None)
+        for reader in self.readers_of(node):
+            if reader.key == key:
+                reader.move(old_key, old_etag)
+        return key
+
+    async def delete_aside(self, key: str) -> None:
+        try:
+            await self.store.delete(key)
+        except FsError as exc:  # a later mount deletes it after a day (`SpillArea`)
+            log.warning("could not delete %s, the copy of a removed file kept for its "
+                        "readers until their last close: %s; delete it, or a mount of this "
+                        "prefix does after a day", key, exc)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -271,6 +315,11 @@ class OpenFiles:
         try:
             if handle.reader is not None:
                 handle.reader.close()
+                inode = handle.node.inode
+                # the last reader of a file removed while open: its copy goes (no open can
+                # add one: the node has no path any more)
+                if inode in self._aside and not self.readers_of(handle.node):
+                    await self.delete_aside(self._aside.pop(inode))
             writer = handle.writer
             if writer is not None:
                 writer.handles -= 1
@@ -325,6 +374,9 @@ class OpenFiles:
             if scope.cancelled_caught:
                 left.append(writer.name)
         self._writers.clear()
+        for key in list(self._aside.values()):  # nobody reads them once unmounted
+            await self.delete_aside(key)
+        self._aside.clear()
         if left:
             log.warning("%d file(s) still open at unmount (%s): everything written to them is "
                         "uploaded and left for 's3stream recover'", len(left),

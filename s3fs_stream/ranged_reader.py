@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import FsError
+from .errors import FsError, NotFound, PreconditionFailed
 from .memory_budget import MemoryBudget
 from .object_store import ObjectStore
 
@@ -150,8 +150,7 @@ class RangedReader:
         try:
             if segment.reserved:
                 segment.buffer = self._budget.buffer(segment.reserved)
-            segment.data = await self._store.get_range(self._key, segment.start, segment.end,
-                                                       self.etag, into=segment.buffer)
+            segment.data = await self._get(segment.start, segment.end, segment.buffer)
         except FsError as exc:
             segment.error = exc
         except Exception as exc:  # never let a fetch take the mount down
@@ -193,7 +192,28 @@ class RangedReader:
 
     async def _fetch_direct(self, offset: int, end: int) -> bytes:
         self.requests += 1
-        return await self._store.get_range(self._key, offset, end, self.etag)
+        return await self._get(offset, end)
+
+    async def _get(self, start: int, end: int, into: bytearray | None = None
+                   ) -> bytes | memoryview:
+        while True:
+            key, etag = self._key, self.etag
+            try:
+                return await self._store.get_range(key, start, end, etag, into=into)
+            except (NotFound, PreconditionFailed):
+                # across the GET the file was removed and its object set aside (`move`):
+                # again from there; else the object is gone or replaced
+                if (key, etag) == (self._key, self.etag):
+                    raise
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def move(self, key: str, etag: str) -> None:
+        """The same bytes now live at `key` (a file removed while open: `Namespace.unlink`).
+        GETs in flight against the old key that fail are sent again here (`_get`)."""
+        self._key, self.etag = key, etag
 
     # -- memory ---------------------------------------------------------------------------
 

@@ -14,10 +14,14 @@ refused later pauses spilling (1 s, doubling up to a minute, at most one WARNING
 meanwhile the reclaimer uploads what it can, and a writer nobody can make room for fails
 with ENOSPC (memory_budget.py).
 
-Liveness: once a mount has spilled, it keeps a lease object `MOUNT-ID/alive` beside its
-spills, written again every hour and deleted at unmount. A mount deletes the spill areas
-of other mounts of its prefix whose newest object (lease or spill) is a day old: a crashed
-mount's. A live mount's spills, however old, are never deleted by another mount.
+Files removed while open for reading (`unlink`) keep their bytes in the same way, under
+`PREFIX.s3stream/unlinked/MOUNT-ID/INODE` until their last close (`aside_key`).
+
+Liveness: once a mount has spilled or set a file aside, it keeps a lease object
+`spill/MOUNT-ID/alive`, written again every hour and deleted at unmount. A mount deletes
+the spill and unlinked areas of other mounts of its prefix whose newest object (lease,
+spill or file set aside) is a day old: a crashed mount's. A live mount's objects, however
+old, are never deleted by another mount.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ class SpillArea:
     def __init__(self, store: ObjectStore, prefix: str, stale_after: float = STALE_AFTER):
         self._store = store
         self.root = f"{prefix}{RESERVED_NAME}/spill/"
-        self._prefix = f"{self.root}{uuid.uuid4().hex[:12]}-{os.getpid()}/"
+        self.unlinked_root = f"{prefix}{RESERVED_NAME}/unlinked/"
+        self.mount_id = f"{uuid.uuid4().hex[:12]}-{os.getpid()}"
+        self._prefix = f"{self.root}{self.mount_id}/"
         self._numbers = itertools.count(1)
         self.stale_after = stale_after
         self.enabled = True  # False: the start-up check failed, no spills for the mount's life
@@ -67,6 +73,12 @@ class SpillArea:
     @property
     def where(self) -> str:
         return f"s3://{self._store.bucket}/{self.root}"
+
+    def aside_key(self, inode: int) -> str:
+        """Where the object of an open file removed by this mount is kept until its last
+        close (`Namespace.unlink`). The lease keeps it from other mounts from now on."""
+        self._spilled.set()
+        return f"{self.unlinked_root}{self.mount_id}/{inode}"
 
     def ready(self) -> bool:
         """A spill may be tried now: spilling is on and not paused after a refusal."""
@@ -171,21 +183,23 @@ class SpillArea:
 
     async def delete_stale(self) -> None:
         """Delete the spill areas of dead mounts of this prefix: those whose newest object
-        (the lease, refreshed hourly by a live mount, or a spill) is `stale_after` old. Stops
-        at the first refused DELETE (one line)."""
-        areas: dict[str, list] = {}
-        token = None
-        while True:
-            page = await self._store.list_page(self.root, None, token)
-            for info in page.objects:
-                area = info.key[:len(self.root)] + info.key[len(self.root):].split("/", 1)[0]
-                areas.setdefault(area, []).append(info)
-            token = page.next_token
-            if token is None:
-                break
+        (the lease, refreshed hourly by a live mount, a spill or a file set aside) is
+        `stale_after` old, spills and files set aside alike. Stops at the first refused
+        DELETE (one line)."""
+        areas: dict[str, list] = {}  # mount id -> its objects in both areas
+        for root in (self.root, self.unlinked_root):
+            token = None
+            while True:
+                page = await self._store.list_page(root, None, token)
+                for info in page.objects:
+                    area = info.key[len(root):].split("/", 1)[0]
+                    areas.setdefault(area, []).append(info)
+                token = page.next_token
+                if token is None:
+                    break
         cutoff = time.time() - self.stale_after
         for area, objects in areas.items():
-            if f"{area}/" == self._prefix or max(o.last_modified for o in objects) >= cutoff:
+            if area == self.mount_id or max(o.last_modified for o in objects) >= cutoff:
                 continue  # this mount's, or a mount that showed life within the period
             for info in objects:
                 try:
