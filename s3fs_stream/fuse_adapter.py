@@ -17,7 +17,7 @@ import time
 import pyfuse3
 import trio
 
-from .errors import FsError
+from .errors import FsError, first_error
 from .filesystem import FileSystem
 from .inode_table import Node
 from .object_meta import SetAttr
@@ -103,6 +103,14 @@ class BadNames:
         self._last_warning, self._quiet = now, 0
 
 
+def _answer(operation: str, exc: FsError) -> pyfuse3.FUSEError:
+    """The kernel's answer to an FsError, logged when it carries a message."""
+    if exc.message:
+        log.log(logging.DEBUG if exc.errno == errno.ENOENT else logging.WARNING,
+                "%s: %s", operation, exc.message)
+    return pyfuse3.FUSEError(exc.errno)
+
+
 def _converted(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
@@ -112,10 +120,13 @@ def _converted(method):
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
-            if exc.message:
-                log.log(logging.DEBUG if exc.errno == errno.ENOENT else logging.WARNING,
-                        "%s: %s", method.__name__, exc.message)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise _answer(method.__name__, exc) from None
+        except ExceptionGroup as group:
+            if group.split(FsError)[1] is not None:  # something else went wrong in there
+                log.exception("unexpected error in %s; answering EIO", method.__name__)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            # parallel work (a nursery) that failed with our own errors: the first one
+            raise _answer(method.__name__, first_error(group)) from None
         except Exception:
             log.exception("unexpected error in %s; answering EIO", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

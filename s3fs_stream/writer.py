@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import AccessDenied, FsError, PreconditionFailed
+from .errors import AccessDenied, FsError, PreconditionFailed, first_error
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta, Kept, rewrite_options
 from .object_store import ObjectStore, PutOptions, read_into
@@ -714,20 +714,23 @@ class StreamingWriter:
         await self._ensure_session()
         session = self._session
         limiter = trio.CapacityLimiter(COPY_CONCURRENCY)
-        async with trio.open_nursery() as copies:
-            for number in range(1, last + 1):
-                if number in self._parts:
-                    part = await self._hold(number, 0)
-                    try:
-                        if part.stored != "session" or not session.has(number):
-                            await self._start_upload(part)
-                    finally:
-                        self._unpin(part)
-                elif not session.has(number):
-                    if self.base is None or self._schedule.start(number) >= self.base.size:
-                        raise FsError(f"{self.name}: part {number} is neither held nor "
-                                      "stored", errno.EIO)
-                    copies.start_soon(self._copy_from_base, number, last, limiter)
+        try:
+            async with trio.open_nursery() as copies:
+                for number in range(1, last + 1):
+                    if number in self._parts:
+                        part = await self._hold(number, 0)
+                        try:
+                            if part.stored != "session" or not session.has(number):
+                                await self._start_upload(part)
+                        finally:
+                            self._unpin(part)
+                    elif not session.has(number):
+                        if self.base is None or self._schedule.start(number) >= self.base.size:
+                            raise FsError(f"{self.name}: part {number} is neither held nor "
+                                          "stored", errno.EIO)
+                        copies.start_soon(self._copy_from_base, number, last, limiter)
+        except* FsError as group:  # raised in the nursery's body too: not as a group
+            raise first_error(group) from None
         for part in list(self._parts.values()):
             await part.idle.wait()
         self._check_failed()
