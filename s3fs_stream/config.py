@@ -62,6 +62,9 @@ class FsConfig:
     read_concurrency: int = 4
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
+    # seconds a name found missing here stays missing without asking S3 (also the names a
+    # directory listed whole or made here lacks); 0: every lookup of an unknown name asks
+    negative_timeout: float = 0.0
     content_type: str = "auto"  # auto (guess from extension) | none | a fixed MIME type
     writeback_cache: bool = True
 

@@ -147,6 +147,7 @@ class FuseOperations(pyfuse3.Operations):
         # at full speed instead of one FUSE round trip per write (README "Writeback cache")
         self.enable_writeback_cache = writeback_cache
         self._entry_timeout = fs.config.entry_timeout
+        self._negative_timeout = fs.config.negative_timeout
         self._attr_timeout = fs.config.attr_timeout
         self.initialized = trio.Event()  # set once the kernel's INIT has been answered
         # set once the mount's kernel settings are in force (mount.tune_kernel): a file
@@ -198,7 +199,7 @@ class FuseOperations(pyfuse3.Operations):
                 raise
             missing = pyfuse3.EntryAttributes()  # a negative entry the kernel caches
             missing.st_ino = 0
-            missing.entry_timeout = self._entry_timeout
+            missing.entry_timeout = self._negative_timeout
             return missing
         return self._attributes(node)
 

@@ -208,18 +208,23 @@ class Namespace:
             self._negative = {p: t for p, t in self._negative.items() if t > now}
             if len(self._negative) >= NEGATIVE_MAX:
                 self._negative.clear()
-        self._negative[path] = time.monotonic() + self.config.entry_timeout
+        self._negative[path] = time.monotonic() + self.config.negative_timeout
 
     def _know_dir(self, path: str, names: set[str]) -> None:
-        self._known[path] = (time.monotonic() + self.config.entry_timeout, names)
+        self._known[path] = (time.monotonic() + self.config.negative_timeout, names)
         self._known.move_to_end(path)
         while len(self._known) > KNOWN_DIRS:
             self._known.popitem(last=False)
 
     async def _known_missing(self, path: str) -> bool:
-        """True when `path` is known not to exist: a missing name seen within the entry
-        timeout, or a directory listed whole (or made) within it that lacks the name. A small
-        directory known before is listed again (one request) rather than HEAD + LIST."""
+        """True when `path` is known not to exist: a missing name seen within
+        `negative_timeout`, or a directory listed whole (or made) within it that lacks the
+        name. A small directory known before is listed again (one request) rather than
+        HEAD + LIST. With `negative_timeout` 0 (the default) nothing is known missing: S3 is
+        strongly consistent, and a pipeline's consumer told "x is there" by another client
+        must find it."""
+        if not self.config.negative_timeout:
+            return False
         expiry = self._negative.get(path)
         now = time.monotonic()
         if expiry is not None:

@@ -263,6 +263,11 @@ OPTIONS: dict[str, Option] = {
                            "how long the kernel caches attributes (default 1)"),
     "entry_timeout": Option("fs", "entry_timeout", seconds(0), "SECONDS",
                             "how long the kernel caches names (default 1)"),
+    "negative_timeout": Option("fs", "negative_timeout", seconds(0), "SECONDS",
+                               "how long a name found missing stays missing without asking "
+                               "S3; another client's new object under it is not seen "
+                               "meanwhile (default 0: never; 1 or more speeds up copies of "
+                               "many small files when S3 is far away)"),
     "writeback_cache": _flag("fs", "writeback_cache",
                              "let the kernel coalesce small writes (default yes)"),
     # mount

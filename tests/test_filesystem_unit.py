@@ -20,9 +20,9 @@ from tests.memory_store import MemoryStore
 MiB = 1024 * 1024
 
 
-def unit_filesystem(nursery) -> FileSystem:
+def unit_filesystem(nursery, **options) -> FileSystem:
     """A FileSystem over a MemoryStore under prefix "pre/", its tasks in `nursery`."""
-    config = FsConfig(uid=1000, gid=1000, part_size=5 * MiB, max_memory=64 * MiB)
+    config = FsConfig(uid=1000, gid=1000, part_size=5 * MiB, max_memory=64 * MiB, **options)
     budget = MemoryBudget(config.max_memory)
     nursery.start_soon(budget.reclaim_forever)
     return FileSystem(MemoryStore(), "pre/", config, nursery, UploadPool(nursery, 2), budget)
@@ -225,7 +225,10 @@ async def test_small_listed_objects_are_headed_in_parallel_and_symlinks_read(fs)
     assert await fs.readlink(nodes["link"].inode) == b"s00"
 
 
-async def test_missing_names_cost_no_request_once_known(fs):
+async def test_missing_names_cost_no_request_once_known_with_negative_timeout(nursery):
+    """`negative_timeout`: the trade a user may choose (copies of many small files when S3
+    is far away): a name known missing answers ENOENT without a request."""
+    fs = Fs(unit_filesystem(nursery, negative_timeout=5.0))
     d = await fs.mkdir(ROOT_INODE, "new", 0o755, 0, 0)
     fs.store.calls.clear()
     for i in range(20):
@@ -246,6 +249,20 @@ async def test_missing_names_cost_no_request_once_known(fs):
     assert fs.store.calls == []
     await fs.mkdir(ROOT_INODE, "nothing", 0o755, 0, 0)  # ... until made here
     assert (await fs.lookup(ROOT_INODE, "nothing")).is_dir
+
+
+async def test_another_clients_new_object_is_found_at_once(fs):
+    """By default a lookup never answers ENOENT from memory for a name that exists in the
+    bucket: S3 is strongly consistent, and a consumer told "x is there" must find it."""
+    d = await fs.mkdir(ROOT_INODE, "new", 0o755, 0, 0)  # made here: known empty
+    with pytest.raises(FsError):
+        await fs.lookup(d.inode, "x")
+    with pytest.raises(FsError):
+        await fs.lookup(ROOT_INODE, "y")
+    await fs.store.put("pre/new/x", b"theirs", PutOptions())
+    await fs.store.put("pre/y", b"theirs too", PutOptions())
+    assert (await fs.lookup(d.inode, "x")).size == 6
+    assert (await fs.lookup(ROOT_INODE, "y")).size == 10
 
 
 async def test_symlinks_links_devices_and_long_names(fs):
