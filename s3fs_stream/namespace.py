@@ -1151,8 +1151,13 @@ class Namespace:
         if info.key.endswith("/") and not info.size:
             # a directory marker: some servers (SeaweedFS) keep these as real directories
             # that CopyObject cannot read, so write a new marker instead (one holding bytes,
-            # written by another tool, is copied: its bytes are data)
-            await self.store.put(target, b"", PutOptions({}, None))
+            # written by another tool, is copied: its bytes are data), with the directory's
+            # attributes: a listing does not carry them, a HEAD does
+            try:
+                metadata = (await self.store.head(info.key)).metadata
+            except NotFound:
+                metadata = {}
+            await self.store.put(target, b"", PutOptions(metadata, None))
         else:
             await self.store.copy(info.key, target, None, info.size)
 
