@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -47,6 +48,8 @@ class MemoryStore:
         self.modified: dict[str, float] = {}  # LastModified of each object (seconds)
         self._refusals: list[tuple[frozenset[str] | None, str | None]] = []
         self.refused: list[tuple] = []  # the calls answered AccessDenied
+        # called with each request as it arrives (a test acting while one is in flight)
+        self.on_call: Callable[[tuple], None] | None = None
 
     def refuse(self, *methods: str, key: str | None = None) -> None:
         """Answer these methods (all when none is named) AccessDenied, for keys starting
@@ -59,6 +62,8 @@ class MemoryStore:
 
     async def _step(self, *call):
         self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
         await trio.sleep(self.delay)
         target = call[2] if call[0] == "copy" else (call[1] if len(call) > 1 else "")
         for methods, key in self._refusals:
