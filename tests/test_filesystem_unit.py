@@ -302,3 +302,17 @@ async def test_metadata_of_listed_entries_is_fetched_once_per_node(fs):
     await fs.inner.namespace._head_nodes(nodes + nodes[:10])
     assert len([c for c in fs.store.calls if c[0] == "head"]) == 40
     assert all(n.fetching is None and n.has_metadata and n.mode == 0o100600 for n in nodes)
+
+
+async def test_renamed_directory_keeps_its_attributes(fs):
+    """The markers a directory rename writes anew carry the directory's mode, owner and
+    times (they were written empty: the directory showed the mount's defaults)."""
+    d = await fs.mkdir(ROOT_INODE, "d", 0o700, 7, 8)
+    await fs.mkdir(d.inode, "inner", 0o750, 7, 8)
+    await fs.rename(ROOT_INODE, "d", ROOT_INODE, "e", 0)
+    for key, mode in (("pre/e/", 0o700), ("pre/e/inner/", 0o750)):
+        meta = fs.store.objects[key][1]
+        assert meta["mode"] == str(stat.S_IFDIR | mode) and meta["uid"] == "7", key
+    e = await fs.lookup(ROOT_INODE, "e")
+    e.expires = 0.0
+    assert stat.S_IMODE((await fs.getattr(e.inode)).mode) == 0o700
