@@ -12,8 +12,10 @@ content, mode, uid, gid and mtime, as lookup, getattr and readdir show them, mus
 model; after a remount, what was stored must show. An operation S3 refused must fail and
 leave the bucket and what the mount shows as they were (DESIGN "Failure order").
 
-The kernel is played by `Kernel`: it looks paths up component by component, counts the
-lookups it holds and forgets them; an inode it holds must stay known to the file system.
+The state machine plays the kernel too: it looks paths up component by component, counts
+the lookups it holds (`held`) and forgets them, also while a request waits for S3; an inode
+it holds must stay known to the file system. Content is read (which stores deferred
+attributes) where no attributes are pending, and by the rule `read_file`.
 Time: the attribute and entry timeouts (1 s) pass by moving the clock the namespace reads
 (`Clock`); META_DELAY is made an hour, and the rule `meta_due` makes deferred changes due.
 """
@@ -206,6 +208,8 @@ class NamespaceModel(RuleBasedStateMachine):
         self.writers: dict[int, Writer] = {}
         self.held: Counter[int] = Counter()  # the kernel's lookups
         self.serial = 0  # makes every content unique: another client's object differs
+        self._pending_write = b""  # what s3_refuses's write wrote, for `_apply`
+        self._pending_close = 0  # the handle s3_refuses's close closed, for `_apply`
 
     def teardown(self) -> None:
         try:
