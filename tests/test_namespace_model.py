@@ -486,7 +486,10 @@ class NamespaceModel(RuleBasedStateMachine):
                 if f.lastmod:
                     f.mtime = None
                 if f.fh is not None:
+                    # a rename completes what the open file holds, then moves the object:
+                    # a close that fails later leaves that
                     self.writers[f.fh].path = moved
+                    self.writers[f.fh].base = replace(f, fh=None)
 
     # -- another client, S3's refusals, time ------------------------------------------------
 
