@@ -5,17 +5,28 @@ last, part numbers 1..10,000, copy ranges within the source, and listings in pag
 most `page_size` entries. Like SeaweedFS, it keeps every upload of a part number: ListParts
 lists each one (newest first within a number), and CompleteMultipartUpload with the ETag of
 an older upload uses that upload's old bytes -- so a writer completing with a stale ETag
-produces wrong bytes, which the tests comparing final bytes catch."""
+produces wrong bytes, which the tests comparing final bytes catch.
+
+`refuse(...)` makes it answer chosen requests as S3 answers a bucket policy's Deny, Object
+Lock or read-only credentials: AccessDenied (403), before anything changes."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import time
+from collections.abc import Callable
 
 import trio
 
-from s3fs_stream.errors import FsError, NoSuchUpload, NotFound, PreconditionFailed, StoreError
+from s3fs_stream.errors import (
+    AccessDenied,
+    FsError,
+    NoSuchUpload,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+)
 from s3fs_stream.object_store import ListPage, ObjectInfo, PendingUpload, PutOptions, UploadedPart
 
 MIN_PART = 5 * 1024 * 1024  # S3's minimum for every part but the last
@@ -34,11 +45,32 @@ class MemoryStore:
         self.fail_parts = False  # make every UploadPart fail (a dead server)
         self.delay = 0.0
         self.page_size = 1000  # ListObjectsV2 pages (smaller to test pagination)
-        self.modified: dict[str, float] = {}  # LastModified overrides (seconds)
+        self.modified: dict[str, float] = {}  # LastModified of each object (seconds)
+        self._refusals: list[tuple[frozenset[str] | None, str | None]] = []
+        self.refused: list[tuple] = []  # the calls answered AccessDenied
+        # called with each request as it arrives (a test acting while one is in flight)
+        self.on_call: Callable[[tuple], None] | None = None
+
+    def refuse(self, *methods: str, key: str | None = None) -> None:
+        """Answer these methods (all when none is named) AccessDenied, for keys starting
+        with `key` (all when None); a copy is refused by its destination key, as a Deny on
+        s3:PutObject refuses it. Until `allow()`."""
+        self._refusals.append((frozenset(methods) or None, key))
+
+    def allow(self) -> None:
+        self._refusals.clear()
 
     async def _step(self, *call):
         self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
         await trio.sleep(self.delay)
+        target = call[2] if call[0] == "copy" else (call[1] if len(call) > 1 else "")
+        for methods, key in self._refusals:
+            if (methods is None or call[0] in methods) and \
+                    (key is None or str(target).startswith(key)):
+                self.refused.append(call)
+                raise AccessDenied(f"{call[0]} {target}: AccessDenied (refused by the test)")
 
     async def check_bucket(self):
         await self._step("check_bucket")
@@ -48,7 +80,7 @@ class MemoryStore:
         if key not in self.objects:
             raise NotFound(key)
         data, meta, etag = self.objects[key]
-        return ObjectInfo(key, len(data), etag, time.time(), dict(meta))
+        return ObjectInfo(key, len(data), etag, self.modified.get(key, 0.0), dict(meta))
 
     async def head_many(self, keys):
         found = []
@@ -86,7 +118,7 @@ class MemoryStore:
             else:
                 data, _, etag = self.objects[key]
                 entries[key] = ObjectInfo(key, len(data), etag,
-                                          self.modified.get(key) or time.time(),
+                                          self.modified.get(key, 0.0),
                                           has_metadata=False)
         names = sorted(name for name in entries if token is None or name > token)
         page = names[:max_keys]
@@ -97,6 +129,7 @@ class MemoryStore:
     def _store(self, key, data, meta, etag=None):
         etag = etag or '"' + hashlib.md5(data).hexdigest() + '"'
         self.objects[key] = (bytes(data), dict(meta), etag)
+        self.modified[key] = time.time()
         return etag
 
     async def put(self, key, data, options):
@@ -196,3 +229,4 @@ class MemoryStore:
     async def delete(self, key):
         await self._step("delete", key)
         self.objects.pop(key, None)
+        self.modified.pop(key, None)

@@ -440,3 +440,17 @@ async def test_lookup_hands_out_no_node_that_a_forget_dropped_meanwhile(fs):
     [node] = found
     assert fs.inner.table.get(node.inode) is node and node.lookups == 1
     assert (await fs.getattr(node.inode)).is_dir
+
+
+async def test_renamed_directory_keeps_its_attributes(fs):
+    """The markers a directory rename writes anew carry the directory's mode, owner and
+    times (they were written empty: the directory showed the mount's defaults)."""
+    d = await fs.mkdir(ROOT_INODE, "d", 0o700, 7, 8)
+    await fs.mkdir(d.inode, "inner", 0o750, 7, 8)
+    await fs.rename(ROOT_INODE, "d", ROOT_INODE, "e", 0)
+    for key, mode in (("pre/e/", 0o700), ("pre/e/inner/", 0o750)):
+        meta = fs.store.objects[key][1]
+        assert meta["mode"] == str(stat.S_IFDIR | mode) and meta["uid"] == "7", key
+    e = await fs.lookup(ROOT_INODE, "e")
+    e.expires = 0.0
+    assert stat.S_IMODE((await fs.getattr(e.inode)).mode) == 0o700
