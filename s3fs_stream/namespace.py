@@ -1053,7 +1053,7 @@ class Namespace:
     async def _collect(self, directory: str, stream: DirectoryStream, position: int
                        ) -> tuple[list[tuple[str, Node, int]], list[Node], int]:
         """Up to READDIR_CHUNK entries from `position` on, as (name, node, next offset);
-        the files among them that need a HEAD first; the offset after them."""
+        the nodes among them that need a HEAD first; the offset after them."""
         batch: list[tuple[str, Node, int]] = []
         need_head: list[Node] = []
         while len(batch) < READDIR_CHUNK:
@@ -1065,7 +1065,10 @@ class Namespace:
             if node is None:
                 continue
             batch.append((entry.name, node, position))
-            if not (node.fresh and node.has_metadata) and not node.is_dir and \
+            # a listing carries no mode, owner or times: a file's HEAD, a directory's marker
+            # (and where the server drops a marker's metadata, its attributes object) tell
+            if (node.is_dir and not node.has_metadata or not node.is_dir
+                    and not (node.fresh and node.has_metadata)) and \
                     self.files.writer(node.inode) is None:
                 need_head.append(node)
         if self._nursery is not None:
@@ -1476,6 +1479,11 @@ class Namespace:
         try:
             await self.store.delete(self.key(old))
         except FsError as exc:
+            # the new name holds the copy now, whatever the table knew of it: asked again
+            target = self.table.by_path(new)
+            if target is not None:
+                target.expires = 0.0
+            self._forget_missing(new)
             raise FsError(f"mv {old} {new}: copied, but deleting {old} failed "
                           f"({_reason(exc)}); both names are there now, as after a crash in "
                           f"between: rm {old} once allowed", exc.errno) from None
