@@ -196,8 +196,12 @@ def test_spills_refused_while_mounted_back_off(seaweed, proxy, mount_factory):
     took = time.monotonic() - started
     failed = check_outcomes(m, outcome, size)
     assert failed > 0, outcome
-    # pauses of 1, 2, 4 ... s: a handful of attempts however long the writers took
-    assert 0 < len(proxy.refused) <= 3 + took / 4, (len(proxy.refused), took)
+    # pauses of 1, 2, 4 ... s: a handful of attempts however long the writers took (each
+    # spill is its own key; a PUT refused over the mount's own connection is sent once more
+    # through botocore, so count spills, not requests)
+    attempts = {target for _, target in proxy.refused}
+    assert 0 < len(attempts) <= 3 + took / 4, (len(attempts), took)
+    assert len(proxy.refused) <= 2 * len(attempts)
     log = m.log()
     refusals = [line for line in log.splitlines()
                 if "could not spill" in line and " WARNING " in line]
