@@ -3,6 +3,8 @@ memory decides only the speed.
 
 States (`self.state`):
   WRITING   changes since the last completion (or none yet); full parts stream into `session`
+            as they fill; a full part changed again goes up once the writes move on
+            (`_rewriting`), not per write
   COMPLETE  the object at `key` holds every byte and is the writer's `base`; held parts stay
             until memory is short, so that later writes continue cheaply
   FAILED    an upload or the completion failed after retries: every later call fails (EIO;
@@ -430,6 +432,7 @@ class StreamingWriter:
     async def _upload_rewritten(self) -> None:
         """The writes moved on from the full part they were changing: upload it now."""
         number, self._rewriting = self._rewriting, None
+        # across `_seal`'s awaits the reclaimer may upload or spill the part: it looks again
         part = self._parts.get(number)
         # gone, cut short, stored already (fsync, a completion, the reclaimer), or part 1
         # in the session (changed again, it goes up at completion): nothing to do

@@ -331,6 +331,22 @@ async def test_rewrite_of_existing_object_uploads_each_part_once(env):
     assert env.budget.used == 0 and not env.store.uploads
 
 
+async def test_rewrite_under_memory_pressure(nursery):
+    """The same rewrite with memory for two parts: the reclaimer may upload the part being
+    rewritten; the bytes are right, each part still goes up at most twice, nothing is left."""
+    env = Env(nursery, limit=2 * PART)
+    original = os.urandom(4 * PART)
+    etag = env.store._store("f", original, {})
+    writer = env.make(base=Base(etag, len(original)))
+    data = os.urandom(len(original))
+    await write_all(writer, data, chunk=256 * 1024)
+    await close(writer)
+    assert env.data() == data
+    uploaded = [c[2] for c in env.calls("upload_part")]
+    assert all(uploaded.count(n) <= 2 for n in range(1, 5)), uploaded
+    assert env.budget.used == 0 and not env.store.uploads and not env.spilled_left()
+
+
 async def test_rewritten_part_is_stored_by_fsync(env):
     """A full part whose upload waits for the writer to move on is stored by fsync (and
     so by `max_unsynced`, which stores the same way), and only once."""
