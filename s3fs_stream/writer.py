@@ -3,6 +3,8 @@ memory decides only the speed.
 
 States (`self.state`):
   WRITING   changes since the last completion (or none yet); full parts stream into `session`
+            as they fill; a full part changed again goes up once the writes move on
+            (`_rewriting`), not per write
   COMPLETE  the object at `key` holds every byte and is the writer's `base`; held parts stay
             until memory is short, so that later writes continue cheaply
   FAILED    an upload or the completion failed after retries: every later call fails (EIO;
@@ -124,6 +126,9 @@ class StreamingWriter:
         self._parts: dict[int, Part] = {}
         self._dead_segments: list[Segment] = []  # spills of parts freed once failed
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
+        # a full part being changed again (an in-place rewrite): uploaded once the writes
+        # move on to another part (or by fsync, completion, the reclaimer), not per write
+        self._rewriting: int | None = None
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
         self._meta_version = 0  # counts those changes: one during a completion is not lost
         self._unsynced_since: float | None = None  # first change not yet stored in S3
@@ -385,6 +390,8 @@ class StreamingWriter:
             self.size = max(self.size, position)
 
     async def _write_into(self, number: int, within: int, chunk: memoryview) -> None:
+        if self._rewriting is not None and self._rewriting != number:
+            await self._upload_rewritten()
         end = within + len(chunk)
         while True:
             part = await self._hold(number, within)
@@ -407,12 +414,30 @@ class StreamingWriter:
         taken = max(0, needed - part.reserved)
         self._credit -= taken
         part.reserved += taken
+        was_full = part.full
         part.put(within, chunk)
         self.size = max(self.size, self._schedule.start(number) + end)
         self._unpin(part)
         if part.full and (number != 1 or self._session is None or not self._session.has(1)):
-            # a full part goes up at once: the filling one when it fills, a changed one again
             # (part 1 once: a recorder patches its header there, completion uploads it again)
+            if not was_full:
+                await self._seal(number)  # it filled: streaming uploads it at once
+            else:
+                # a full part changed again (a part of the base, a rewrite): the next write
+                # likely lands here too, so it goes up once the writes move on. The session
+                # exists meanwhile, so that the reclaimer can upload it instead of spilling
+                self._rewriting = number
+                await self._ensure_session()
+
+    async def _upload_rewritten(self) -> None:
+        """The writes moved on from the full part they were changing: upload it now."""
+        number, self._rewriting = self._rewriting, None
+        # across `_seal`'s awaits the reclaimer may upload or spill the part: it looks again
+        part = self._parts.get(number)
+        # gone, cut short, stored already (fsync, a completion, the reclaimer), or part 1
+        # in the session (changed again, it goes up at completion): nothing to do
+        if part is not None and part.full and part.stored is None and not (
+                number == 1 and self._session is not None and self._session.has(1)):
             await self._seal(number)
 
     async def _reserve(self, amount: int) -> None:

@@ -84,6 +84,17 @@ async def test_large_file_streams_parts_before_close(env):
     assert env.budget.used == 0 and not env.store.uploads
 
 
+async def test_streaming_part_is_uploaded_as_soon_as_it_fills(env):
+    """A part filling for the first time goes up at once, before any write lands in the
+    next part (streaming speed and bounded memory depend on it)."""
+    writer = env.make()
+    await write_all(writer, os.urandom(2 * PART))
+    await trio.sleep(0.01)
+    assert [c[2] for c in env.calls("upload_part")] == [1, 2]
+    await close(writer)
+    assert [c[2] for c in env.calls("upload_part")] == [1, 2]
+
+
 async def test_patch_in_held_part_one_is_reuploaded_once(env):
     writer = env.make()
     data = bytearray(os.urandom(2 * PART + 10))
@@ -298,6 +309,61 @@ async def test_existing_object_append_inplace_and_truncate(env):
     # parts 1 and 3 were never read: copied server-side
     assert {c[2] for c in env.calls("upload_part_copy")} == {1, 3}
     assert len(env.calls("get_range")) == 2  # part 2 for the patch, part 4 for the append
+
+
+async def test_rewrite_of_existing_object_uploads_each_part_once(env):
+    """An in-place rewrite of every byte (ffmpeg's faststart shift, dd conv=notrunc): a full
+    part being changed goes up once, when the writes move on to the next part, not once per
+    write (each of which also waited for the upload before)."""
+    original = os.urandom(4 * PART)
+    etag = env.store._store("f", original, {})
+    writer = env.make(base=Base(etag, len(original)))
+    data = os.urandom(len(original))
+    await write_all(writer, data, chunk=256 * 1024)
+    await trio.sleep(0.01)
+    uploaded = [c[2] for c in env.calls("upload_part")]
+    assert uploaded == [1, 2, 3]  # while still writing: each as the writes left it
+    await close(writer)
+    assert env.data() == data
+    uploaded = [c[2] for c in env.calls("upload_part")]
+    assert sorted(uploaded) == [1, 2, 3, 4], uploaded
+    assert not env.calls("upload_part_copy")
+    assert env.budget.used == 0 and not env.store.uploads
+
+
+async def test_rewrite_under_memory_pressure(nursery):
+    """The same rewrite with memory for two parts: the reclaimer may upload the part being
+    rewritten; the bytes are right, each part still goes up at most twice, nothing is left."""
+    env = Env(nursery, limit=2 * PART)
+    original = os.urandom(4 * PART)
+    etag = env.store._store("f", original, {})
+    writer = env.make(base=Base(etag, len(original)))
+    data = os.urandom(len(original))
+    await write_all(writer, data, chunk=256 * 1024)
+    await close(writer)
+    assert env.data() == data
+    uploaded = [c[2] for c in env.calls("upload_part")]
+    assert all(uploaded.count(n) <= 2 for n in range(1, 5)), uploaded
+    assert env.budget.used == 0 and not env.store.uploads and not env.spilled_left()
+
+
+async def test_rewritten_part_is_stored_by_fsync(env):
+    """A full part whose upload waits for the writer to move on is stored by fsync (and
+    so by `max_unsynced`, which stores the same way), and only once."""
+    original = os.urandom(2 * PART + 10)
+    etag = env.store._store("f", original, {})
+    writer = env.make(base=Base(etag, len(original)))
+    await writer.write(PART + 5, b"first")
+    await writer.write(PART + 50, b"second")
+    assert not env.calls("upload_part")  # still being changed: not uploaded yet
+    await writer.fsync()
+    assert [c[2] for c in env.calls("upload_part")] == [2]
+    await close(writer)
+    expected = bytearray(original)
+    expected[PART + 5:PART + 10] = b"first"
+    expected[PART + 50:PART + 56] = b"second"
+    assert env.data() == bytes(expected)
+    assert [c[2] for c in env.calls("upload_part")] == [2]  # unchanged since the fsync
 
 
 async def test_existing_object_changed_by_another_client_fails_cleanly(env):
