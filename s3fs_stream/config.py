@@ -78,5 +78,6 @@ class MountConfig:
     allow_other: bool = False
     log_level: str = "info"
     log_file: str | None = None
+    on_read_only: str = "mount"  # writes refused at mount: mount | refuse
     fake: bool = False
     verbose: bool = False

@@ -230,6 +230,10 @@ OPTIONS: dict[str, Option] = {
     # file system
     "ro": _flag("fs", "read_only", "mount read-only"),
     "read_only": _flag("fs", "read_only", "the same as ro"),
+    "on_read_only": Option("mount", "on_read_only", choice("mount", "refuse"), "mount|refuse",
+                           "when the credentials or bucket policy refuse writes (checked "
+                           "at mount): mount read-only with one WARNING (default), or refuse "
+                           "to mount"),
     "uid": Option("fs", "uid", user_id, "USER",
                   "owner of files without stored metadata (name or id; default: you)"),
     "gid": Option("fs", "gid", group_id, "GROUP",
