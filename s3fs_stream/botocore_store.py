@@ -28,12 +28,12 @@ import logging
 import ssl
 import time
 import urllib.parse
-import urllib.request
 import zlib
 from xml.etree import ElementTree
 
 import botocore.config
 import botocore.exceptions
+import botocore.httpsession
 import botocore.parsers
 import botocore.session
 import trio
@@ -403,6 +403,8 @@ class BotocoreStore:
                 "payload_signing_enabled": payload_signing(config)},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            client_cert=(config.client_cert, config.client_key) if config.client_key
+            else config.client_cert,
         )
         self._client = session.create_client(
             "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
@@ -432,20 +434,44 @@ class BotocoreStore:
         except Exception:  # no credentials after all, or an odd endpoint
             return None
         url = url.partition("?")[0]  # the signature is not ours to keep
-        scheme, host = urllib.parse.urlsplit(url).scheme, urllib.parse.urlsplit(url).hostname
-        if urllib.request.getproxies().get(scheme) and \
-                not urllib.request.proxy_bypass(host or ""):
+        try:
+            context = self._tls_like_botocore(url)
+        except (AttributeError, OSError, ValueError) as exc:  # another botocore, a bad file
+            log.info("requests go through botocore alone: its TLS and proxy settings could "
+                     "not be read for the mount's own connections (%s)", exc)
             return None
-        context = None
-        if scheme == "https":
-            bundle = session.get_config_variable("ca_bundle")
-            context = ssl.create_default_context(cafile=bundle or None)
+        if context is False:
+            return None
         try:
             return direct_requests.DirectClient(
                 url, probe, self._client.meta.region_name, self.config.connect_timeout,
                 self.config.read_timeout, context, max_connections=64)
         except ValueError:
             return None
+
+    def _tls_like_botocore(self, url: str) -> ssl.SSLContext | None | bool:
+        """The settings botocore's own HTTP session resolved for this client, so that both
+        ways to the server agree: the CA bundle (verify: ca_bundle from the config file or
+        AWS_CA_BUNDLE, REQUESTS_CA_BUNDLE, else botocore's default bundle), the client
+        certificate (client_cert), and the proxy (Config proxies, else the environment's
+        HTTP(S)_PROXY with NO_PROXY applied to the endpoint as botocore applies it). False:
+        a proxy is in between (the direct way stays off); None: plain http."""
+        http = self._client._endpoint.http_session
+        if http._proxy_config.proxy_url_for(url):
+            return False
+        if urllib.parse.urlsplit(url).scheme != "https":
+            return None
+        verify = http._verify
+        if verify is False:  # botocore does not check the certificate: neither do we
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.create_default_context(
+                cafile=botocore.httpsession.get_cert_path(verify))
+        if http._cert_file:
+            context.load_cert_chain(http._cert_file, keyfile=http._key_file)
+        return context
 
     async def _direct_credentials(self) -> direct_requests.Credentials:
         """A frozen copy of the credentials, refreshed every CREDENTIALS_REFRESH seconds;

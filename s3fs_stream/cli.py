@@ -102,6 +102,8 @@ def build_config(argv: list[str], prog: str = "mount.s3stream") -> MountConfig:
     mount = sections["mount"]
     if mount.get("log_file"):
         mount["log_file"] = os.path.abspath(mount["log_file"])
+    if store.client_key and not store.client_cert:
+        raise QuietError("option client_key: needs client_cert", USAGE_ERROR)
     return MountConfig(store=store, fs=fs, mountpoint=os.path.abspath(args.mountpoint),
                        fake=args.fake, verbose=args.verbose, **mount)
 
@@ -116,6 +118,11 @@ def check_before_mount(config: MountConfig) -> None:
         except OSError as exc:
             raise QuietError(f"option log_file: cannot append to {config.log_file} "
                              f"({exc.strerror}); give a writable file", USAGE_ERROR) from None
+    for name in ("client_cert", "client_key"):
+        value = getattr(config.store, name)
+        if value and not os.access(value, os.R_OK):
+            raise QuietError(f"option {name}: cannot read {value}; give a readable PEM file",
+                             USAGE_ERROR)
     if config.store.profile:
         from .botocore_store import profile_exists
 

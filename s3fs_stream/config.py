@@ -40,6 +40,8 @@ class StoreConfig:
     sse: str | None = None  # AES256 | aws:kms
     sse_kms_key_id: str | None = None
     acl: str | None = None
+    client_cert: str | None = None  # PEM with the certificate (and key, else client_key)
+    client_key: str | None = None
     # HEAD, small PUT and DELETE over our own connections (direct_requests.py), botocore
     # for everything else and whenever those get no plain answer
     direct_requests: bool = True
@@ -78,5 +80,6 @@ class MountConfig:
     allow_other: bool = False
     log_level: str = "info"
     log_file: str | None = None
+    on_read_only: str = "mount"  # writes refused at mount: mount | refuse
     fake: bool = False
     verbose: bool = False

@@ -11,7 +11,9 @@ import os
 import re
 import signal
 import subprocess
+import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import pyfuse3
 import trio
@@ -22,8 +24,10 @@ from .errors import AccessDenied, NoSuchBucket, NotFound, QuietError, StoreError
 from .filesystem import FileSystem
 from .fuse_adapter import FuseOperations, KernelNotifier
 from .memory_budget import MemoryBudget
+from .object_store import PutOptions
 from .page_cache import PageCacheDropper, find_fuse_fd
 from .recover import warn_of_old_uploads
+from .spill_area import RESERVED_NAME
 from .status import StatusServer, snapshot
 from .upload_pool import UploadPool
 
@@ -49,6 +53,44 @@ async def check_access(store: BotocoreStore, prefix: str) -> None:
         raise QuietError(f"endpoint unreachable: {endpoint} ({exc})", MOUNT_FAILURE) from None
     except StoreError as exc:
         raise QuietError(f"cannot use {where}: {exc}", MOUNT_FAILURE) from None
+
+
+async def check_writes(store: BotocoreStore, config: MountConfig) -> MountConfig:
+    """Before the mount answers anything: may it write under its prefix? A PUT and a DELETE
+    of a probe object `PREFIX.s3stream/probe/ID` (hidden, STANDARD, no public ACL). A
+    refused PUT mounts read-only (one WARNING) or, with on_read_only=refuse, fails the mount;
+    the config returned is the one to mount with. A refused DELETE only warns: writes work,
+    removals and renames will answer EACCES."""
+    if config.fs.read_only:
+        return config
+    where = f"s3://{store.bucket}/{config.store.prefix}"
+    probe = f"{config.store.prefix}{RESERVED_NAME}/probe/{uuid.uuid4().hex[:12]}-{os.getpid()}"
+    try:
+        await store.put(probe, b"", PutOptions(temporary=True))
+    except AccessDenied as exc:
+        if config.on_read_only == "refuse":
+            raise QuietError(f"writes to {where} are refused ({exc}): the credentials or "
+                             "the bucket policy allow no PutObject there; not mounted "
+                             "(on_read_only=refuse)", MOUNT_FAILURE) from None
+        log.warning("mounting %s read-only: the credentials or the bucket policy refuse "
+                    "writes there (%s); use -o ro to mount read-only without this warning, "
+                    "on_read_only=refuse to fail instead, or allow PutObject to write",
+                    where, exc)
+        return replace(config, fs=replace(config.fs, read_only=True))
+    except StoreError as exc:  # not a refusal: writes are tried, and fail on their own
+        log.warning("could not check whether %s accepts writes (%s); mounted read-write",
+                    where, exc)
+        return config
+    try:
+        await store.delete(probe)
+    except AccessDenied as exc:
+        log.warning("deletes in %s are refused (%s): writing works, but rm, mv and "
+                    "overwriting fail with EACCES; the probe object %s is left", where, exc,
+                    probe)
+    except StoreError as exc:
+        log.warning("could not delete the probe object s3://%s/%s: %s", store.bucket, probe,
+                    exc)
+    return config
 
 
 def check_mountpoint(path: str) -> None:
@@ -188,6 +230,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     the kernel's INIT is answered and the kernel settings of `tune_kernel` are in force."""
     store = BotocoreStore(config.store)
     await check_access(store, config.store.prefix)
+    config = await check_writes(store, config)  # before anything is answered: ro or rw
     await warn_of_old_uploads(store, config.store.prefix)
     check_mountpoint(config.mountpoint)
     if config.fake:

@@ -227,9 +227,18 @@ OPTIONS: dict[str, Option] = {
                              "connections, ~20x less CPU than botocore (default yes)"),
     "acl": Option("store", "acl", choice(*CANNED_ACLS), "ACL",
                   "canned ACL of new objects, e.g. public-read or bucket-owner-full-control"),
+    "client_cert": Option("store", "client_cert", path, "PATH",
+                          "PEM file with the TLS client certificate an endpoint asks for "
+                          "(and its key, unless client_key is given)"),
+    "client_key": Option("store", "client_key", path, "PATH",
+                         "PEM file with the key of client_cert"),
     # file system
     "ro": _flag("fs", "read_only", "mount read-only"),
     "read_only": _flag("fs", "read_only", "the same as ro"),
+    "on_read_only": Option("mount", "on_read_only", choice("mount", "refuse"), "mount|refuse",
+                           "when the credentials or bucket policy refuse writes (checked "
+                           "at mount): mount read-only with one WARNING (default), or refuse "
+                           "to mount"),
     "uid": Option("fs", "uid", user_id, "USER",
                   "owner of files without stored metadata (name or id; default: you)"),
     "gid": Option("fs", "gid", group_id, "GROUP",

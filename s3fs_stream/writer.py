@@ -8,7 +8,8 @@ States (`self.state`):
   COMPLETE  the object at `key` holds every byte and is the writer's `base`; held parts stay
             until memory is short, so that later writes continue cheaply
   FAILED    an upload or the completion failed after retries: every later call fails (EIO;
-            EFBIG or ENOSPC where that was the cause) and the multipart upload stays in S3
+            EFBIG, ENOSPC or EACCES -- S3 refused the write -- where that was the cause) and
+            the multipart upload stays in S3
             for `s3stream recover`
   DETACHED  the file was unlinked while open: writes are accepted and dropped
 
@@ -972,7 +973,9 @@ class StreamingWriter:
         return FsError("", self._failure_errno())
 
     def _failure_errno(self) -> int:
-        return self.error.errno if self.error.errno in (errno.EFBIG, errno.ENOSPC) else errno.EIO
+        # a refused write (AccessDenied: the policy changed since the mount's check) is EACCES
+        return self.error.errno if self.error.errno in (errno.EFBIG, errno.ENOSPC,
+                                                        errno.EACCES) else errno.EIO
 
     def _check_failed(self) -> None:
         if self.error is not None:
