@@ -13,13 +13,19 @@ the fix writing peaked at idle + 116 MiB.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import struct
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import trio
 from conftest import peak_rss, run_with_timeout
+
+from s3fs_stream.part_buffer import Part
+from s3fs_stream.upload_pool import UploadPool
 
 MiB = 1024 * 1024
 BUDGET = 32 * MiB
@@ -96,3 +102,36 @@ def test_4_writers_then_4_readers_of_256mib_at_32m(seaweed, mount_factory):
         assert size == SIZE, f"f{k}: read {size} bytes"
         assert digest == expected[k], f"f{k}: content differs"
     within_bound(reader, idle, "reading")
+
+
+def test_payload_of_a_part_with_leftovers_is_its_buffer_cut_not_a_copy():
+    """A file's last part in a full-size (recycled) buffer: the upload sends the buffer
+    itself, cut to the data, not an 8 MiB copy beside the budget."""
+    part = Part(2, 8 * MiB, buf=bytearray(8 * MiB), reserved=8 * MiB)
+    part.put(0, memoryview(b"x" * (3 * MiB)))
+    body = part.payload()
+    assert body is part.buf and len(body) == 3 * MiB
+    part.put(3 * MiB, memoryview(b"y"))  # still writable: a growing buffer now
+    assert part.length == len(part.buf) == 3 * MiB + 1
+
+
+async def test_an_idle_upload_worker_keeps_no_finished_job():
+    """The job's closure holds the part's bytes, which the budget has already given to the
+    next part: a worker waiting for its next job must not keep it alive."""
+    class Body(bytearray):  # bytearrays take no weak references; a subclass does
+        pass
+
+    async with trio.open_nursery() as nursery:
+        pool = UploadPool(nursery, 2)
+        body = Body(MiB)
+        alive = weakref.ref(body)
+
+        async def job(data=body) -> None:
+            await trio.sleep(0)
+
+        await pool.submit(job)
+        del job, body
+        await trio.sleep(0.1)
+        gc.collect()
+        assert alive() is None, "an idle upload worker still holds its last job's bytes"
+        await pool.close()
