@@ -6,9 +6,10 @@ FIXED is that overhead, the bound on request buffers (mount.py): pyfuse3 runs at
 MAX_TASKS = 16 requests at once, each task keeping libfuse's receive buffer (1 MiB + 4 KiB,
 resident once a 1 MiB WRITE filled it) and each request in progress holding at most one more
 MiB (pyfuse3's copy of a WRITE's data, or a READ's reply): 16 x 2 MiB. Part buffers,
-read-ahead and their upload bodies are all inside the budget. Measured: writing peaks at
-idle + 52 MiB, reading at idle + 51 MiB (the budget, 4 WRITEs in flight, heap slack); before
-the fix writing peaked at idle + 116 MiB.
+read-ahead, demand reads (while the budget has room) and upload bodies are all inside the
+budget. Measured: writing peaks at idle + 52 to 57 MiB, reading at idle + 34 to 37 MiB (the
+budget, requests in flight, heap slack); before the fix writing peaked at idle + 116 MiB and
+reading at up to idle + 66 MiB.
 """
 
 from __future__ import annotations
