@@ -122,13 +122,19 @@ def limit_malloc_caching() -> None:
 
 KERNEL_READ_AHEAD_KB = 1024
 KERNEL_DIRTY_MAX = 16 * 1024 * 1024
-# Requests handled at once. A WRITE waiting for memory holds one of them (and, with the
-# writeback cache, one of the kernel's background slots), so both are raised well above
-# what a few dozen files written at once park, leaving room for lookups and reads.
-MAX_TASKS = 48
+# Requests handled at once. Each task keeps libfuse's receive buffer (1 MiB + 4 KiB, resident
+# once a 1 MiB WRITE filled it) and a WRITE in progress holds a second copy of its data
+# (pyfuse3's bytes), so requests cost at most MAX_TASKS x 2 MiB beside the budget
+# (docs/internals.md "Memory outside the budget"). A WRITE waiting for memory holds a task;
+# with the writeback cache at most MAX_BACKGROUND of them are in flight, leaving the rest for
+# lookups, reads and closes.
+MAX_TASKS = 16
 DRAIN_PAUSE = 0.5  # after a signal, unmount once no request came for this long ...
 DRAIN_LIMIT = 10.0  # ... or after this long (files still written to are left for recover)
-MAX_BACKGROUND = 32
+# The kernel's writeback WRITEs (and read-ahead READs) in flight at once (FUSE's default is
+# 12): each holds up to 2 MiB of this daemon's memory outside the budget while it waits, and
+# more in flight made no write faster (one stream: 4 as fast as 32, 16 MiB less RSS).
+MAX_BACKGROUND = 4
 
 
 async def tune_kernel(operations: FuseOperations, mountpoint: str,
@@ -173,7 +179,7 @@ def tune_kernel_bdi(mountpoint: str) -> None:
     _set_bdi(device, "read_ahead_kb", lambda _: KERNEL_READ_AHEAD_KB)
     # only ever lowered: a small machine's default may be lower still (Linux 6.2+)
     _set_bdi(device, "max_bytes", lambda default: min(KERNEL_DIRTY_MAX, default))
-    _raise_max_background(device)
+    _set_max_background(device)
 
 
 def _unescape(field: str) -> str:
@@ -181,10 +187,11 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _raise_max_background(device: str) -> None:
-    """FUSE lets the kernel keep 12 background requests (writeback WRITEs) in flight; raise
-    it so that files whose writes wait for memory do not hold back everyone else's. The
-    fusectl file system is mounted when it is not (root only; otherwise the default stays)."""
+def _set_max_background(device: str) -> None:
+    """FUSE lets the kernel keep 12 background requests (writeback WRITEs, read-ahead READs)
+    in flight; lower it to MAX_BACKGROUND, each one parked in this daemon costing up to 2 MiB
+    outside the budget. The fusectl file system is mounted when it is not (root only;
+    otherwise the default stays)."""
     connections = "/sys/fs/fuse/connections"
     minor = device.split(":")[1]
     if not os.path.isdir(f"{connections}/{minor}"):

@@ -95,10 +95,15 @@ class Part:
         return memoryview(self.buf)[start - self.mem_start:end - self.mem_start]
 
     def payload(self) -> bytes | bytearray:
-        """What an upload sends: the buffer itself when it is all data (nothing changes it
-        while the upload runs), else a copy of the data (botocore takes bytes or bytearrays,
-        not views)."""
-        assert self.whole
-        if self.length == len(self.buf):
-            return self.buf
-        return bytes(memoryview(self.buf)[:self.length])
+        """What an upload or spill sends: the buffer itself (nothing changes it while the
+        upload runs; botocore takes bytes or bytearrays, not views). A full-size buffer
+        with leftovers past the data is cut to the data first, in place (the allocator
+        returns the tail without copying), instead of a copy beside it that the budget
+        would not count; it is then a growing buffer, released but not recycled."""
+        held = self.length - self.mem_start
+        if held < len(self.buf):
+            try:
+                del self.buf[held:]
+            except BufferError:  # a view of it is still alive somewhere: copy after all
+                return bytes(memoryview(self.buf)[:held])
+        return self.buf

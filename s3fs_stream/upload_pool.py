@@ -40,3 +40,6 @@ class UploadPool:
                     await job()
                 except Exception:  # a job must record its own failure; this is a bug
                     log.exception("upload job failed unexpectedly")
+                # let go of it now, not when the next job comes: its closure holds the
+                # part's bytes, which the budget has already given to someone else
+                del job

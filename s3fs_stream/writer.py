@@ -650,6 +650,7 @@ class StreamingWriter:
         session = self._session
         version = part.version
         part.idle = trio.Event()  # busy: nobody changes, spills or frees the buffer
+        assert part.whole
         data = part.payload()
 
         async def job() -> None:
@@ -785,6 +786,7 @@ class StreamingWriter:
         if self.size == 0:
             return await self._store.put(self.key, b"", options)
         part = await self._hold(1, 0)
+        assert part.whole
         part.idle = trio.Event()
         try:
             return await self._store.put(self.key, part.payload(), options)
@@ -912,8 +914,7 @@ class StreamingWriter:
         """Move a part's held bytes to a temporary object and free its buffer."""
         part.idle = trio.Event()
         try:
-            data = part.buf if len(part.buf) == part.in_memory else \
-                bytes(part.view(part.mem_start, part.length))
+            data = part.payload()
             segment = await self._spill.put(data, part.mem_start)
         except FsError as exc:  # the spill area logs refusals (at most one line a minute)
             log.debug("%s: could not spill %d bytes: %s", self.name, part.in_memory, exc)
