@@ -122,6 +122,9 @@ class StreamingWriter:
         self.error: FsError | None = None
         self._session: UploadSession | None = None
         self._parts: dict[int, Part] = {}
+        # parts wholly inside a gap a grow left (truncate, a write past the end): all zeros,
+        # no buffer; completion copies them from a zero object (`_copy_zeros`)
+        self._zeros: set[int] = set()
         self._dead_segments: list[Segment] = []  # spills of parts freed once failed
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
@@ -134,6 +137,7 @@ class StreamingWriter:
         self.parts_uploaded = 0  # UploadParts that succeeded
         self.bytes_uploaded = 0  # ... and their bytes
         self.parts_in_flight = 0  # UploadParts handed to the pool, not yet done
+        self.parts_copied = 0  # UploadPartCopies that succeeded (from the base or zeros)
         self.completing = False  # a completion (flush, release, rename) is in progress
         # times this writer wrote the object at its key (a completion, an attribute rewrite):
         # an unlink or a rename over the file compares it across its own request
@@ -166,6 +170,7 @@ class StreamingWriter:
                 await self._reset()
             elif size < self.size:
                 await self._shrink(size)
+            self._zeros = {n for n in self._zeros if self._schedule.start(n) < self.size}
 
     async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
         """Bytes of the file as written so far.
@@ -369,7 +374,28 @@ class StreamingWriter:
                           "larger files", errno.EFBIG) from None
 
     async def _fill_zeros(self, target: int) -> None:
-        """A write past the end fills the gap with zeros, as a local file would."""
+        """Grow to `target` with zeros, as a local file would, moving no zeros through the
+        daemon: the part holding the old end is zero-filled in memory, the parts wholly
+        inside the gap join `_zeros` (no buffer, copied server-side at completion), the part
+        holding the new end holds its zeros. At most two parts of zeros pass through memory
+        however large the gap (`truncate -s 50G` returns at once)."""
+        number, within = self._locate(self.size)
+        if within:
+            await self._zero_to(min(target, self._schedule.start(number)
+                                    + self._schedule.size(number)))
+            number += 1
+        # across the awaits above: the size moved only forward, to the end of `number - 1`
+        while self.size < target:
+            end = self._schedule.start(number) + self._schedule.size(number)
+            if end > target:
+                break
+            self._zeros.add(number)
+            self.size = end
+            number += 1
+        await self._zero_to(target)
+
+    async def _zero_to(self, target: int) -> None:
+        """Zeros in memory from the end to `target` (within one part)."""
         while self.size < target:
             take = min(target - self.size, len(ZERO_CHUNK))
             await self._write_at(self.size, memoryview(ZERO_CHUNK)[:take])
@@ -462,6 +488,7 @@ class StreamingWriter:
             self._session = None
         self.base = None
         self.size = 0
+        self._zeros.clear()
         await self._spill.delete(segments)
 
     # -- where part bytes are --------------------------------------------------------------
@@ -488,6 +515,8 @@ class StreamingWriter:
             start = self._schedule.start(number)
             if start >= self.size:
                 self._parts[number] = Part(number, self._schedule.size(number))
+            elif number in self._zeros:
+                await self._load_zeros(number)
             elif (self._session is not None and self._session.has(number)
                   and number not in self._session.copied):
                 await self._rebase("changing bytes already uploaded")
@@ -518,6 +547,8 @@ class StreamingWriter:
                           for segment in list(part.segments)
                           if segment.start < split and segment.end > start]
                 return b"".join([*pieces, held])
+            if number in self._zeros:
+                return bytes(end - start)  # a gap of a grow: no request
             if self._session is None or not self._session.has(number) or \
                     number in self._session.copied:
                 break
@@ -538,6 +569,18 @@ class StreamingWriter:
             # a read of an object changed by another client: ESTALE, as for any reader
             raise FsError(f"{self.name}: the object was replaced by another client while "
                           "open here", errno.ESTALE) from None
+
+    async def _load_zeros(self, number: int) -> None:
+        """A part of a zero gap about to change: a buffer of its zeros, as `_load` would."""
+        length = self._schedule.size(number)  # gap parts are whole parts
+        if self._credit < length:
+            await self._reserve(length - self._credit)
+        # across the wait: `_zeros` and the size change only under our lock; the reclaimer
+        # touches parts in `_parts` alone
+        self._zeros.discard(number)
+        self._parts[number] = Part(number, length, bytearray(length), reserved=length,
+                                   length=length)
+        self._credit -= length
 
     async def _load(self, number: int) -> None:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
@@ -667,6 +710,33 @@ class StreamingWriter:
             except FsError as exc:
                 if not session.closed:
                     self._fail(exc)
+            else:
+                self.parts_copied += 1
+
+    async def _copy_zeros(self, number: int, limiter: trio.CapacityLimiter) -> None:
+        """Put part `number`, all zeros (`_zeros`), into the session server-side: a copy of
+        the mount's zero object of the part's size (created the first time it is needed)."""
+        session = self._session
+        size = self._schedule.size(number)
+        async with limiter:
+            try:
+                key, etag = await self._spill.zeros.source(size)
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(FsError(f"{self.name}: could not create {self._spill.zeros.root}"
+                                       f"{size}, the zeros of its sparse parts ({exc}); allow "
+                                       "PutObject and GetObject there"))
+                return
+            try:
+                await session.copy(number, key, 0, size, etag)
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(exc)
+                return
+            if not session.closed:
+                session.copied.discard(number)  # not readable from the base
+                session.zeros.add(number)
+                self.parts_copied += 1
 
     def _unpin(self, part: Part) -> None:
         part.pins -= 1
@@ -724,6 +794,9 @@ class StreamingWriter:
                                 await self._start_upload(part)
                         finally:
                             self._unpin(part)
+                    elif number in self._zeros:
+                        if number not in session.zeros:
+                            copies.start_soon(self._copy_zeros, number, limiter)
                     elif not session.has(number):
                         if self.base is None or self._schedule.start(number) >= self.base.size:
                             raise FsError(f"{self.name}: part {number} is neither held nor "
