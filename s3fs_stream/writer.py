@@ -125,6 +125,7 @@ class StreamingWriter:
         # parts wholly inside a gap a grow left (truncate, a write past the end): all zeros,
         # no buffer; completion copies them from a zero object (`_copy_zeros`)
         self._zeros: set[int] = set()
+        self._copies: trio.CancelScope | None = None  # a completion's copies (see `stop`)
         self._dead_segments: list[Segment] = []  # spills of parts freed once failed
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         self._meta_dirty = False  # chmod/chown/utimes after completion, not yet in S3
@@ -319,6 +320,14 @@ class StreamingWriter:
                 await self._spill.delete(segments)
             finally:
                 self._budget.unregister(self)
+
+    def stop(self) -> None:
+        """The mount is stopping (a signal, once requests had their time): server-side copies
+        of a completion in progress (a sparse file's zero parts, a large base) end now and the
+        file fails, its upload left for `s3stream recover`. No lock: it must not wait for the
+        request it stops."""
+        if self._copies is not None:
+            self._copies.cancel()
 
     @property
     def meta_dirty(self) -> bool:
@@ -784,6 +793,23 @@ class StreamingWriter:
         await self._ensure_session()
         session = self._session
         limiter = trio.CapacityLimiter(COPY_CONCURRENCY)
+        self._copies = stoppable = trio.CancelScope()
+        try:
+            with stoppable:
+                await self._put_all(last, session, limiter)
+        finally:
+            self._copies = None
+        if stoppable.cancelled_caught:
+            raise self._fail(FsError(f"{self.name}: the mount is stopping: its completion "
+                                     "was interrupted", errno.EIO))
+        for part in list(self._parts.values()):
+            await part.idle.wait()
+        self._check_failed()
+        self._unsynced_since = None
+
+    async def _put_all(self, last: int, session: UploadSession,
+                       limiter: trio.CapacityLimiter) -> None:
+        """`_materialize`'s loop: uploads handed to the pool, copies run here."""
         try:
             async with trio.open_nursery() as copies:
                 for number in range(1, last + 1):
@@ -804,10 +830,6 @@ class StreamingWriter:
                         copies.start_soon(self._copy_from_base, number, last, limiter)
         except* FsError as group:  # raised in the nursery's body too: not as a group
             raise first_error(group) from None
-        for part in list(self._parts.values()):
-            await part.idle.wait()
-        self._check_failed()
-        self._unsynced_since = None
 
     async def _complete_upload(self) -> str:
         await self._materialize()

@@ -561,3 +561,33 @@ async def test_a_write_far_past_the_end_and_changes_inside_the_gap(env):
     assert len(data) == 120 * MiB + 1 and data[-1:] == b"x"
     assert data[:5] == b"start" and data[60 * MiB + 3:60 * MiB + 9] == b"middle"
     assert data[100 * MiB:120 * MiB].count(0) == 20 * MiB
+
+
+async def test_stop_ends_a_long_completion_and_leaves_the_upload(env):
+    """The mount stopping (SIGTERM) during the completion of a large sparse file: its copies
+    end at once, the file fails (EIO) and its upload stays for `s3stream recover`."""
+    writer = env.make()
+    await writer.write(0, b"x")
+    await writer.truncate(400 * MiB)
+    env.store.delay = 0.2  # 80 copies, 16 at a time: a second at least
+    outcome = []
+
+    async def flush():
+        try:
+            await writer.flush()
+        except FsError as exc:
+            outcome.append(exc.errno)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        await trio.sleep(0.5)
+        assert writer.completing
+        with trio.fail_after(1):
+            writer.stop()
+            while not outcome:
+                await trio.sleep(0.01)
+    assert outcome == [errno.EIO]
+    assert writer.state is State.FAILED
+    assert env.store.uploads and "f" not in env.store.objects
+    env.store.delay = 0
+    await writer.release()
