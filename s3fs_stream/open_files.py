@@ -364,10 +364,14 @@ class OpenFiles:
             for _, writer in self.writers():
                 await writer.sync_if_older(seconds)
 
+    def releasing(self) -> list[StreamingWriter]:
+        """Writers completing at their last close (no longer in `writers`)."""
+        return list(self._releasing)
+
     def stop_completions(self) -> None:
         """A signal, and the requests in progress had their time: completions still copying
         parts server-side stop (`StreamingWriter.stop`), their uploads left for recovery."""
-        for writer in [writer for _, writer in self.writers()] + list(self._releasing):
+        for writer in [writer for _, writer in self.writers()] + self.releasing():
             writer.stop()
 
     async def shutdown(self, seconds: float = 120.0) -> list[str]:
