@@ -210,6 +210,12 @@ def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
         **requests}
 
 
+def _copied(entry: dict) -> str:
+    """Parts copied server-side (a base, a sparse file's zeros), when there are any."""
+    copied = entry.get("parts_copied", 0)
+    return f"{copied} copied server-side, " if copied else ""
+
+
 def _state(writer) -> str:
     state = writer.state.value
     if state == "failed":
@@ -322,8 +328,8 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
             f"  {entry['name']}  {entry['state']}  "
             f"{_bar(entry['bytes_uploaded'], entry['bytes_written'])} "
             f"{_size(entry['bytes_written'])} written, {entry['parts_uploaded']} parts "
-            f"uploaded, {entry['parts_in_flight']} in flight, "
-            f"{entry.get('parts_copied', 0)} copied server-side, {_size(rate)}/s, "
+            f"uploaded, {entry['parts_in_flight']} in flight, {_copied(entry)}"
+            f"{_size(rate)}/s, "
             f"{entry['retries']} retries")
     requests = ", ".join(f"{k} {v}" for k, v in sorted(document["requests"].items()))
     lines.append(f"requests: {requests or 'none'}; retries {document['retries']}")
