@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
 import pytest
-from conftest import VENV_BIN, MiB, bucket_with, budget_of, peak_rss
+from conftest import VENV_BIN, MiB, bucket_with, budget_of, peak_rss, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -83,3 +84,37 @@ def test_reading_the_gap_while_open(seaweed, mount_factory):
     finally:
         os.close(fd)
     assert m.head("f")["ContentLength"] == 2 * GiB
+
+
+@pytest.mark.expect_log_errors("the mount is stopping")
+def test_sigterm_during_a_long_completion_stops_it(seaweed, mount_factory):
+    """`truncate -s 16G`: its close copies 16 GiB server-side (SeaweedFS takes minutes).
+    `s3stream status` counts the copies meanwhile; SIGTERM stops them once the requests in
+    progress had their 10 s, and the upload is left for `s3stream recover`."""
+    bucket = bucket_with(seaweed, {"big": b"head"})
+    m = mount_factory(seaweed, bucket=bucket)
+    grow = subprocess.Popen(["truncate", "-s", "16G", m.path / "big"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def copied() -> int:
+            result = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path),
+                                     "--json"], capture_output=True, text=True, timeout=30)
+            files = json.loads(result.stdout)[0]["files"] if result.returncode == 0 else []
+            return sum(entry.get("parts_copied", 0) for entry in files)
+
+        assert wait_until(lambda: copied() > 0, 60), "no copy progress in status"
+        assert grow.poll() is None
+        start = time.monotonic()
+        m.process.send_signal(signal.SIGTERM)
+        code = m.process.wait(60)
+        assert time.monotonic() - start < 30
+        m.expected_exit = code
+        assert code in (0, 3)
+        assert grow.wait(30) != 0  # its close failed
+    finally:
+        if grow.poll() is None:
+            grow.kill()
+            grow.wait()
+    assert [u["Key"] for u in m.uploads()] == ["big"]
+    assert m.get("big") == b"head"
+    assert "the mount is stopping" in m.log()
