@@ -324,6 +324,9 @@ async def _terminate_on_signals(operations: FuseOperations) -> None:
                 nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
                 await operations.quiet(DRAIN_PAUSE, DRAIN_LIMIT)
                 nursery.cancel_scope.cancel()
+            # a close still completing a large sparse file (or copying a large base) would
+            # keep pyfuse3.main (it waits for its handlers) and so the unmount waiting
+            operations.fs.files.stop_completions()
             pyfuse3.terminate()
             return
 

@@ -79,6 +79,7 @@ class OpenFiles:
         self._fh_numbers = itertools.count(1)
         self._writers: dict[int, StreamingWriter] = {}
         self._closing: dict[int, trio.Event] = {}  # inode -> set when its last release ends
+        self._releasing: set[StreamingWriter] = set()  # writers completing at their release
         # inode -> the key its object was set aside to when it was removed while open for
         # reading (`Namespace.unlink`): deleted at its readers' last close
         self._aside: dict[int, str] = {}
@@ -336,6 +337,7 @@ class OpenFiles:
         if self._writers.get(node.inode) is writer:
             del self._writers[node.inode]
         done = self._closing[node.inode] = trio.Event()
+        self._releasing.add(writer)
         try:
             if writer.state in (State.WRITING, State.COMPLETE):
                 try:  # writes or attributes that came after the last flush
@@ -345,6 +347,7 @@ class OpenFiles:
                         log.error("%s: completing at release failed: %s", writer.name,
                                   exc.message or os.strerror(exc.errno))
         finally:
+            self._releasing.discard(writer)
             try:
                 await writer.release()
             finally:
@@ -360,6 +363,16 @@ class OpenFiles:
             await trio.sleep(max(0.2, min(seconds / 4, 5.0)))
             for _, writer in self.writers():
                 await writer.sync_if_older(seconds)
+
+    def releasing(self) -> list[StreamingWriter]:
+        """Writers completing at their last close (no longer in `writers`)."""
+        return list(self._releasing)
+
+    def stop_completions(self) -> None:
+        """A signal, and the requests in progress had their time: completions still copying
+        parts server-side stop (`StreamingWriter.stop`), their uploads left for recovery."""
+        for writer in [writer for _, writer in self.writers()] + self.releasing():
+            writer.stop()
 
     async def shutdown(self, seconds: float = 120.0) -> list[str]:
         """Unmounting: files still open have everything they wrote uploaded and are left as

@@ -39,6 +39,7 @@ import trio
 from .errors import FsError
 from .object_store import ObjectStore, PutOptions, read_into
 from .part_buffer import Segment
+from .zero_objects import ZeroObjects
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class SpillArea:
         self._store = store
         self.root = f"{prefix}{RESERVED_NAME}/spill/"
         self.unlinked_root = f"{prefix}{RESERVED_NAME}/unlinked/"
+        self.zeros = ZeroObjects(store, f"{prefix}{RESERVED_NAME}/zeros/")
         self.mount_id = f"{uuid.uuid4().hex[:12]}-{os.getpid()}"
         self._prefix = f"{self.root}{self.mount_id}/"
         self._numbers = itertools.count(1)

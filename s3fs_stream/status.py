@@ -188,13 +188,15 @@ def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
     """The document `s3stream status` shows: open writers, memory and requests."""
     now = time.time_ns()
     entries = []
-    for _, writer in files.writers():
+    # a file closed while its completion runs (copying a sparse file's zeros) is shown too
+    for writer in [writer for _, writer in files.writers()] + files.releasing():
         seconds = max((now - writer.started_ns) / 1e9, 1e-3)
         retries = stats.retries_by_key.get(writer.key, 0) if stats is not None else 0
         entries.append({
             "name": writer.name, "state": _state(writer), "size": writer.size,
             "bytes_written": writer.bytes_written, "bytes_uploaded": writer.bytes_uploaded,
             "parts_uploaded": writer.parts_uploaded, "parts_in_flight": writer.parts_in_flight,
+            "parts_copied": writer.parts_copied,
             "bytes_per_s": round(writer.bytes_written / seconds), "retries": retries,
             "memory": writer.holds, "seconds_open": round(seconds, 1)})
     requests = stats.snapshot() if stats is not None else \
@@ -206,6 +208,12 @@ def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
                    "spills": budget.spills},
         "uploads_in_flight": sum(entry["parts_in_flight"] for entry in entries),
         **requests}
+
+
+def _copied(entry: dict) -> str:
+    """Parts copied server-side (a base, a sparse file's zeros), when there are any."""
+    copied = entry.get("parts_copied", 0)
+    return f"{copied} copied server-side, " if copied else ""
 
 
 def _state(writer) -> str:
@@ -320,7 +328,8 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
             f"  {entry['name']}  {entry['state']}  "
             f"{_bar(entry['bytes_uploaded'], entry['bytes_written'])} "
             f"{_size(entry['bytes_written'])} written, {entry['parts_uploaded']} parts "
-            f"uploaded, {entry['parts_in_flight']} in flight, {_size(rate)}/s, "
+            f"uploaded, {entry['parts_in_flight']} in flight, {_copied(entry)}"
+            f"{_size(rate)}/s, "
             f"{entry['retries']} retries")
     requests = ", ".join(f"{k} {v}" for k, v in sorted(document["requests"].items()))
     lines.append(f"requests: {requests or 'none'}; retries {document['retries']}")

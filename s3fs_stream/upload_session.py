@@ -27,6 +27,7 @@ class UploadSession:
         self.options = options  # the metadata the upload was created with
         self.parts: dict[int, UploadedPart] = {}
         self.copied: set[int] = set()
+        self.zeros: set[int] = set()  # parts copied from a zero object (the writer's gaps)
         self.closed = False  # completed or aborted: late results are not recorded
 
     @classmethod
@@ -38,6 +39,7 @@ class UploadSession:
         if not self.closed:
             self.parts[number] = result
             self.copied.discard(number)
+            self.zeros.discard(number)
         return result
 
     async def copy(self, number: int, source_key: str, start: int, end: int,
@@ -47,6 +49,7 @@ class UploadSession:
         if not self.closed:
             self.parts[number] = result
             self.copied.add(number)
+            self.zeros.discard(number)
 
     def has(self, number: int) -> bool:
         return number in self.parts

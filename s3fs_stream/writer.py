@@ -125,6 +125,10 @@ class StreamingWriter:
         self.error: FsError | None = None
         self._session: UploadSession | None = None
         self._parts: dict[int, Part] = {}
+        # parts wholly inside a gap a grow left (truncate, a write past the end): all zeros,
+        # no buffer; completion copies them from a zero object (`_copy_zeros`)
+        self._zeros: set[int] = set()
+        self._copies: trio.CancelScope | None = None  # a completion's copies (see `stop`)
         self._dead_segments: list[Segment] = []  # spills of parts freed once failed
         self._credit = 0  # budget reserved by the request in progress, not yet in a part
         # a full part being changed again (an in-place rewrite): uploaded once the writes
@@ -140,6 +144,7 @@ class StreamingWriter:
         self.parts_uploaded = 0  # UploadParts that succeeded
         self.bytes_uploaded = 0  # ... and their bytes
         self.parts_in_flight = 0  # UploadParts handed to the pool, not yet done
+        self.parts_copied = 0  # UploadPartCopies that succeeded (from the base or zeros)
         self.completing = False  # a completion (flush, release, rename) is in progress
         # times this writer wrote the object at its key (a completion, an attribute rewrite):
         # an unlink or a rename over the file compares it across its own request
@@ -172,6 +177,7 @@ class StreamingWriter:
                 await self._reset()
             elif size < self.size:
                 await self._shrink(size)
+            self._zeros = {n for n in self._zeros if self._schedule.start(n) < self.size}
 
     async def read_held(self, offset: int, length: int, for_writing: bool = False) -> bytes:
         """Bytes of the file as written so far.
@@ -321,6 +327,14 @@ class StreamingWriter:
             finally:
                 self._budget.unregister(self)
 
+    def stop(self) -> None:
+        """The mount is stopping (a signal, once requests had their time): server-side copies
+        of a completion in progress (a sparse file's zero parts, a large base) end now and the
+        file fails, its upload left for `s3stream recover`. No lock: it must not wait for the
+        request it stops."""
+        if self._copies is not None:
+            self._copies.cancel()
+
     @property
     def meta_dirty(self) -> bool:
         """Attributes changed after the object was complete (touch, chmod through a handle)."""
@@ -375,7 +389,28 @@ class StreamingWriter:
                           "larger files", errno.EFBIG) from None
 
     async def _fill_zeros(self, target: int) -> None:
-        """A write past the end fills the gap with zeros, as a local file would."""
+        """Grow to `target` with zeros, as a local file would, moving no zeros through the
+        daemon: the part holding the old end is zero-filled in memory, the parts wholly
+        inside the gap join `_zeros` (no buffer, copied server-side at completion), the part
+        holding the new end holds its zeros. At most two parts of zeros pass through memory
+        however large the gap (`truncate -s 50G` returns at once)."""
+        number, within = self._locate(self.size)
+        if within:
+            await self._zero_to(min(target, self._schedule.start(number)
+                                    + self._schedule.size(number)))
+            number += 1
+        # across the awaits above: the size moved only forward, to the end of `number - 1`
+        while self.size < target:
+            end = self._schedule.start(number) + self._schedule.size(number)
+            if end > target:
+                break
+            self._zeros.add(number)
+            self.size = end
+            number += 1
+        await self._zero_to(target)
+
+    async def _zero_to(self, target: int) -> None:
+        """Zeros in memory from the end to `target` (within one part)."""
         while self.size < target:
             take = min(target - self.size, len(ZERO_CHUNK))
             await self._write_at(self.size, memoryview(ZERO_CHUNK)[:take])
@@ -488,6 +523,7 @@ class StreamingWriter:
             self._session = None
         self.base = None
         self.size = 0
+        self._zeros.clear()
         await self._spill.delete(segments)
 
     # -- where part bytes are --------------------------------------------------------------
@@ -514,6 +550,8 @@ class StreamingWriter:
             start = self._schedule.start(number)
             if start >= self.size:
                 self._parts[number] = Part(number, self._schedule.size(number))
+            elif number in self._zeros:
+                await self._load_zeros(number)
             elif (self._session is not None and self._session.has(number)
                   and number not in self._session.copied):
                 await self._rebase("changing bytes already uploaded")
@@ -544,6 +582,8 @@ class StreamingWriter:
                           for segment in list(part.segments)
                           if segment.start < split and segment.end > start]
                 return b"".join([*pieces, held])
+            if number in self._zeros:
+                return bytes(end - start)  # a gap of a grow: no request
             if self._session is None or not self._session.has(number) or \
                     number in self._session.copied:
                 break
@@ -564,6 +604,18 @@ class StreamingWriter:
             # a read of an object changed by another client: ESTALE, as for any reader
             raise FsError(f"{self.name}: the object was replaced by another client while "
                           "open here", errno.ESTALE) from None
+
+    async def _load_zeros(self, number: int) -> None:
+        """A part of a zero gap about to change: a buffer of its zeros, as `_load` would."""
+        length = self._schedule.size(number)  # gap parts are whole parts
+        if self._credit < length:
+            await self._reserve(length - self._credit)
+        # across the wait: `_zeros` and the size change only under our lock; the reclaimer
+        # touches parts in `_parts` alone
+        self._zeros.discard(number)
+        self._parts[number] = Part(number, length, bytearray(length), reserved=length,
+                                   length=length)
+        self._credit -= length
 
     async def _load(self, number: int) -> None:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
@@ -694,6 +746,33 @@ class StreamingWriter:
             except FsError as exc:
                 if not session.closed:
                     self._fail(exc)
+            else:
+                self.parts_copied += 1
+
+    async def _copy_zeros(self, number: int, limiter: trio.CapacityLimiter) -> None:
+        """Put part `number`, all zeros (`_zeros`), into the session server-side: a copy of
+        the mount's zero object of the part's size (created the first time it is needed)."""
+        session = self._session
+        size = self._schedule.size(number)
+        async with limiter:
+            try:
+                key, etag = await self._spill.zeros.source(size)
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(FsError(f"{self.name}: could not create {self._spill.zeros.root}"
+                                       f"{size}, the zeros of its sparse parts ({exc}); allow "
+                                       "PutObject and GetObject there"))
+                return
+            try:
+                await session.copy(number, key, 0, size, etag)
+            except FsError as exc:
+                if not session.closed:
+                    self._fail(exc)
+                return
+            if not session.closed:
+                session.copied.discard(number)  # not readable from the base
+                session.zeros.add(number)
+                self.parts_copied += 1
 
     def _unpin(self, part: Part) -> None:
         part.pins -= 1
@@ -741,6 +820,23 @@ class StreamingWriter:
         await self._ensure_session()
         session = self._session
         limiter = trio.CapacityLimiter(COPY_CONCURRENCY)
+        self._copies = stoppable = trio.CancelScope()
+        try:
+            with stoppable:
+                await self._put_all(last, session, limiter)
+        finally:
+            self._copies = None
+        if stoppable.cancelled_caught:
+            raise self._fail(FsError(f"{self.name}: the mount is stopping: its completion "
+                                     "was interrupted", errno.EIO))
+        for part in list(self._parts.values()):
+            await part.idle.wait()
+        self._check_failed()
+        self._unsynced_since = None
+
+    async def _put_all(self, last: int, session: UploadSession,
+                       limiter: trio.CapacityLimiter) -> None:
+        """`_materialize`'s loop: uploads handed to the pool, copies run here."""
         try:
             async with trio.open_nursery() as copies:
                 for number in range(1, last + 1):
@@ -751,6 +847,9 @@ class StreamingWriter:
                                 await self._start_upload(part)
                         finally:
                             self._unpin(part)
+                    elif number in self._zeros:
+                        if number not in session.zeros:
+                            copies.start_soon(self._copy_zeros, number, limiter)
                     elif not session.has(number):
                         if self.base is None or self._schedule.start(number) >= self.base.size:
                             raise FsError(f"{self.name}: part {number} is neither held nor "
@@ -758,10 +857,6 @@ class StreamingWriter:
                         copies.start_soon(self._copy_from_base, number, last, limiter)
         except* FsError as group:  # raised in the nursery's body too: not as a group
             raise first_error(group) from None
-        for part in list(self._parts.values()):
-            await part.idle.wait()
-        self._check_failed()
-        self._unsynced_since = None
 
     async def _complete_upload(self) -> str:
         await self._materialize()

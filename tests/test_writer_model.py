@@ -56,7 +56,7 @@ async def scenario(files: list[list], initial: bytes | None, limit: int = LIMIT)
                     files_nursery.start_soon(run_file, f"k{index}", ops, initial, store, pool,
                                              budget, spill)
         assert budget.used == 0, f"{budget.used} bytes of budget leaked"
-        assert not [k for k in store.objects if k.startswith(".s3stream/")], "spills left"
+        assert not [k for k in store.objects if k.startswith(".s3stream/spill/")], "spills left"
         assert not store.uploads, "an upload was left open"
         nursery.cancel_scope.cancel()
 

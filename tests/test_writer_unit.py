@@ -44,7 +44,7 @@ class Env:
         return [c for c in self.store.calls if c[0] == name]
 
     def spilled_left(self) -> list[str]:
-        return [k for k in self.store.objects if k.startswith(".s3stream/")]
+        return [k for k in self.store.objects if k.startswith(".s3stream/spill/")]
 
 
 @pytest.fixture
@@ -567,3 +567,93 @@ async def test_a_future_mtime_is_stored(env):
     writer.set_meta(changed_meta(writer.meta, SetAttr(mtime_ns=future), time.time_ns()))
     await close(writer)
     assert parse_mtime(env.store.objects["f"][1]["mtime"]) == future
+
+
+def uploaded_bytes(env) -> int:
+    return sum(c[3] for c in env.calls("upload_part")) + sum(
+        c[2] for c in env.calls("put") if not c[1].startswith(".s3stream/zeros/"))
+
+
+async def test_a_large_grow_moves_no_zeros(env):
+    """truncate -s 200M of a small file: the gap's whole parts are copied server-side from
+    the mount's zero objects; no zero byte of them passes through an upload, and reads of
+    the gap while open make no request."""
+    writer = env.make()
+    head = os.urandom(PART + 1000)
+    await write_all(writer, head)
+    size = 200 * MiB + 12345
+    with trio.fail_after(5):
+        await writer.truncate(size)
+    assert writer.size == size
+    assert writer.holds <= 2 * 10 * MiB  # the old end's part and the new end's, at most
+    await trio.sleep(0.01)  # the part uploads in flight
+    calls = len(env.store.calls)
+    assert await writer.read_held(100 * MiB, 4096) == bytes(4096)
+    assert len(env.store.calls) == calls  # zeros of the gap: no request (and no completion)
+    await close(writer)
+    data = env.data()
+    assert len(data) == size
+    assert data[:len(head)] == head
+    assert data[len(head):] == bytes(size - len(head))
+    # the first part, the old end's part, the new end's part: nothing of the gap
+    assert uploaded_bytes(env) <= len(head) + PART + 10 * MiB
+    assert env.calls("upload_part_copy")
+    assert [k for k in env.store.objects if k.startswith(".s3stream/zeros/")]
+    assert env.budget.used == 0
+
+
+async def test_a_write_far_past_the_end_and_changes_inside_the_gap(env):
+    writer = env.make()
+    await writer.write(0, b"start")
+    far = 150 * MiB + 7
+    await writer.write(far, b"end")
+    await writer.write(60 * MiB + 3, b"middle")  # into a part of the gap: held again
+    assert await writer.read_held(60 * MiB, 12) == bytes(3) + b"middle" + bytes(3)
+    await writer.flush()
+    data = env.data()
+    expected = bytearray(far + 3)
+    expected[0:5] = b"start"
+    expected[far:] = b"end"
+    expected[60 * MiB + 3:60 * MiB + 9] = b"middle"
+    assert data == bytes(expected)
+    assert uploaded_bytes(env) <= 3 * 10 * MiB + PART
+    # continue: shrink into the gap, grow again, fsync then close
+    await writer.truncate(100 * MiB + 5)
+    await writer.truncate(120 * MiB)
+    await writer.fsync()
+    await writer.write(120 * MiB, b"x")
+    await close(writer)
+    data = env.data()
+    assert len(data) == 120 * MiB + 1 and data[-1:] == b"x"
+    assert data[:5] == b"start" and data[60 * MiB + 3:60 * MiB + 9] == b"middle"
+    assert data[100 * MiB:120 * MiB].count(0) == 20 * MiB
+
+
+async def test_stop_ends_a_long_completion_and_leaves_the_upload(env):
+    """The mount stopping (SIGTERM) during the completion of a large sparse file: its copies
+    end at once, the file fails (EIO) and its upload stays for `s3stream recover`."""
+    writer = env.make()
+    await writer.write(0, b"x")
+    await writer.truncate(400 * MiB)
+    env.store.delay = 0.2  # 80 copies, 16 at a time: a second at least
+    outcome = []
+
+    async def flush():
+        try:
+            await writer.flush()
+        except FsError as exc:
+            outcome.append(exc.errno)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flush)
+        await trio.sleep(0.5)
+        assert writer.completing
+        with trio.fail_after(1):
+            writer.stop()
+            while not outcome:
+                await trio.sleep(0.01)
+    assert outcome == [errno.EIO]
+    assert writer.state is State.FAILED
+    assert env.store.uploads and "f" not in env.store.objects
+    env.store.delay = 0
+    await writer.release()
