@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import AccessDenied, FsError, PreconditionFailed, first_error
+from .errors import AccessDenied, FsError, NotFound, PreconditionFailed, first_error
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta, Kept, rewrite_options
 from .object_store import ObjectStore, PutOptions, read_into
@@ -939,6 +939,14 @@ class StreamingWriter:
             # onto the object this writer stored, never another client's replacement
             etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
                                           self.size, self.base.etag if self.base else None)
+        except (NotFound, PreconditionFailed):
+            # removed (an unlink racing this last close: it detaches the writer once its
+            # DELETE is done) or replaced by another client: the attributes belonged to an
+            # object that is no longer there, and nothing is left to store them on
+            log.info("%s: removed or replaced before its new attributes were stored",
+                     self.name)
+            self._meta_dirty = False
+            return
         except FsError as exc:  # S3's AccessDenied stays EACCES, anything else is EIO
             raise FsError(f"{self.name}: could not store new attributes: {exc}",
                           exc.errno if exc.errno == errno.EACCES else errno.EIO) from None

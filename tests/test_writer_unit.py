@@ -657,3 +657,18 @@ async def test_stop_ends_a_long_completion_and_leaves_the_upload(env):
     assert env.store.uploads and "f" not in env.store.objects
     env.store.delay = 0
     await writer.release()
+
+
+async def test_attributes_of_a_file_removed_meanwhile_are_dropped_quietly(env, caplog):
+    """`echo > f; rm f` racing: the last close stores a chmod made through the handle, but
+    the unlink's DELETE came first. Nothing is left to store the attributes on: no error
+    (the close must not fail, and no ERROR line for what the program asked)."""
+    writer = env.make()
+    await write_all(writer, b"small")
+    await writer.flush()
+    writer.set_meta(dataclasses.replace(writer.meta, mode=0o100600))
+    await env.store.delete("f")
+    await writer.flush()  # no exception
+    assert "f" not in env.store.objects
+    assert "could not store" not in caplog.text
+    await writer.release()
