@@ -16,16 +16,22 @@ import errno
 import functools
 import itertools
 import logging
-import math
 import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
 from .config import FsConfig
+from .deferred_meta import (
+    DeferredMeta,
+    apply_meta,
+    error_reason,
+    meta_of,
+    same_etag,
+    stored_options,
+)
 from .directory_listing import (
     KEY_MAX,
     DirectoryStream,
@@ -71,34 +77,6 @@ BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
 KNOWN_DIRS = 256
-# chmod/chown/utimes of a closed file this mount stored are stored at most this many
-# seconds later (unless a rename carries them first, an unlink makes them moot, or
-# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before
-# renaming it, and one CopyObject then does what three did. What a crash of the mount can lose.
-META_DELAY = 1.0
-META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
-META_RETRY_MAX = 300.0  # a refused deferred store is retried after 2, 4, 8 ... s, then this
-
-
-@dataclass
-class _PendingMeta:
-    """Attributes of a closed file applied to its node but not yet to its object."""
-
-    node: Node
-    meta: FileMeta  # what to store (the node shows it already)
-    etag: str  # the object they belong to: never stored onto another one
-    due: float  # trio time by which they are stored (the next retry after a failure)
-    failures: int = 0  # stores that failed (refused): kept, retried with backoff
-    logged: bool = False  # the ERROR line for its failure was written
-
-
-def _reason(exc: FsError) -> str:
-    return exc.message or os.strerror(exc.errno)
-
-
-def same_etag(a: str, b: str) -> bool:
-    """SeaweedFS answers CopyObject with the ETag unquoted, HEAD and listings quoted."""
-    return a.strip('"') == b.strip('"')
 
 
 class _DirHandle:
@@ -122,20 +100,14 @@ class Namespace:
         # ("entry", parent inode, name, old inode or 0) / ("inode", inode): tell the kernel
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
-        files.before_read = functools.partial(self.store_meta, report=False)
+        # chmod/chown/utimes of closed files not yet stored, and the per-inode metadata locks
+        self.deferred = DeferredMeta(store, self.key, config, table, files)
         self._dir_handles: dict[int, _DirHandle] = {}
         # whether the server keeps x-amz-meta-* on directory markers `dir/` (AWS, moto,
         # MinIO do; SeaweedFS drops them): None until a marker shows, else False once a
         # marker stored with them comes back without. While not True, a directory's
         # attributes are also kept in an object of the mount's own (`_attrs_key`)
         self._markers_keep_meta: bool | None = None
-        self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
-        # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
-        # mount-owned task stores them (`store_meta_forever`), else setattr stores at once
-        self._pending: dict[int, _PendingMeta] = {}
-        self._deferring = False
-        self._storing: set[int] = set()  # inodes whose deferred store has started
-        self._meta_wakeup = trio.Event()  # a change deferred, or a store done
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
         self._negative: dict[str, float] = {}  # path -> monotonic expiry
@@ -364,7 +336,7 @@ class Namespace:
         attributes changed here and are not stored yet keeps them while the object is still
         the one they belong to; another client's object replaces them."""
         node = self.table.by_path(path)
-        pending = self._pending.get(node.inode) if node is not None else None
+        pending = self.deferred.pending(node.inode) if node is not None else None
         if pending is not None and pending.node is node and same_etag(info.etag, pending.etag):
             node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
             return node
@@ -556,7 +528,7 @@ class Namespace:
         await self.files.wait_closed(inode)
         if change.size is not None:
             # a truncation continues the object as stored (or carries what S3 refused)
-            await self.store_meta(inode, report=False)
+            await self.deferred.store_meta(inode, report=False)
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
             if not node.has_metadata and not node.path.startswith("\0"):
@@ -581,21 +553,21 @@ class Namespace:
         if change.kernel_time_only(time.time_ns()):
             node.mtime_ns = change.mtime_ns  # in memory: not worth copying the object onto
             return node                      # itself (a rename would copy twice)
-        async with self._meta_lock(inode):
+        async with self.deferred.lock(inode):
             # across the lock's wait: the file may have been renamed, unlinked, replaced or
             # opened for writing, and its deferred attributes stored
-            if self._may_defer(node):
-                return self._defer_meta(node, change)
+            if self.deferred.may_defer(node):
+                return self.deferred.defer(node, change)
             # stored now, with whatever was deferred for this object: a refusal reaches the
             # program as its errno, the node keeps what it showed, and what was deferred
             # stays pending (shown, retried)
-            pending = self._pending.get(inode)
+            pending = self.deferred.pending(inode)
             if pending is not None and not same_etag(pending.etag, node.etag):
-                self._drop_pending(inode)  # for an object no longer there
+                self.deferred.drop(inode)  # for an object no longer there
                 pending = None
             await self._rewrite_meta(node, change, pending is not None)
             if pending is not None:
-                self._drop_pending(inode)  # stored with this change
+                self.deferred.drop(inode)  # stored with this change
             return node
 
     async def _rewrite_meta(self, node: Node, change: SetAttr, unstored: bool = False) -> Node:
@@ -604,282 +576,26 @@ class Namespace:
         kernel sends its own time updates while `chmod` or `touch` runs, and two overlapping
         rewrites would lose one change."""
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
-            self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
+            self._apply_meta(node, changed_meta(meta_of(node), change, time.time_ns()))
             return node
-        current = self._meta_of(node)
+        current = meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or unstored or not node.has_metadata:
             key = self.key(node.path)
             try:
-                node.etag = await self.store.copy(key, key, self._rewrite_options(node, meta),
-                                                  node.size)
+                options = stored_options(node, meta, self.config)
+                node.etag = await self.store.copy(key, key, options, node.size)
             except FsError as exc:  # S3's AccessDenied is EACCES: chmod says so
                 raise FsError(f"{node.path}: its new attributes could not be stored "
-                              f"({_reason(exc)}); they are left as they were",
+                              f"({error_reason(exc)}); they are left as they were",
                               exc.errno) from None
             node.stored_etag = node.etag
-        self._apply_meta(node, meta)
+        apply_meta(node, meta, self.config)
         return node
-
-    # -- deferred metadata (META_DELAY) ------------------------------------------------------
-    #
-    # A chmod/chown/utimes of a closed regular file whose object this mount stored itself
-    # (`Node.stored_etag`; any other is stored at once, so that a refusal is chmod's errno)
-    # changes its node at once (stat shows it) and is stored by the first of: a rename of
-    # the file (its CopyObject carries the new metadata: one copy instead of one per setattr
-    # plus the rename's), an open, truncate or fsync of it, the mount's shutdown, or
-    # `store_meta_forever` once META_DELAY has passed. An unlink (or the object's
-    # replacement, by this mount or another client) drops it.
-    # Everything that stores, drops or carries a change holds the inode's metadata lock, so a
-    # store in flight never interleaves with a rename, an unlink or another setattr of the
-    # file. A change is stored only onto the object it was made for (its ETag as this mount
-    # last saw it): a node that another client's object replaced, or that a writer of this
-    # mount completed anew, has its change dropped, never copied onto the new object. A
-    # store S3 refuses keeps the change pending and visible, retried with backoff
-    # (`_store_failed`): a change the mount could not store is never silently reverted.
-
-    def _may_defer(self, node: Node) -> bool:
-        """A closed regular file whose object and metadata this mount knows as they are now,
-        and whose object this mount stored itself (rsync's temporary file, a file it just
-        copied or chmod'ed): writing it has just shown that S3 lets the mount rewrite it.
-        Anything else -- another tool's object, where a policy, Object Lock or read-only
-        credentials may refuse the copy, symbolic links, writers, a release still storing,
-        a file whose deferred store was refused -- is stored at once, so that a refusal
-        reaches the program as an errno instead of being reported done."""
-        pending = self._pending.get(node.inode)
-        return (self._deferring and stat.S_ISREG(node.mode) and node.has_metadata
-                and bool(node.etag) and same_etag(node.stored_etag, node.etag)
-                and not node.path.startswith("\0")
-                and self.table.by_path(node.path) is node and not self._busy(node)
-                and (pending is None or not pending.failures))
-
-    def _busy(self, node: Node) -> bool:
-        """A writer holds the object (its base pinned by ETag): a copy now would break it."""
-        return self.files.writer(node.inode) is not None or self.files.closing(node.inode)
-
-    def _defer_meta(self, node: Node, change: SetAttr) -> Node:
-        """Apply `change` to the node now and leave its storing to later (no await here)."""
-        pending = self._pending.get(node.inode)
-        if pending is not None and not same_etag(pending.etag, node.etag):
-            self._drop_pending(node.inode)  # for an object no longer there
-            pending = None
-        current = pending.meta if pending is not None else self._meta_of(node)
-        meta = changed_meta(current, change, time.time_ns())
-        if meta == current:
-            return node  # changes nothing: nothing to store
-        if pending is None:
-            self._pending[node.inode] = _PendingMeta(node, meta, node.etag,
-                                                     trio.current_time() + META_DELAY)
-            node.meta_pending = True
-            self._meta_wakeup.set()
-        else:
-            pending.meta = meta  # stored by the first change's deadline
-        self._apply_meta(node, meta)
-        return node
-
-    def _drop_pending(self, inode: int) -> _PendingMeta | None:
-        pending = self._pending.pop(inode, None)
-        if pending is not None:
-            self.table.meta_stored(pending.node)
-        return pending
-
-    async def store_meta(self, inode: int, report: bool = True) -> tuple[str, str] | None:
-        """Store deferred attributes of `inode` now (at fsync, before a directory rename
-        copies it: a failure raises its errno; `report=False` before an open for writing, a
-        truncation or a reader's first read: a failure leaves them pending, and a writer
-        then carries them). Left deferred while a writer holds the object: that writer's
-        completion stores them (it started from the node's attributes). Returns (the ETag
-        before, the copy's) when it copied."""
-        pending = self._pending.get(inode)
-        if pending is None:
-            return None
-        if not report and pending.failures and pending.due > trio.current_time():
-            return None  # refused before: retried at its time, not at every read
-        async with self._meta_lock(inode):
-            # across the wait: the change may have been stored, carried or dropped
-            pending = self._pending.get(inode)
-            if pending is not None and not self._busy(pending.node):
-                return await self._store_pending(pending, raising=report)
-        return None
-
-    async def _store_pending(self, pending: _PendingMeta, raising: bool,
-                             final: bool = False) -> tuple[str, str] | None:
-        """The caller holds the inode's metadata lock. Returns (the ETag before, the
-        copy's) when it copied. A failure keeps the change (see `_store_failed`)."""
-        node = pending.node
-        if node.path.startswith("\0") or self.table.by_path(node.path) is not node or \
-                not same_etag(node.etag, pending.etag):
-            self._drop_pending(node.inode)
-            log.debug("%s: attributes set here not stored: the file was removed or replaced",
-                      node.path)
-            return None
-        key = self.key(node.path)
-        options = self._rewrite_options(node, pending.meta)
-        try:
-            # across the copy (the lock is held): no rename, unlink or setattr of the file
-            # runs, an open for writing waits; the change stays registered, so a HEAD or a
-            # listing that sees the object before the copy leaves the node as it is
-            # (`_upsert_file`), and one after it finds the attributes stored
-            etag = await self.store.copy(key, key, options, node.size, pending.etag)
-        except (NotFound, PreconditionFailed):
-            self._drop_pending(node.inode)
-            log.info("%s: deleted or replaced by another client before its new attributes "
-                     "were stored", node.path)
-            return None
-        except FsError as exc:
-            self._store_failed(pending, exc, raising, final)
-            return None
-        # (cancelled: the mount is going, and `store_all_meta` stores it)
-        self._drop_pending(node.inode)
-        if pending.failures:
-            log.info("%s: its new attributes are stored, after %d refused attempt(s)",
-                     node.path, pending.failures)
-        node.stored_etag = etag
-        if node.cached_etag is not None and same_etag(node.cached_etag, node.etag):
-            node.cached_etag = etag  # the same bytes: the kernel's cached pages stay valid
-        node.etag = etag
-        node.expires = time.monotonic() + self.config.attr_timeout
-        return pending.etag, etag
-
-    def _store_failed(self, pending: _PendingMeta, exc: FsError, raising: bool,
-                      final: bool) -> None:
-        """A deferred change S3 refused (or failed to store): never silently reverted. It
-        stays pending -- the node shows it, the kernel enforces it, HEADs and listings of
-        the same object leave it -- and is retried with backoff (2, 4, 8 ... s up to
-        META_RETRY_MAX); the next setattr of the file is stored at once (`_may_defer`), so
-        its program sees the errno, and so does an fsync (`raising`: the adapter logs that
-        one). Otherwise one ERROR line per file says what to do; at unmount (`final`)
-        another says it is lost."""
-        node = pending.node
-        pending.failures += 1
-        pending.due = trio.current_time() + min(META_DELAY * 2 ** pending.failures,
-                                                META_RETRY_MAX)
-        reason = _reason(exc)
-        if final:
-            log.error("%s: its new attributes (mode %o, uid %d, gid %d) were never stored "
-                      "and are lost at unmount: %s; set them again once S3 allows copying "
-                      "the object onto itself", node.path, stat.S_IMODE(pending.meta.mode),
-                      pending.meta.uid, pending.meta.gid, reason)
-        elif raising:
-            pending.logged = True
-            raise FsError(f"{node.path}: its new attributes are not stored ({reason}); this "
-                          "mount keeps them and retries", exc.errno)
-        elif not pending.logged:
-            pending.logged = True
-            log.error("%s: could not store its new attributes (%s); this mount keeps showing "
-                      "them and retries with backoff, but S3 and other mounts have the old "
-                      "ones until it succeeds: allow CopyObject of the key onto itself (bucket "
-                      "policy, Object Lock, credentials), or chmod/touch it again to see the "
-                      "error", node.path, reason)
-        else:
-            log.debug("%s: attributes still not stored (attempt %d, next in %.0f s): %s",
-                      node.path, pending.failures, pending.due - trio.current_time(), reason)
-
-    async def store_meta_forever(self) -> None:
-        """Owned by the mount: stores each deferred change once META_DELAY has passed, each
-        in a task of its own (one waiting for its file's lock, during a long rename say,
-        holds up no other). While it runs, setattr defers; without it setattr stores at
-        once (unit tests that do not start it)."""
-        self._deferring = True
-        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    self._meta_wakeup = trio.Event()
-                    now = trio.current_time()
-                    later = math.inf
-                    for inode, pending in list(self._pending.items()):
-                        if inode in self._storing:
-                            continue
-                        if pending.due <= now:
-                            self._storing.add(inode)
-                            nursery.start_soon(self._store_due, pending, limiter)
-                        else:
-                            later = min(later, pending.due)
-                    with trio.move_on_at(later):
-                        await self._meta_wakeup.wait()
-        finally:
-            self._deferring = False
-
-    async def _store_due(self, pending: _PendingMeta, limiter: trio.CapacityLimiter) -> None:
-        inode = pending.node.inode
-        try:
-            async with limiter, self._meta_lock(inode):
-                # across the waits: the change may have been stored, carried or dropped
-                if self._pending.get(inode) is not pending:
-                    return
-                if self._busy(pending.node):  # opened for writing meanwhile: after its close
-                    del self._pending[inode]
-                    pending.due = trio.current_time() + META_DELAY
-                    self._pending[inode] = pending
-                    return
-                await self._store_pending(pending, raising=False)
-        except Exception:  # never let one file's surprise take the mount down
-            log.exception("storing the attributes of %s failed", pending.node.path)
-        finally:
-            self._storing.discard(inode)
-            self._meta_wakeup.set()
-
-    async def store_all_meta(self) -> None:
-        """Unmounting: every deferred change is stored before the process exits."""
-        self._deferring = False
-        if not self._pending:
-            return
-        log.debug("storing the attributes of %d file(s) before unmounting", len(self._pending))
-        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
-
-        async def one(inode: int) -> None:
-            async with limiter, self._meta_lock(inode):
-                pending = self._pending.get(inode)
-                if pending is not None:
-                    await self._store_pending(pending, raising=False, final=True)
-
-        async with trio.open_nursery() as nursery:
-            for inode in list(self._pending):
-                nursery.start_soon(one, inode)
-
-    async def _store_meta_under(self, prefix: str) -> None:
-        """Before a directory's keys are copied: what was deferred for files inside it."""
-        for inode in [i for i, p in self._pending.items() if p.node.path.startswith(prefix)]:
-            await self.store_meta(inode)  # a failure fails the rename: the copy would lose it
-
-    @contextlib.asynccontextmanager
-    async def _meta_lock_all(self, *inodes: int | None):
-        """The metadata locks of several inodes, in inode order (no deadlock)."""
-        async with contextlib.AsyncExitStack() as stack:
-            for inode in sorted({i for i in inodes if i is not None}):
-                await stack.enter_async_context(self._meta_lock(inode))
-            yield
-
-    @contextlib.asynccontextmanager
-    async def _meta_lock(self, inode: int):
-        lock = self._meta_locks.setdefault(inode, trio.Lock())
-        async with lock:
-            yield
-        if not lock.locked() and not lock.statistics().tasks_waiting:
-            self._meta_locks.pop(inode, None)
-
-    def _rewrite_options(self, node: Node, meta: FileMeta) -> PutOptions:
-        """`meta` stored on the node's object, with what else the object carries."""
-        return rewrite_options(meta.to_headers(), node.kept,
-                               kept_type(node.kept, content_type(node.path,
-                                                                 self.config.content_type)))
-
-    def _meta_of(self, node: Node) -> FileMeta:
-        return FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,
-                        atime_ns=node.atime_ns or None, ctime_ns=node.ctime_ns or None)
-
-    def _apply_meta(self, node: Node, meta: FileMeta) -> None:
-        node.mode, node.uid, node.gid, node.mtime_ns = meta.mode, meta.uid, meta.gid, \
-            meta.mtime_ns
-        node.atime_ns = meta.atime_ns or meta.mtime_ns
-        node.ctime_ns = meta.ctime_ns or meta.mtime_ns
-        node.expires = time.monotonic() + self.config.attr_timeout
-        node.has_metadata = True
 
     def _set_times(self, node: Node, change: SetAttr) -> Node:
-        meta = changed_meta(self._meta_of(node), change, time.time_ns())
-        self._apply_meta(node, meta)
+        meta = changed_meta(meta_of(node), change, time.time_ns())
+        apply_meta(node, meta, self.config)
         node.expires = float("inf")
         return node
 
@@ -896,9 +612,9 @@ class Namespace:
             await self._fetch_meta(node)
             if node.path != path:  # renamed or removed across the HEAD
                 raise FsError("", errno.ENOENT)
-        meta = changed_meta(self._meta_of(node), change, time.time_ns())
+        meta = changed_meta(meta_of(node), change, time.time_ns())
         await self._store_dir_meta(node.path, meta)
-        self._apply_meta(node, meta)
+        apply_meta(node, meta, self.config)
         return node
 
     def _attrs_key(self, path: str) -> str:
@@ -932,7 +648,7 @@ class Namespace:
                                  PutOptions(headers, None, temporary=True))
         except FsError as exc:
             raise FsError(f"{path}: its attributes could not be stored in "
-                          f"{self._attrs_key(path)} ({_reason(exc)}); this server drops them "
+                          f"{self._attrs_key(path)} ({error_reason(exc)}); this server drops them "
                           "from directory markers, so they are left as they were",
                           exc.errno) from None
 
@@ -1128,7 +844,7 @@ class Namespace:
             raise
         self._forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
-        self._apply_meta(node, meta)
+        apply_meta(node, meta, self.config)
         self._know_dir(path, set())  # made here: empty, no lookup inside needs a request
         node.lookups += 1
         return node
@@ -1203,8 +919,8 @@ class Namespace:
             # ETag as it will stay. A reader stores them before its first read instead
             # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it. If S3
             # refuses, they stay pending (not reverted): the writer starts from them
-            await self.store_meta(inode, report=False)
-            async with self._meta_lock(inode):
+            await self.deferred.store_meta(inode, report=False)
+            async with self.deferred.lock(inode):
                 pass  # a rename of the file in progress moves it before a writer starts
         if self.files.writer(inode) is None and node.path.startswith("\0"):
             # unlinked (or replaced) after the kernel looked it up: nothing to open, no key
@@ -1233,7 +949,7 @@ class Namespace:
         first = self.files.writer(node.inode)
         first_stores = first.stores if first is not None else 0
         aside = None
-        async with self._meta_lock(node.inode):
+        async with self.deferred.lock(node.inode):
             # under the lock: a store of its attributes in flight ended first, and none runs
             # during the delete; once the object is gone, deferred ones are never stored
             if first is None and not self.files.closing(node.inode):
@@ -1245,7 +961,7 @@ class Namespace:
                     with trio.CancelScope(shield=True):
                         await self._put_back(node, *aside)
                 raise
-            self._drop_pending(node.inode)
+            self.deferred.drop(node.inode)
         detached: list[StreamingWriter] = []
         while True:
             # across the delete (and each await below): an open of the node (looked up
@@ -1291,7 +1007,7 @@ class Namespace:
             return None  # deleted or replaced by another client: nothing to keep
         except FsError as exc:
             raise FsError(f"rm {path}: it is open for reading here, and keeping its bytes "
-                          f"for its readers (a copy to {aside}) failed ({_reason(exc)}); "
+                          f"for its readers (a copy to {aside}) failed ({error_reason(exc)}); "
                           "nothing was changed", exc.errno) from None
         # across the copy: readers may have opened (those until the name is gone are moved
         # by the call after the delete) or closed, the last one too (the copy goes now)
@@ -1314,7 +1030,7 @@ class Namespace:
         except FsError as exc:
             left = ("what a writer of it stored meanwhile is left; rm it again" if again else
                     "the file and its open writers are left as they were")
-            raise FsError(f"rm {path}: the delete failed ({_reason(exc)}); {left}",
+            raise FsError(f"rm {path}: the delete failed ({error_reason(exc)}); {left}",
                           exc.errno) from None
 
     async def _settled(self, path: str) -> Node:
@@ -1367,7 +1083,7 @@ class Namespace:
                 log.warning("rename %s: %s is still open for writing; close it first", old,
                             busy[0])
                 raise FsError("", errno.EBUSY)
-            await self._store_meta_under(old + "/")
+            await self.deferred.store_under(old + "/")
             await self._rename_tree(old, new)
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
@@ -1377,7 +1093,7 @@ class Namespace:
                               self._renamed_type(source, old, new))
         else:
             target_inode = target.inode if target is not None else None
-            async with self._meta_lock_all(source.inode, target_inode):
+            async with self.deferred.lock_all(source.inode, target_inode):
                 # across the waits: a store of either's attributes may have run, or the
                 # source been renamed or removed by a request that came first, or opened
                 # for writing (opens for writing wait for this lock: none comes after)
@@ -1386,7 +1102,7 @@ class Namespace:
                 if self.files.writer(source.inode) is not None or \
                         self.files.closing(source.inode):
                     return False
-                carried = self._pending.pop(source.inode, None)
+                carried = self.deferred.take(source.inode)
                 if carried is not None and not same_etag(carried.etag, source.etag):
                     carried = None  # for an object no longer there
                 try:
@@ -1397,16 +1113,16 @@ class Namespace:
                     # a refused copy changed nothing: the target keeps its deferred
                     # attributes, the source's are still to be stored under the old name
                     if carried is not None:
-                        self._pending[source.inode] = carried
+                        self.deferred.put_back(source.inode, carried)
                     raise
                 if target_inode is not None:
-                    self._drop_pending(target_inode)  # its object was replaced
+                    self.deferred.drop(target_inode)  # its object was replaced
                 self.table.move(old, new)
                 source.stored_etag = etag  # the copy is this mount's: it may rewrite it
                 if carried is not None:  # what the copy stored is known: no HEAD needed
                     source.etag = etag
                     source.expires = time.monotonic() + self.config.attr_timeout
-                if source.meta_pending and source.inode not in self._pending:
+                if source.meta_pending and self.deferred.pending(source.inode) is None:
                     self.table.meta_stored(source)
         if writer is not None or source.is_dir:
             self.table.move(old, new)
@@ -1450,7 +1166,7 @@ class Namespace:
             if meta is not None:
                 ours = meta.to_headers()
             elif ours is None:
-                ours = self._meta_of(self.files.view(source)).to_headers()
+                ours = meta_of(self.files.view(source)).to_headers()
             options = rewrite_options(ours, kept, wanted)
         # (class and encryption are sent either way: the object's own where known)
         headers = kept.headers if kept is not None else None
@@ -1459,7 +1175,7 @@ class Namespace:
             etag = await self.store.copy(self.key(old), self.key(new), options, size,
                                          headers=headers)
         except FsError as exc:
-            raise FsError(f"mv {old} {new}: the copy failed ({_reason(exc)}); nothing was "
+            raise FsError(f"mv {old} {new}: the copy failed ({error_reason(exc)}); nothing was "
                           "changed", exc.errno) from None
         if source is not None and source.kept is not None and wanted != stored:
             source.kept = dataclasses.replace(source.kept, content_type=wanted)
@@ -1485,7 +1201,7 @@ class Namespace:
                 target.expires = 0.0
             self._forget_missing(new)
             raise FsError(f"mv {old} {new}: copied, but deleting {old} failed "
-                          f"({_reason(exc)}); both names are there now, as after a crash in "
+                          f"({error_reason(exc)}); both names are there now, as after a crash in "
                           f"between: rm {old} once allowed", exc.errno) from None
         return etag
 

@@ -34,14 +34,15 @@ async def fs(nursery):
 
 
 class Fs:
-    """The namespace's and the open files' calls under one name, as the adapter makes them."""
+    """The namespace's, its deferred metadata's and the open files' calls under one name, as
+    the adapter makes them."""
 
     def __init__(self, fs: FileSystem):
         self.inner = fs
         self.store, self.budget = fs.store, fs.budget
 
     def __getattr__(self, name):
-        for layer in (self.inner.namespace, self.inner.files):
+        for layer in (self.inner.namespace, self.inner.deferred, self.inner.files):
             if hasattr(layer, name):
                 return getattr(layer, name)
         raise AttributeError(name)
