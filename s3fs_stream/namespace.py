@@ -8,13 +8,11 @@ is the mount's own (spilled parts) and never shown.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import dataclasses
 import errno
 import functools
-import itertools
 import logging
 import os
 import stat
@@ -23,6 +21,7 @@ from collections.abc import Callable
 
 import trio
 
+from .attribute_fetcher import AttributeFetcher
 from .config import FsConfig
 from .deferred_meta import (
     DeferredMeta,
@@ -68,12 +67,7 @@ RENAME_EXCHANGE = 2
 
 # A symbolic link's object (s3fs-fuse's: the body is the target) is at most PATH_MAX - 1.
 SYMLINK_MAX = 4095
-HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
-HEAD_BATCH = 16  # HEADs pipelined on one connection
-WALK_WINDOW = 2.0  # seconds between lookups of stale names that make a walk of a directory
-WALK_AHEAD = 64  # known names after the one looked up whose HEADs a walk sends ahead
 READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
-BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 NEGATIVE_MAX = 20_000  # remembered missing names
 KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
 KNOWN_DIRS = 256
@@ -115,12 +109,9 @@ class Namespace:
         self._known: collections.OrderedDict[str, tuple[float, set[str]]] = \
             collections.OrderedDict()
         self._refreshing: dict[str, trio.Event] = {}
-        # directory path -> listed nodes whose metadata nobody has asked for yet
-        self._backlog: dict[str, collections.deque[Node]] = {}
-        self._draining: set[str] = set()
-        self._heads = trio.CapacityLimiter(HEAD_CONCURRENCY)
-        # directory -> (expiry, its known names sorted, once a walk is seen): `_read_ahead_meta`
-        self._walks: dict[str, tuple[float, list[str] | None]] = {}
+        # HEADs of listed and walked entries, ahead and in parallel
+        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self._took_head,
+                                        functools.partial(self._take_head, raising=False))
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -269,7 +260,7 @@ class Namespace:
                 await node.fetching.wait()
                 if node.fresh and self.table.by_path(path) is node:
                     return node
-            self._read_ahead_meta(path)
+            self.fetcher.read_ahead(path)
             # a file seen before: one HEAD answers unless it is gone
             try:
                 info = await self.store.head(self.key(path))
@@ -278,29 +269,6 @@ class Namespace:
             else:
                 return self._upsert_file(path, info)
         return await self._resolve(path)
-
-    def _read_ahead_meta(self, path: str) -> None:
-        """A second stale name of one directory looked up within WALK_WINDOW is a walk
-        (`rsync` again, `find -newer`, `stat *`): HEAD the next known names of the directory
-        ahead of it, pipelined in the background, so that their lookups find them fresh."""
-        parent, name = parent_of(path), path.rpartition("/")[2]
-        now = time.monotonic()
-        walk = self._walks.get(parent)
-        if walk is None or walk[0] < now:
-            if len(self._walks) > KNOWN_DIRS:
-                self._walks.clear()
-            self._walks[parent] = (now + WALK_WINDOW, None)  # one lookup is not a walk yet
-            return
-        names = walk[1]
-        if names is None:
-            names = sorted(self.table.children(parent))
-        self._walks[parent] = (now + WALK_WINDOW, names)
-        start = bisect.bisect_right(names, name)
-        ahead = [node for sibling in names[start:start + WALK_AHEAD]
-                 if (node := self.table.by_path(join(parent, sibling))) is not None
-                 and not node.is_dir and not (node.fresh and node.has_metadata)
-                 and self.files.writer(node.inode) is None]
-        self._head_soon(ahead)  # those whose HEAD is not out yet
 
     async def _resolve(self, path: str) -> Node:
         """Ask S3 what `path` is: a directory (prefix or marker) wins over an object."""
@@ -378,7 +346,7 @@ class Namespace:
         if node.fresh and node.has_metadata or node.path.startswith("\0") or \
                 inode == ROOT_INODE:
             return node
-        self._demand(node)
+        self.fetcher.demand(node)
         return await self._with_meta(node, raising=True)
 
     async def _with_meta(self, node: Node, raising: bool = False) -> Node:
@@ -427,93 +395,6 @@ class Namespace:
         return node
 
     # -- metadata of listed entries, fetched in parallel ------------------------------------
-
-    async def _head_nodes(self, nodes: list[Node]) -> None:
-        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most, over every caller);
-        returns when each has its metadata or failed. A node whose HEAD is already out
-        waits for that one. A few workers take the nodes in turn: a task per node costs
-        as much CPU as the HEAD itself."""
-        busy = [node.fetching for node in nodes if node.fetching is not None]
-        # once each (a backlog may list a node twice)
-        todo = list({id(node): node for node in nodes
-                     if node.fetching is None and not (node.fresh and node.has_metadata)
-                     }.values())
-        for node in todo:  # claimed at once: others wait instead of sending another HEAD
-            node.fetching = trio.Event()
-        queue = iter(todo)
-
-        async def worker() -> None:
-            async with self._heads:
-                while batch := list(itertools.islice(queue, HEAD_BATCH)):
-                    try:
-                        await self._head_batch(batch)
-                    finally:
-                        for node in batch:
-                            done, node.fetching = node.fetching, None
-                            if done is not None:
-                                done.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(-(-len(todo) // HEAD_BATCH), HEAD_CONCURRENCY)):
-                    nursery.start_soon(worker)
-        finally:
-            for node in queue:  # cancelled: let go of what was claimed and not sent
-                done, node.fetching = node.fetching, None
-                if done is not None:
-                    done.set()
-        for event in busy:
-            await event.wait()
-
-    async def _head_batch(self, nodes: list[Node]) -> None:
-        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
-        files = [node for node in nodes if not node.is_dir]
-        paths = [node.path for node in files]  # may change across the await: checked after
-        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
-        for node, path, result in zip(files, paths, found, strict=True):
-            if isinstance(result, ObjectInfo):
-                self._took_head(node, path, result)
-            elif not isinstance(result, NotFound):
-                log.debug("HEAD for %s failed: %s", path, result)
-            elif not node.has_metadata and node.path == path and \
-                    self.files.writer(node.inode) is None:
-                self.table.remove_path(path)  # listed, deleted since: readdir skips it
-        for node in nodes:
-            if node.is_dir:
-                try:
-                    await self._take_head(node, raising=False)
-                except FsError as exc:
-                    log.debug("HEAD for %s failed: %s", node.path, exc)
-
-    def _demand(self, node: Node) -> None:
-        """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD
-        the rest of what was listed in parallel instead of one getattr at a time."""
-        parent = parent_of(node.path)
-        backlog = self._backlog.get(parent)
-        if backlog is None or parent in self._draining or self._nursery is None:
-            return
-        self._draining.add(parent)
-        self._nursery.start_soon(self._drain, parent, backlog)
-
-    async def _drain(self, parent: str, backlog: collections.deque[Node]) -> None:
-        try:
-            while backlog:
-                batch = [backlog.popleft() for _ in range(min(len(backlog), 256))]
-                await self._head_nodes([n for n in batch if n.lookups and not n.has_metadata
-                                        and not n.path.startswith("\0")])
-        finally:
-            self._draining.discard(parent)
-            if self._backlog.get(parent) is backlog and not backlog:
-                del self._backlog[parent]
-
-    def _listed_without_meta(self, parent: str, node: Node) -> None:
-        backlog = self._backlog.get(parent)
-        if backlog is None:
-            if len(self._backlog) > 64:  # directories listed long ago and never stat'ed
-                for path in [p for p in self._backlog if p not in self._draining][:32]:
-                    del self._backlog[path]
-            backlog = self._backlog[parent] = collections.deque(maxlen=BACKLOG_MAX)
-        backlog.append(node)
 
     # -- setattr -----------------------------------------------------------------------------
 
@@ -716,7 +597,7 @@ class Namespace:
         listing's (the upload time, the mount's default mode and owner) would stay. An entry
         whose HEAD failed goes with the listing's attributes (`listing_shown`); one found
         deleted is left out. Directories go as listed: the kernel takes each getattr's
-        attributes of a directory, and getattr HEADs their markers (`_demand`)."""
+        attributes of a directory, and getattr HEADs their markers (`AttributeFetcher.demand`)."""
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise FsError("", errno.EBADF)
@@ -725,13 +606,13 @@ class Namespace:
         # a two-stage pipeline: the HEADs of the next chunk are out while this one is handed
         # to the kernel (which may take thousands of entries per call)
         batch, need_head, position = await self._collect(directory.path, stream, offset)
-        self._head_soon(need_head)
+        self.fetcher.head_soon(need_head)
         while True:
             following = None
             if len(batch) == READDIR_CHUNK:
                 following = await self._collect(directory.path, stream, position)
-                self._head_soon(following[1])
-            await self._head_nodes(need_head)
+                self.fetcher.head_soon(following[1])
+            await self.fetcher.head_nodes(need_head)
             for index, (name, node, next_offset) in enumerate(batch):
                 # across the awaits since it was listed: the kernel may have forgotten the
                 # node (FORGET dropped it from the table), a HEAD replaced it with a new
@@ -758,7 +639,7 @@ class Namespace:
                 if not node.has_metadata:
                     if not node.is_dir and self.files.writer(node.inode) is None:
                         node.listing_shown = True
-                    self._listed_without_meta(directory.path, node)
+                    self.fetcher.listed_without_meta(directory.path, node)
             if following is None:
                 if stream.names is not None and not handle.known:
                     handle.known = True  # listed whole: other names need no request
@@ -790,12 +671,6 @@ class Namespace:
         if self._nursery is not None:
             stream.prefetch_next(self._nursery)
         return batch, need_head, position
-
-    def _head_soon(self, nodes: list[Node]) -> None:
-        """Start HEADs of these nodes in the mount's nursery; `_head_nodes` waits for them."""
-        nodes = [node for node in nodes if node.fetching is None]
-        if nodes and self._nursery is not None:
-            self._nursery.start_soon(self._head_nodes, nodes)
 
     def _entry_node(self, directory: str, entry: Entry, stream: DirectoryStream) -> Node | None:
         path = join(directory, entry.name)

@@ -325,7 +325,7 @@ async def test_metadata_of_listed_entries_is_fetched_once_per_node(fs):
     for node in nodes:  # the listing HEADed them: stale now
         node.expires = 0.0
     fs.store.calls.clear()
-    await fs.inner.namespace._head_nodes(nodes + nodes[:10])
+    await fs.inner.namespace.fetcher.head_nodes(nodes + nodes[:10])
     assert len([c for c in fs.store.calls if c[0] == "head"]) == 40
     assert all(n.fetching is None and n.has_metadata and n.mode == 0o100600 for n in nodes)
 

@@ -43,7 +43,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from s3fs_stream import deferred_meta, inode_table, namespace, object_meta, open_files
+from s3fs_stream import (
+    attribute_fetcher,
+    deferred_meta,
+    inode_table,
+    namespace,
+    object_meta,
+    open_files,
+)
 from s3fs_stream.config import FsConfig
 from s3fs_stream.errors import FsError
 from s3fs_stream.filesystem import FileSystem
@@ -914,7 +921,8 @@ def show(attrs: tuple) -> str:
 
 @pytest.mark.timeout(600)
 def test_namespace_matches_the_model(monkeypatch):
-    for module in (namespace, deferred_meta, inode_table, object_meta, open_files):
+    for module in (namespace, attribute_fetcher, deferred_meta, inode_table, object_meta,
+                   open_files):
         monkeypatch.setattr(module, "time", CLOCK)
     monkeypatch.setattr(deferred_meta, "META_DELAY", 3600.0)
     monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
