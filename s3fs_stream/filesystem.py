@@ -1,8 +1,8 @@
 """The file system's semantics in plain trio, with no pyfuse3 import (the adapter converts).
 
 Composition only: the inode table, the namespace (paths, directories, attributes, with its
-deferred metadata) and the open files (handles, writers, readers) over one object store. Every failure is raised as an
-FsError carrying its errno.
+deferred metadata) and the open files (handles, writers, readers) over one object store.
+Every failure is raised as an FsError carrying its errno.
 """
 
 from __future__ import annotations

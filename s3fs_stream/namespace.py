@@ -31,6 +31,7 @@ from .deferred_meta import (
     same_etag,
     stored_options,
 )
+from .dir_attributes import DirAttributes
 from .directory_listing import (
     KEY_MAX,
     DirectoryStream,
@@ -97,11 +98,9 @@ class Namespace:
         # chmod/chown/utimes of closed files not yet stored, and the per-inode metadata locks
         self.deferred = DeferredMeta(store, self.key, config, table, files)
         self._dir_handles: dict[int, _DirHandle] = {}
-        # whether the server keeps x-amz-meta-* on directory markers `dir/` (AWS, moto,
-        # MinIO do; SeaweedFS drops them): None until a marker shows, else False once a
-        # marker stored with them comes back without. While not True, a directory's
-        # attributes are also kept in an object of the mount's own (`_attrs_key`)
-        self._markers_keep_meta: bool | None = None
+        # directories' attributes: on their markers, or where the server drops them there,
+        # in objects of the mount's own
+        self.dirs = DirAttributes(store, prefix, self.key)
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
         self._negative: dict[str, float] = {}  # path -> monotonic expiry
@@ -291,7 +290,7 @@ class Namespace:
             if "info" in found:
                 self.warnings.once(key, "object %r is hidden by the directory of the same "
                                    "name", key)
-            marker = await self._head_marker(path) if found.get("marker") else None
+            marker = await self.dirs.head_marker(path) if found.get("marker") else None
             return self.table.upsert(path, True, **dir_attrs(self.config, marker))
         if "info" in found:
             return self._upsert_file(path, found["info"])
@@ -320,24 +319,6 @@ class Namespace:
                           "inode", path)
                 self._notify("entry", parent.inode, node.name, 0)
         return node
-
-    async def _head_marker(self, path: str) -> ObjectInfo | None:
-        """What holds the directory's attributes: its marker, or where the server drops a
-        marker's metadata, the object `_attrs_key` (one more HEAD, only on such servers
-        and for markers without metadata)."""
-        try:
-            marker = await self.store.head(self.key(path) + "/")
-        except NotFound:
-            marker = None
-        if marker is not None and "mode" in marker.metadata:
-            self._markers_keep_meta = True  # a server that drops them shows none
-            return marker
-        if self._markers_keep_meta or not path:
-            return marker
-        try:
-            return await self.store.head(self._attrs_key(path))
-        except NotFound:
-            return marker
 
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
@@ -373,7 +354,7 @@ class Namespace:
     async def _take_head(self, node: Node, raising: bool) -> Node:
         path = node.path  # may change while the HEAD is out: checked after it
         if node.is_dir:
-            marker = await self._head_marker(path)
+            marker = await self.dirs.head_marker(path)
             if node.path == path:
                 self.table.upsert(path, True, **dir_attrs(self.config, marker))
             return node
@@ -483,8 +464,8 @@ class Namespace:
     async def _setattr_dir(self, node: Node, change: SetAttr) -> Node:
         """A directory's attributes live on its marker `dir/`, rewritten whole (servers that
         keep directories as such, SeaweedFS, cannot copy a marker onto itself); where the
-        server drops a marker's metadata, in the object `_attrs_key` too. A refusal of
-        either fails the change with the node as it was."""
+        server drops a marker's metadata, in the object `DirAttributes.attrs_key` too. A
+        refusal of either fails the change with the node as it was."""
         if not change.changes_meta:
             return node
         if not node.fresh or not node.has_metadata:
@@ -494,57 +475,9 @@ class Namespace:
             if node.path != path:  # renamed or removed across the HEAD
                 raise FsError("", errno.ENOENT)
         meta = changed_meta(meta_of(node), change, time.time_ns())
-        await self._store_dir_meta(node.path, meta)
+        await self.dirs.put(node.path, meta)
         apply_meta(node, meta, self.config)
         return node
-
-    def _attrs_key(self, path: str) -> str:
-        """Where a directory's attributes are kept on a server that drops them from its
-        marker: an ordinary (empty) object, which keeps its x-amz-meta-*."""
-        return f"{self.prefix}{RESERVED_NAME}/dirs/{path}"
-
-    async def _store_dir_meta(self, path: str, meta: FileMeta) -> None:
-        """Store a directory's attributes on its marker (made if missing) and, where the
-        server drops them there (found out once per mount: the marker's HEAD after the
-        first such PUT), in `_attrs_key` as well."""
-        marker = self.key(path) + "/"
-        headers = meta.to_headers()
-        await self.store.put(marker, b"", PutOptions(headers, None))
-        if self._markers_keep_meta is None:
-            try:
-                info = await self.store.head(marker)
-            except NotFound:
-                info = None  # removed at once by another client: ask again next time
-            if info is not None:
-                self._markers_keep_meta = "mode" in info.metadata
-                if not self._markers_keep_meta:
-                    log.info("s3://%s drops the metadata of directory markers: directory "
-                             "attributes are kept in %s%s/dirs/ as well", self.store.bucket,
-                             self.prefix, RESERVED_NAME)
-        if self._markers_keep_meta:
-            return
-        # stored like a spilled part (STANDARD, no public ACL): tiny, read at each lookup
-        try:
-            await self.store.put(self._attrs_key(path), b"",
-                                 PutOptions(headers, None, temporary=True))
-        except FsError as exc:
-            raise FsError(f"{path}: its attributes could not be stored in "
-                          f"{self._attrs_key(path)} ({error_reason(exc)}); this server drops them "
-                          "from directory markers, so they are left as they were",
-                          exc.errno) from None
-
-    async def _delete_dir_meta(self, path: str) -> None:
-        """rmdir: the directory's attributes object goes with it (where there may be one)."""
-        if self._markers_keep_meta:
-            return
-        try:
-            await self.store.delete(self._attrs_key(path))
-        except NotFound:
-            pass
-        except FsError as exc:  # the directory is gone; a new one of its name gets its own
-            log.warning("rmdir %s: could not delete %s, which held its attributes: %s; "
-                        "delete it, or a directory made there by another tool shows them",
-                        path, self._attrs_key(path), exc)
 
     def _check_writable(self) -> None:
         if self.config.read_only:
@@ -711,7 +644,7 @@ class Namespace:
         now = time.time_ns()
         meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
         try:
-            await self._store_dir_meta(path, meta)
+            await self.dirs.put(path, meta)
         except FsError:
             # the marker was stored but not the attributes: no directory showing others
             with contextlib.suppress(FsError):
@@ -742,7 +675,7 @@ class Namespace:
         if not await self._dir_is_empty(path):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
-        await self._delete_dir_meta(path)
+        await self.dirs.delete(path)
         self.table.remove_path(path)
         self._gone(path)
 
@@ -1082,10 +1015,10 @@ class Namespace:
 
     async def _rename_tree(self, old: str, new: str) -> None:
         """Every key under the directory, copied in parallel, then deleted (deepest last).
-        The attributes objects of the directory and those inside (`_attrs_key`) are copied
-        before and deleted after."""
+        The attributes objects of the directory and those inside (`DirAttributes.attrs_key`)
+        are copied before and deleted after."""
         old_prefix, new_prefix = self.key(old) + "/", self.key(new) + "/"
-        attrs = await self._copy_dir_meta(old, new)
+        attrs = await self.dirs.copy(old, new)
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
@@ -1106,33 +1039,6 @@ class Namespace:
         for key in attrs:
             await self.store.delete(key)
         self.table.invalidate_subtree(old)
-
-    async def _copy_dir_meta(self, old: str, new: str) -> list[str]:
-        """A directory renamed on a server that drops markers' metadata: the attributes
-        objects of it and of the directories inside go to the new name. Where the moved
-        directory has none, a replaced (empty) target's goes. Returns the old keys."""
-        if self._markers_keep_meta:
-            return []
-        old_key, new_key = self._attrs_key(old), self._attrs_key(new)
-        keys = [old_key]
-        token = None
-        while True:
-            page = await self.store.list_page(old_key + "/", None, token)
-            keys += [info.key for info in page.objects]
-            token = page.next_token
-            if token is None:
-                break
-        found = []
-        for key in keys:
-            try:
-                await self.store.copy(key, new_key + key[len(old_key):], None, 0)
-            except NotFound:
-                if key == old_key:
-                    with contextlib.suppress(NotFound):
-                        await self.store.delete(new_key)
-                continue
-            found.append(key)
-        return found
 
     async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str,
                         head: ObjectInfo | FsError | None = None) -> None:
