@@ -8,7 +8,6 @@ is the mount's own (spilled parts) and never shown.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -42,6 +41,7 @@ from .directory_listing import (
 )
 from .errors import FsError, NotFound, PreconditionFailed, run_parallel
 from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
+from .known_names import KNOWN_DIR_MAX, KnownNames
 from .object_meta import (
     OUR_KEYS,
     FileMeta,
@@ -69,9 +69,6 @@ RENAME_EXCHANGE = 2
 # A symbolic link's object (s3fs-fuse's: the body is the target) is at most PATH_MAX - 1.
 SYMLINK_MAX = 4095
 READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
-NEGATIVE_MAX = 20_000  # remembered missing names
-KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
-KNOWN_DIRS = 256
 
 
 class _DirHandle:
@@ -103,11 +100,8 @@ class Namespace:
         self.dirs = DirAttributes(store, prefix, self.key)
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
-        self._negative: dict[str, float] = {}  # path -> monotonic expiry
-        # directory path -> (expiry, every name in it): lookups of other names need no request
-        self._known: collections.OrderedDict[str, tuple[float, set[str]]] = \
-            collections.OrderedDict()
-        self._refreshing: dict[str, trio.Event] = {}
+        # names known missing, directories known whole (with negative_timeout)
+        self.known = KnownNames(config, self._list_dir)
         # HEADs of listed and walked entries, ahead and in parallel
         self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self._took_head,
                                         functools.partial(self._take_head, raising=False))
@@ -148,82 +142,17 @@ class Namespace:
             self._notify("entry", parent.inode, new.name, old.inode)
         self._notify("inode", old.inode)
 
-    # -- what is known without asking --------------------------------------------------------
-
-    def _forget_missing(self, path: str) -> None:
-        """`path` exists now (created here): no cache may call it missing."""
-        self._negative.pop(path, None)
-        known = self._known.get(parent_of(path))
-        if known is not None:
-            known[1].add(path.rpartition("/")[2])
-
-    def _gone(self, path: str) -> None:
-        """`path` was removed here."""
-        known = self._known.get(parent_of(path))
-        if known is not None:
-            known[1].discard(path.rpartition("/")[2])
-        self._known.pop(path, None)
-
-    def _remember_missing(self, path: str) -> None:
-        if len(self._negative) >= NEGATIVE_MAX:
-            now = time.monotonic()
-            self._negative = {p: t for p, t in self._negative.items() if t > now}
-            if len(self._negative) >= NEGATIVE_MAX:
-                self._negative.clear()
-        self._negative[path] = time.monotonic() + self.config.negative_timeout
-
-    def _know_dir(self, path: str, names: set[str]) -> None:
-        self._known[path] = (time.monotonic() + self.config.negative_timeout, names)
-        self._known.move_to_end(path)
-        while len(self._known) > KNOWN_DIRS:
-            self._known.popitem(last=False)
-
-    async def _known_missing(self, path: str) -> bool:
-        """True when `path` is known not to exist: a missing name seen within
-        `negative_timeout`, or a directory listed whole (or made) within it that lacks the
-        name. A small directory known before is listed again (one request) rather than
-        HEAD + LIST. With `negative_timeout` 0 (the default) nothing is known missing: S3 is
-        strongly consistent, and a pipeline's consumer told "x is there" by another client
-        must find it."""
-        if not self.config.negative_timeout:
-            return False
-        expiry = self._negative.get(path)
-        now = time.monotonic()
-        if expiry is not None:
-            if expiry > now:
-                return True
-            del self._negative[path]
-        parent = parent_of(path)
-        known = self._known.get(parent)
-        if known is None:
-            return False
-        if known[0] <= now:
-            known = await self._refresh_known(parent)
-            if known is None:
-                return False
-        return path.rpartition("/")[2] not in known[1]
-
-    async def _refresh_known(self, parent: str) -> tuple[float, set[str]] | None:
-        busy = self._refreshing.get(parent)
-        if busy is not None:
-            await busy.wait()
-            known = self._known.get(parent)
-            return known if known is not None and known[0] > time.monotonic() else None
-        done = self._refreshing[parent] = trio.Event()
-        try:
-            key_prefix = self.key(parent) + "/" if parent else self.prefix
-            names = await list_names(self.store, key_prefix, self.warnings, KNOWN_DIR_MAX)
-        finally:
-            del self._refreshing[parent]
-            done.set()
+    async def _list_dir(self, parent: str) -> set[str] | None:
+        """Every name in the directory `parent` (those being written here too), or None
+        when it has more than KNOWN_DIR_MAX: `KnownNames` refreshes a directory so."""
+        key_prefix = self.key(parent) + "/" if parent else self.prefix
+        names = await list_names(self.store, key_prefix, self.warnings, KNOWN_DIR_MAX)
         if names is None:
-            self._known.pop(parent, None)
             return None
         names |= {n.name for i, _ in self.files.writers()
                   if (n := self.table.get(i)) is not None and parent_of(n.path) == parent}
         names.discard(RESERVED_NAME)
-        self._know_dir(parent, names)
-        return self._known[parent]
+        return names
 
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
@@ -252,7 +181,7 @@ class Namespace:
         if node is not None and node.is_dir and node.fresh:
             # listed just now: it exists; its marker may carry attributes the listing lacks
             return await self._with_meta(node)
-        if node is None and await self._known_missing(path):
+        if node is None and await self.known.known_missing(path):
             raise FsError("", errno.ENOENT)
         if node is not None and not node.is_dir:
             if node.fetching is not None:  # a read-ahead HEAD of it is out: that one answers
@@ -295,7 +224,7 @@ class Namespace:
         if "info" in found:
             return self._upsert_file(path, found["info"])
         self.table.remove_path(path)
-        self._remember_missing(path)
+        self.known.remember_missing(path)
         raise FsError("", errno.ENOENT)
 
     def _upsert_file(self, path: str, info: ObjectInfo) -> Node:
@@ -576,7 +505,7 @@ class Namespace:
             if following is None:
                 if stream.names is not None and not handle.known:
                     handle.known = True  # listed whole: other names need no request
-                    self._know_dir(directory.path, set(stream.names))
+                    self.known.know_dir(directory.path, set(stream.names))
                 return
             batch, need_head, position = following
 
@@ -650,10 +579,10 @@ class Namespace:
             with contextlib.suppress(FsError):
                 await self.store.delete(self.key(path) + "/")
             raise
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
         apply_meta(node, meta, self.config)
-        self._know_dir(path, set())  # made here: empty, no lookup inside needs a request
+        self.known.know_dir(path, set())  # made here: empty, no lookup inside needs a request
         node.lookups += 1
         return node
 
@@ -677,7 +606,7 @@ class Namespace:
         await self.store.delete(self.key(path) + "/")
         await self.dirs.delete(path)
         self.table.remove_path(path)
-        self._gone(path)
+        self.known.gone(path)
 
     async def _dir_is_empty(self, path: str) -> bool:
         """No key under the directory but its own marker, and no file being written in it."""
@@ -698,7 +627,7 @@ class Namespace:
                      gid: int) -> tuple[int, Node]:
         self._check_writable()
         path = self._child_path(parent, name, creating=True)
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         existing = self.table.by_path(path)
         if existing is not None:
             await self.files.wait_closed(existing.inode)
@@ -794,7 +723,7 @@ class Namespace:
             # object set aside too; none can open it from here on
             self.files.set_aside(node, *aside)
         self.table.remove_path(path)
-        self._gone(path)
+        self.known.gone(path)
 
     async def _set_aside(self, node: Node, path: str) -> tuple[str, str, str, str] | None:
         """A file open for reading keeps its bytes after `rm` until its last close: before
@@ -934,14 +863,10 @@ class Namespace:
                     self.table.meta_stored(source)
         if writer is not None or source.is_dir:
             self.table.move(old, new)
-        self._gone(old)
-        self._forget_missing(new)
+        self.known.gone(old)
+        self.known.forget_missing(new)
         if source.is_dir:
-            for path in [p for p in self._known
-                         if p.startswith(old + "/") or p == new or p.startswith(new + "/")]:
-                del self._known[path]
-            for path in [p for p in self._negative if p.startswith(new + "/")]:
-                del self._negative[path]
+            self.known.dir_moved(old, new)
         return True
 
     def _renamed_type(self, source: Node, old: str, new: str) -> str | None:
@@ -1007,7 +932,7 @@ class Namespace:
             target = self.table.by_path(new)
             if target is not None:
                 target.expires = 0.0
-            self._forget_missing(new)
+            self.known.forget_missing(new)
             raise FsError(f"mv {old} {new}: copied, but deleting {old} failed "
                           f"({error_reason(exc)}); both names are there now, as after a crash in "
                           f"between: rm {old} once allowed", exc.errno) from None
@@ -1067,7 +992,7 @@ class Namespace:
         now = time.time_ns()
         meta = FileMeta(stat.S_IFLNK | 0o777, uid, gid, now)
         etag = await self.store.put(self.key(path), target, PutOptions(meta.to_headers(), None))
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
                                  has_metadata=True, kept=None,

@@ -47,6 +47,7 @@ from s3fs_stream import (
     attribute_fetcher,
     deferred_meta,
     inode_table,
+    known_names,
     namespace,
     object_meta,
     open_files,
@@ -921,8 +922,8 @@ def show(attrs: tuple) -> str:
 
 @pytest.mark.timeout(600)
 def test_namespace_matches_the_model(monkeypatch):
-    for module in (namespace, attribute_fetcher, deferred_meta, inode_table, object_meta,
-                   open_files):
+    for module in (namespace, attribute_fetcher, deferred_meta, known_names, inode_table,
+                   object_meta, open_files):
         monkeypatch.setattr(module, "time", CLOCK)
     monkeypatch.setattr(deferred_meta, "META_DELAY", 3600.0)
     monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
