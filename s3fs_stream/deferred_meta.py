@@ -29,7 +29,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
 import stat
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import FsConfig
-from .errors import FsError, NotFound, PreconditionFailed
+from .errors import FsError, NotFound, PreconditionFailed, error_reason
 from .inode_table import InodeTable, Node
 from .object_meta import (
     FileMeta,
@@ -72,10 +71,6 @@ class _PendingMeta:
     due: float  # trio time by which they are stored (the next retry after a failure)
     failures: int = 0  # stores that failed (refused): kept, retried with backoff
     logged: bool = False  # the ERROR line for its failure was written
-
-
-def error_reason(exc: FsError) -> str:
-    return exc.message or os.strerror(exc.errno)
 
 
 def same_etag(a: str, b: str) -> bool:

@@ -17,8 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from .deferred_meta import error_reason
-from .errors import FsError, NotFound
+from .errors import FsError, NotFound, error_reason
 from .object_meta import FileMeta
 from .object_store import ObjectInfo, ObjectStore, PutOptions
 from .spill_area import RESERVED_NAME

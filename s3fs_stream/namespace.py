@@ -25,7 +25,6 @@ from .config import FsConfig
 from .deferred_meta import (
     DeferredMeta,
     apply_meta,
-    error_reason,
     meta_of,
     same_etag,
     stored_options,
@@ -39,7 +38,7 @@ from .directory_listing import (
     invalid_name_reason,
     list_names,
 )
-from .errors import FsError, NotFound, PreconditionFailed, run_parallel
+from .errors import FsError, NotFound, PreconditionFailed, error_reason, run_parallel
 from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
 from .known_names import KNOWN_DIR_MAX, KnownNames
 from .object_meta import (
