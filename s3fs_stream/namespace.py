@@ -366,7 +366,7 @@ class Namespace:
         kernel sends its own time updates while `chmod` or `touch` runs, and two overlapping
         rewrites would lose one change."""
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
-            self._apply_meta(node, changed_meta(meta_of(node), change, time.time_ns()))
+            apply_meta(node, changed_meta(meta_of(node), change, time.time_ns()), self.config)
             return node
         current = meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
