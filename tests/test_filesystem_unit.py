@@ -145,6 +145,18 @@ async def test_setattr_on_stored_object_rewrites_metadata(fs):
     assert fs.store.objects["pre/f"][0] == b"x" + bytes(9)
 
 
+
+async def test_fchmod_of_a_file_removed_while_open_changes_only_its_node(fs):
+    fs.store._store("pre/f", b"x", {"mode": "33188", "uid": "0", "gid": "0", "mtime": "1"})
+    node = await fs.lookup(ROOT_INODE, "f")
+    rh = await fs.open(node.inode, os.O_RDONLY)
+    await fs.unlink(ROOT_INODE, "f")
+    copies = [call for call in fs.store.calls if call[0] == "copy"]
+    changed = await fs.setattr(node.inode, SetAttr(mode=0o600))  # fchmod: nothing to store on
+    assert stat.S_IMODE(changed.mode) == 0o600
+    assert [call for call in fs.store.calls if call[0] == "copy"] == copies
+    await fs.release(rh)
+
 async def test_attributes_set_after_the_last_flush_reach_s3(fs):
     fh, node = await fs.create(ROOT_INODE, "cp-p", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
     await fs.write(fh, 0, b"payload")
