@@ -8,6 +8,7 @@ do; it must never contain credentials or signed URLs.
 from __future__ import annotations
 
 import errno as _errno
+import os
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
@@ -26,6 +27,11 @@ class FsError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+
+def error_reason(exc: FsError) -> str:
+    """The failure's own line, else its errno's name: what a log line says went wrong."""
+    return exc.message or os.strerror(exc.errno)
 
 
 class StoreError(FsError):

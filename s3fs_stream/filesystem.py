@@ -1,8 +1,8 @@
 """The file system's semantics in plain trio, with no pyfuse3 import (the adapter converts).
 
-Composition only: the inode table, the namespace (paths, directories, attributes) and the
-open files (handles, writers, readers) over one object store. Every failure is raised as an
-FsError carrying its errno.
+Composition only: the inode table, the namespace (paths, directories, attributes, with its
+deferred metadata) and the open files (handles, writers, readers) over one object store.
+Every failure is raised as an FsError carrying its errno.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class FileSystem:
                                self.spill, drop_pages)
         self.namespace = Namespace(store, prefix, config, self.table, self.files, nursery,
                                    notify)
+        self.deferred = self.namespace.deferred  # chmod/utimes of closed files, stored later
 
     @property
     def schedule(self):

@@ -333,7 +333,7 @@ class FuseOperations(pyfuse3.Operations):
         await self.files.fsync(fh)
         inode = self.files.inode_of(fh)
         if inode is not None:  # attributes set on a closed file and not yet stored
-            await self.namespace.store_meta(inode)
+            await self.namespace.deferred.store_meta(inode)
 
     @_converted
     async def release(self, fh):

@@ -271,7 +271,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             nursery.start_soon(fs.spill.maintain)
         if config.fs.max_unsynced:
             nursery.start_soon(fs.files.sync_forever, config.fs.max_unsynced)
-        nursery.start_soon(fs.namespace.store_meta_forever)  # chmod/utimes of closed files
+        nursery.start_soon(fs.deferred.store_meta_forever)  # chmod/utimes of closed files
         operations = FuseOperations(fs, config.fs.writeback_cache)
         source = f"s3://{config.store.bucket}/{config.store.prefix}"
         status = StatusServer(config.mountpoint, lambda: snapshot(
@@ -300,7 +300,7 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
             with trio.move_on_after(150, shield=True):
                 left = await fs.files.shutdown()
                 await fs.spill.close()  # after the writers: their spills are deleted
-                await fs.namespace.store_all_meta()  # after the writers: none holds a file
+                await fs.deferred.store_all_meta()  # after the writers: none holds a file
                 await pool.close()
                 await store.aclose()
             pyfuse3.close(unmount=True)

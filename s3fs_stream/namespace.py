@@ -8,24 +8,28 @@ is the mount's own (spilled parts) and never shown.
 
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
 import dataclasses
 import errno
 import functools
-import itertools
 import logging
-import math
 import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
+from .attribute_fetcher import AttributeFetcher
 from .config import FsConfig
+from .deferred_meta import (
+    DeferredMeta,
+    apply_meta,
+    meta_of,
+    same_etag,
+    stored_options,
+)
+from .dir_attributes import DirAttributes
 from .directory_listing import (
     KEY_MAX,
     DirectoryStream,
@@ -34,8 +38,9 @@ from .directory_listing import (
     invalid_name_reason,
     list_names,
 )
-from .errors import FsError, NotFound, PreconditionFailed, run_parallel
+from .errors import FsError, NotFound, PreconditionFailed, error_reason, run_parallel
 from .inode_table import ROOT_INODE, InodeTable, Node, join, parent_of
+from .known_names import KNOWN_DIR_MAX, KnownNames
 from .object_meta import (
     OUR_KEYS,
     FileMeta,
@@ -62,43 +67,7 @@ RENAME_EXCHANGE = 2
 
 # A symbolic link's object (s3fs-fuse's: the body is the target) is at most PATH_MAX - 1.
 SYMLINK_MAX = 4095
-HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
-HEAD_BATCH = 16  # HEADs pipelined on one connection
-WALK_WINDOW = 2.0  # seconds between lookups of stale names that make a walk of a directory
-WALK_AHEAD = 64  # known names after the one looked up whose HEADs a walk sends ahead
 READDIR_CHUNK = 256  # entries whose HEADs run together (a readdir call takes 30 to 1000s)
-BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
-NEGATIVE_MAX = 20_000  # remembered missing names
-KNOWN_DIR_MAX = 1_000  # a directory known whole (names) only up to one listing page
-KNOWN_DIRS = 256
-# chmod/chown/utimes of a closed file this mount stored are stored at most this many
-# seconds later (unless a rename carries them first, an unlink makes them moot, or
-# fsync/open/unmount stores them): rsync sets a temporary file's times and mode just before
-# renaming it, and one CopyObject then does what three did. What a crash of the mount can lose.
-META_DELAY = 1.0
-META_STORE_CONCURRENCY = 16  # deferred attributes stored at once when their time comes
-META_RETRY_MAX = 300.0  # a refused deferred store is retried after 2, 4, 8 ... s, then this
-
-
-@dataclass
-class _PendingMeta:
-    """Attributes of a closed file applied to its node but not yet to its object."""
-
-    node: Node
-    meta: FileMeta  # what to store (the node shows it already)
-    etag: str  # the object they belong to: never stored onto another one
-    due: float  # trio time by which they are stored (the next retry after a failure)
-    failures: int = 0  # stores that failed (refused): kept, retried with backoff
-    logged: bool = False  # the ERROR line for its failure was written
-
-
-def _reason(exc: FsError) -> str:
-    return exc.message or os.strerror(exc.errno)
-
-
-def same_etag(a: str, b: str) -> bool:
-    """SeaweedFS answers CopyObject with the ETag unquoted, HEAD and listings quoted."""
-    return a.strip('"') == b.strip('"')
 
 
 class _DirHandle:
@@ -122,33 +91,19 @@ class Namespace:
         # ("entry", parent inode, name, old inode or 0) / ("inode", inode): tell the kernel
         self._notify = notify or (lambda *args: None)
         table.on_replaced = self._replaced
-        files.before_read = functools.partial(self.store_meta, report=False)
+        # chmod/chown/utimes of closed files not yet stored, and the per-inode metadata locks
+        self.deferred = DeferredMeta(store, self.key, config, table, files)
         self._dir_handles: dict[int, _DirHandle] = {}
-        # whether the server keeps x-amz-meta-* on directory markers `dir/` (AWS, moto,
-        # MinIO do; SeaweedFS drops them): None until a marker shows, else False once a
-        # marker stored with them comes back without. While not True, a directory's
-        # attributes are also kept in an object of the mount's own (`_attrs_key`)
-        self._markers_keep_meta: bool | None = None
-        self._meta_locks: dict[int, trio.Lock] = {}  # one metadata rewrite per inode at once
-        # inode -> attributes not yet stored, oldest first (see META_DELAY); only while a
-        # mount-owned task stores them (`store_meta_forever`), else setattr stores at once
-        self._pending: dict[int, _PendingMeta] = {}
-        self._deferring = False
-        self._storing: set[int] = set()  # inodes whose deferred store has started
-        self._meta_wakeup = trio.Event()  # a change deferred, or a store done
+        # directories' attributes: on their markers, or where the server drops them there,
+        # in objects of the mount's own
+        self.dirs = DirAttributes(store, prefix, self.key)
         self._fh_numbers = iter(range(1, 1 << 62))
         self.warnings = Warnings()
-        self._negative: dict[str, float] = {}  # path -> monotonic expiry
-        # directory path -> (expiry, every name in it): lookups of other names need no request
-        self._known: collections.OrderedDict[str, tuple[float, set[str]]] = \
-            collections.OrderedDict()
-        self._refreshing: dict[str, trio.Event] = {}
-        # directory path -> listed nodes whose metadata nobody has asked for yet
-        self._backlog: dict[str, collections.deque[Node]] = {}
-        self._draining: set[str] = set()
-        self._heads = trio.CapacityLimiter(HEAD_CONCURRENCY)
-        # directory -> (expiry, its known names sorted, once a walk is seen): `_read_ahead_meta`
-        self._walks: dict[str, tuple[float, list[str] | None]] = {}
+        # names known missing, directories known whole (with negative_timeout)
+        self.known = KnownNames(config, self._list_dir)
+        # HEADs of listed and walked entries, ahead and in parallel
+        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self._took_head,
+                                        functools.partial(self._take_head, raising=False))
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -186,82 +141,17 @@ class Namespace:
             self._notify("entry", parent.inode, new.name, old.inode)
         self._notify("inode", old.inode)
 
-    # -- what is known without asking --------------------------------------------------------
-
-    def _forget_missing(self, path: str) -> None:
-        """`path` exists now (created here): no cache may call it missing."""
-        self._negative.pop(path, None)
-        known = self._known.get(parent_of(path))
-        if known is not None:
-            known[1].add(path.rpartition("/")[2])
-
-    def _gone(self, path: str) -> None:
-        """`path` was removed here."""
-        known = self._known.get(parent_of(path))
-        if known is not None:
-            known[1].discard(path.rpartition("/")[2])
-        self._known.pop(path, None)
-
-    def _remember_missing(self, path: str) -> None:
-        if len(self._negative) >= NEGATIVE_MAX:
-            now = time.monotonic()
-            self._negative = {p: t for p, t in self._negative.items() if t > now}
-            if len(self._negative) >= NEGATIVE_MAX:
-                self._negative.clear()
-        self._negative[path] = time.monotonic() + self.config.negative_timeout
-
-    def _know_dir(self, path: str, names: set[str]) -> None:
-        self._known[path] = (time.monotonic() + self.config.negative_timeout, names)
-        self._known.move_to_end(path)
-        while len(self._known) > KNOWN_DIRS:
-            self._known.popitem(last=False)
-
-    async def _known_missing(self, path: str) -> bool:
-        """True when `path` is known not to exist: a missing name seen within
-        `negative_timeout`, or a directory listed whole (or made) within it that lacks the
-        name. A small directory known before is listed again (one request) rather than
-        HEAD + LIST. With `negative_timeout` 0 (the default) nothing is known missing: S3 is
-        strongly consistent, and a pipeline's consumer told "x is there" by another client
-        must find it."""
-        if not self.config.negative_timeout:
-            return False
-        expiry = self._negative.get(path)
-        now = time.monotonic()
-        if expiry is not None:
-            if expiry > now:
-                return True
-            del self._negative[path]
-        parent = parent_of(path)
-        known = self._known.get(parent)
-        if known is None:
-            return False
-        if known[0] <= now:
-            known = await self._refresh_known(parent)
-            if known is None:
-                return False
-        return path.rpartition("/")[2] not in known[1]
-
-    async def _refresh_known(self, parent: str) -> tuple[float, set[str]] | None:
-        busy = self._refreshing.get(parent)
-        if busy is not None:
-            await busy.wait()
-            known = self._known.get(parent)
-            return known if known is not None and known[0] > time.monotonic() else None
-        done = self._refreshing[parent] = trio.Event()
-        try:
-            key_prefix = self.key(parent) + "/" if parent else self.prefix
-            names = await list_names(self.store, key_prefix, self.warnings, KNOWN_DIR_MAX)
-        finally:
-            del self._refreshing[parent]
-            done.set()
+    async def _list_dir(self, parent: str) -> set[str] | None:
+        """Every name in the directory `parent` (those being written here too), or None
+        when it has more than KNOWN_DIR_MAX: `KnownNames` refreshes a directory so."""
+        key_prefix = self.key(parent) + "/" if parent else self.prefix
+        names = await list_names(self.store, key_prefix, self.warnings, KNOWN_DIR_MAX)
         if names is None:
-            self._known.pop(parent, None)
             return None
         names |= {n.name for i, _ in self.files.writers()
                   if (n := self.table.get(i)) is not None and parent_of(n.path) == parent}
         names.discard(RESERVED_NAME)
-        self._know_dir(parent, names)
-        return self._known[parent]
+        return names
 
     # -- lookup, getattr, setattr ----------------------------------------------------------
 
@@ -290,14 +180,14 @@ class Namespace:
         if node is not None and node.is_dir and node.fresh:
             # listed just now: it exists; its marker may carry attributes the listing lacks
             return await self._with_meta(node)
-        if node is None and await self._known_missing(path):
+        if node is None and await self.known.known_missing(path):
             raise FsError("", errno.ENOENT)
         if node is not None and not node.is_dir:
             if node.fetching is not None:  # a read-ahead HEAD of it is out: that one answers
                 await node.fetching.wait()
                 if node.fresh and self.table.by_path(path) is node:
                     return node
-            self._read_ahead_meta(path)
+            self.fetcher.read_ahead(path)
             # a file seen before: one HEAD answers unless it is gone
             try:
                 info = await self.store.head(self.key(path))
@@ -306,29 +196,6 @@ class Namespace:
             else:
                 return self._upsert_file(path, info)
         return await self._resolve(path)
-
-    def _read_ahead_meta(self, path: str) -> None:
-        """A second stale name of one directory looked up within WALK_WINDOW is a walk
-        (`rsync` again, `find -newer`, `stat *`): HEAD the next known names of the directory
-        ahead of it, pipelined in the background, so that their lookups find them fresh."""
-        parent, name = parent_of(path), path.rpartition("/")[2]
-        now = time.monotonic()
-        walk = self._walks.get(parent)
-        if walk is None or walk[0] < now:
-            if len(self._walks) > KNOWN_DIRS:
-                self._walks.clear()
-            self._walks[parent] = (now + WALK_WINDOW, None)  # one lookup is not a walk yet
-            return
-        names = walk[1]
-        if names is None:
-            names = sorted(self.table.children(parent))
-        self._walks[parent] = (now + WALK_WINDOW, names)
-        start = bisect.bisect_right(names, name)
-        ahead = [node for sibling in names[start:start + WALK_AHEAD]
-                 if (node := self.table.by_path(join(parent, sibling))) is not None
-                 and not node.is_dir and not (node.fresh and node.has_metadata)
-                 and self.files.writer(node.inode) is None]
-        self._head_soon(ahead)  # those whose HEAD is not out yet
 
     async def _resolve(self, path: str) -> Node:
         """Ask S3 what `path` is: a directory (prefix or marker) wins over an object."""
@@ -351,12 +218,12 @@ class Namespace:
             if "info" in found:
                 self.warnings.once(key, "object %r is hidden by the directory of the same "
                                    "name", key)
-            marker = await self._head_marker(path) if found.get("marker") else None
+            marker = await self.dirs.head_marker(path) if found.get("marker") else None
             return self.table.upsert(path, True, **dir_attrs(self.config, marker))
         if "info" in found:
             return self._upsert_file(path, found["info"])
         self.table.remove_path(path)
-        self._remember_missing(path)
+        self.known.remember_missing(path)
         raise FsError("", errno.ENOENT)
 
     def _upsert_file(self, path: str, info: ObjectInfo) -> Node:
@@ -364,7 +231,7 @@ class Namespace:
         attributes changed here and are not stored yet keeps them while the object is still
         the one they belong to; another client's object replaces them."""
         node = self.table.by_path(path)
-        pending = self._pending.get(node.inode) if node is not None else None
+        pending = self.deferred.pending(node.inode) if node is not None else None
         if pending is not None and pending.node is node and same_etag(info.etag, pending.etag):
             node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
             return node
@@ -381,24 +248,6 @@ class Namespace:
                 self._notify("entry", parent.inode, node.name, 0)
         return node
 
-    async def _head_marker(self, path: str) -> ObjectInfo | None:
-        """What holds the directory's attributes: its marker, or where the server drops a
-        marker's metadata, the object `_attrs_key` (one more HEAD, only on such servers
-        and for markers without metadata)."""
-        try:
-            marker = await self.store.head(self.key(path) + "/")
-        except NotFound:
-            marker = None
-        if marker is not None and "mode" in marker.metadata:
-            self._markers_keep_meta = True  # a server that drops them shows none
-            return marker
-        if self._markers_keep_meta or not path:
-            return marker
-        try:
-            return await self.store.head(self._attrs_key(path))
-        except NotFound:
-            return marker
-
     async def getattr(self, inode: int) -> Node:
         node = self._node(inode)
         if self.files.writer(inode) is not None:
@@ -406,7 +255,7 @@ class Namespace:
         if node.fresh and node.has_metadata or node.path.startswith("\0") or \
                 inode == ROOT_INODE:
             return node
-        self._demand(node)
+        self.fetcher.demand(node)
         return await self._with_meta(node, raising=True)
 
     async def _with_meta(self, node: Node, raising: bool = False) -> Node:
@@ -433,7 +282,7 @@ class Namespace:
     async def _take_head(self, node: Node, raising: bool) -> Node:
         path = node.path  # may change while the HEAD is out: checked after it
         if node.is_dir:
-            marker = await self._head_marker(path)
+            marker = await self.dirs.head_marker(path)
             if node.path == path:
                 self.table.upsert(path, True, **dir_attrs(self.config, marker))
             return node
@@ -456,93 +305,6 @@ class Namespace:
 
     # -- metadata of listed entries, fetched in parallel ------------------------------------
 
-    async def _head_nodes(self, nodes: list[Node]) -> None:
-        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most, over every caller);
-        returns when each has its metadata or failed. A node whose HEAD is already out
-        waits for that one. A few workers take the nodes in turn: a task per node costs
-        as much CPU as the HEAD itself."""
-        busy = [node.fetching for node in nodes if node.fetching is not None]
-        # once each (a backlog may list a node twice)
-        todo = list({id(node): node for node in nodes
-                     if node.fetching is None and not (node.fresh and node.has_metadata)
-                     }.values())
-        for node in todo:  # claimed at once: others wait instead of sending another HEAD
-            node.fetching = trio.Event()
-        queue = iter(todo)
-
-        async def worker() -> None:
-            async with self._heads:
-                while batch := list(itertools.islice(queue, HEAD_BATCH)):
-                    try:
-                        await self._head_batch(batch)
-                    finally:
-                        for node in batch:
-                            done, node.fetching = node.fetching, None
-                            if done is not None:
-                                done.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(min(-(-len(todo) // HEAD_BATCH), HEAD_CONCURRENCY)):
-                    nursery.start_soon(worker)
-        finally:
-            for node in queue:  # cancelled: let go of what was claimed and not sent
-                done, node.fetching = node.fetching, None
-                if done is not None:
-                    done.set()
-        for event in busy:
-            await event.wait()
-
-    async def _head_batch(self, nodes: list[Node]) -> None:
-        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
-        files = [node for node in nodes if not node.is_dir]
-        paths = [node.path for node in files]  # may change across the await: checked after
-        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
-        for node, path, result in zip(files, paths, found, strict=True):
-            if isinstance(result, ObjectInfo):
-                self._took_head(node, path, result)
-            elif not isinstance(result, NotFound):
-                log.debug("HEAD for %s failed: %s", path, result)
-            elif not node.has_metadata and node.path == path and \
-                    self.files.writer(node.inode) is None:
-                self.table.remove_path(path)  # listed, deleted since: readdir skips it
-        for node in nodes:
-            if node.is_dir:
-                try:
-                    await self._take_head(node, raising=False)
-                except FsError as exc:
-                    log.debug("HEAD for %s failed: %s", node.path, exc)
-
-    def _demand(self, node: Node) -> None:
-        """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD
-        the rest of what was listed in parallel instead of one getattr at a time."""
-        parent = parent_of(node.path)
-        backlog = self._backlog.get(parent)
-        if backlog is None or parent in self._draining or self._nursery is None:
-            return
-        self._draining.add(parent)
-        self._nursery.start_soon(self._drain, parent, backlog)
-
-    async def _drain(self, parent: str, backlog: collections.deque[Node]) -> None:
-        try:
-            while backlog:
-                batch = [backlog.popleft() for _ in range(min(len(backlog), 256))]
-                await self._head_nodes([n for n in batch if n.lookups and not n.has_metadata
-                                        and not n.path.startswith("\0")])
-        finally:
-            self._draining.discard(parent)
-            if self._backlog.get(parent) is backlog and not backlog:
-                del self._backlog[parent]
-
-    def _listed_without_meta(self, parent: str, node: Node) -> None:
-        backlog = self._backlog.get(parent)
-        if backlog is None:
-            if len(self._backlog) > 64:  # directories listed long ago and never stat'ed
-                for path in [p for p in self._backlog if p not in self._draining][:32]:
-                    del self._backlog[path]
-            backlog = self._backlog[parent] = collections.deque(maxlen=BACKLOG_MAX)
-        backlog.append(node)
-
     # -- setattr -----------------------------------------------------------------------------
 
     async def setattr(self, inode: int, change: SetAttr, fh: int | None = None) -> Node:
@@ -556,7 +318,7 @@ class Namespace:
         await self.files.wait_closed(inode)
         if change.size is not None:
             # a truncation continues the object as stored (or carries what S3 refused)
-            await self.store_meta(inode, report=False)
+            await self.deferred.store_meta(inode, report=False)
         if self.files.writer(inode) is None and change.size is not None:
             await self.getattr(inode)
             if not node.has_metadata and not node.path.startswith("\0"):
@@ -581,21 +343,21 @@ class Namespace:
         if change.kernel_time_only(time.time_ns()):
             node.mtime_ns = change.mtime_ns  # in memory: not worth copying the object onto
             return node                      # itself (a rename would copy twice)
-        async with self._meta_lock(inode):
+        async with self.deferred.lock(inode):
             # across the lock's wait: the file may have been renamed, unlinked, replaced or
             # opened for writing, and its deferred attributes stored
-            if self._may_defer(node):
-                return self._defer_meta(node, change)
+            if self.deferred.may_defer(node):
+                return self.deferred.defer(node, change)
             # stored now, with whatever was deferred for this object: a refusal reaches the
             # program as its errno, the node keeps what it showed, and what was deferred
             # stays pending (shown, retried)
-            pending = self._pending.get(inode)
+            pending = self.deferred.pending(inode)
             if pending is not None and not same_etag(pending.etag, node.etag):
-                self._drop_pending(inode)  # for an object no longer there
+                self.deferred.drop(inode)  # for an object no longer there
                 pending = None
             await self._rewrite_meta(node, change, pending is not None)
             if pending is not None:
-                self._drop_pending(inode)  # stored with this change
+                self.deferred.drop(inode)  # stored with this change
             return node
 
     async def _rewrite_meta(self, node: Node, change: SetAttr, unstored: bool = False) -> Node:
@@ -604,290 +366,34 @@ class Namespace:
         kernel sends its own time updates while `chmod` or `touch` runs, and two overlapping
         rewrites would lose one change."""
         if node.path.startswith("\0"):  # deleted or replaced: nothing left to store it on
-            self._apply_meta(node, changed_meta(self._meta_of(node), change, time.time_ns()))
+            apply_meta(node, changed_meta(meta_of(node), change, time.time_ns()), self.config)
             return node
-        current = self._meta_of(node)
+        current = meta_of(node)
         meta = changed_meta(current, change, time.time_ns())
         if meta != current or unstored or not node.has_metadata:
             key = self.key(node.path)
             try:
-                node.etag = await self.store.copy(key, key, self._rewrite_options(node, meta),
-                                                  node.size)
+                options = stored_options(node, meta, self.config)
+                node.etag = await self.store.copy(key, key, options, node.size)
             except FsError as exc:  # S3's AccessDenied is EACCES: chmod says so
                 raise FsError(f"{node.path}: its new attributes could not be stored "
-                              f"({_reason(exc)}); they are left as they were",
+                              f"({error_reason(exc)}); they are left as they were",
                               exc.errno) from None
             node.stored_etag = node.etag
-        self._apply_meta(node, meta)
+        apply_meta(node, meta, self.config)
         return node
-
-    # -- deferred metadata (META_DELAY) ------------------------------------------------------
-    #
-    # A chmod/chown/utimes of a closed regular file whose object this mount stored itself
-    # (`Node.stored_etag`; any other is stored at once, so that a refusal is chmod's errno)
-    # changes its node at once (stat shows it) and is stored by the first of: a rename of
-    # the file (its CopyObject carries the new metadata: one copy instead of one per setattr
-    # plus the rename's), an open, truncate or fsync of it, the mount's shutdown, or
-    # `store_meta_forever` once META_DELAY has passed. An unlink (or the object's
-    # replacement, by this mount or another client) drops it.
-    # Everything that stores, drops or carries a change holds the inode's metadata lock, so a
-    # store in flight never interleaves with a rename, an unlink or another setattr of the
-    # file. A change is stored only onto the object it was made for (its ETag as this mount
-    # last saw it): a node that another client's object replaced, or that a writer of this
-    # mount completed anew, has its change dropped, never copied onto the new object. A
-    # store S3 refuses keeps the change pending and visible, retried with backoff
-    # (`_store_failed`): a change the mount could not store is never silently reverted.
-
-    def _may_defer(self, node: Node) -> bool:
-        """A closed regular file whose object and metadata this mount knows as they are now,
-        and whose object this mount stored itself (rsync's temporary file, a file it just
-        copied or chmod'ed): writing it has just shown that S3 lets the mount rewrite it.
-        Anything else -- another tool's object, where a policy, Object Lock or read-only
-        credentials may refuse the copy, symbolic links, writers, a release still storing,
-        a file whose deferred store was refused -- is stored at once, so that a refusal
-        reaches the program as an errno instead of being reported done."""
-        pending = self._pending.get(node.inode)
-        return (self._deferring and stat.S_ISREG(node.mode) and node.has_metadata
-                and bool(node.etag) and same_etag(node.stored_etag, node.etag)
-                and not node.path.startswith("\0")
-                and self.table.by_path(node.path) is node and not self._busy(node)
-                and (pending is None or not pending.failures))
-
-    def _busy(self, node: Node) -> bool:
-        """A writer holds the object (its base pinned by ETag): a copy now would break it."""
-        return self.files.writer(node.inode) is not None or self.files.closing(node.inode)
-
-    def _defer_meta(self, node: Node, change: SetAttr) -> Node:
-        """Apply `change` to the node now and leave its storing to later (no await here)."""
-        pending = self._pending.get(node.inode)
-        if pending is not None and not same_etag(pending.etag, node.etag):
-            self._drop_pending(node.inode)  # for an object no longer there
-            pending = None
-        current = pending.meta if pending is not None else self._meta_of(node)
-        meta = changed_meta(current, change, time.time_ns())
-        if meta == current:
-            return node  # changes nothing: nothing to store
-        if pending is None:
-            self._pending[node.inode] = _PendingMeta(node, meta, node.etag,
-                                                     trio.current_time() + META_DELAY)
-            node.meta_pending = True
-            self._meta_wakeup.set()
-        else:
-            pending.meta = meta  # stored by the first change's deadline
-        self._apply_meta(node, meta)
-        return node
-
-    def _drop_pending(self, inode: int) -> _PendingMeta | None:
-        pending = self._pending.pop(inode, None)
-        if pending is not None:
-            self.table.meta_stored(pending.node)
-        return pending
-
-    async def store_meta(self, inode: int, report: bool = True) -> tuple[str, str] | None:
-        """Store deferred attributes of `inode` now (at fsync, before a directory rename
-        copies it: a failure raises its errno; `report=False` before an open for writing, a
-        truncation or a reader's first read: a failure leaves them pending, and a writer
-        then carries them). Left deferred while a writer holds the object: that writer's
-        completion stores them (it started from the node's attributes). Returns (the ETag
-        before, the copy's) when it copied."""
-        pending = self._pending.get(inode)
-        if pending is None:
-            return None
-        if not report and pending.failures and pending.due > trio.current_time():
-            return None  # refused before: retried at its time, not at every read
-        async with self._meta_lock(inode):
-            # across the wait: the change may have been stored, carried or dropped
-            pending = self._pending.get(inode)
-            if pending is not None and not self._busy(pending.node):
-                return await self._store_pending(pending, raising=report)
-        return None
-
-    async def _store_pending(self, pending: _PendingMeta, raising: bool,
-                             final: bool = False) -> tuple[str, str] | None:
-        """The caller holds the inode's metadata lock. Returns (the ETag before, the
-        copy's) when it copied. A failure keeps the change (see `_store_failed`)."""
-        node = pending.node
-        if node.path.startswith("\0") or self.table.by_path(node.path) is not node or \
-                not same_etag(node.etag, pending.etag):
-            self._drop_pending(node.inode)
-            log.debug("%s: attributes set here not stored: the file was removed or replaced",
-                      node.path)
-            return None
-        key = self.key(node.path)
-        options = self._rewrite_options(node, pending.meta)
-        try:
-            # across the copy (the lock is held): no rename, unlink or setattr of the file
-            # runs, an open for writing waits; the change stays registered, so a HEAD or a
-            # listing that sees the object before the copy leaves the node as it is
-            # (`_upsert_file`), and one after it finds the attributes stored
-            etag = await self.store.copy(key, key, options, node.size, pending.etag)
-        except (NotFound, PreconditionFailed):
-            self._drop_pending(node.inode)
-            log.info("%s: deleted or replaced by another client before its new attributes "
-                     "were stored", node.path)
-            return None
-        except FsError as exc:
-            self._store_failed(pending, exc, raising, final)
-            return None
-        # (cancelled: the mount is going, and `store_all_meta` stores it)
-        self._drop_pending(node.inode)
-        if pending.failures:
-            log.info("%s: its new attributes are stored, after %d refused attempt(s)",
-                     node.path, pending.failures)
-        node.stored_etag = etag
-        if node.cached_etag is not None and same_etag(node.cached_etag, node.etag):
-            node.cached_etag = etag  # the same bytes: the kernel's cached pages stay valid
-        node.etag = etag
-        node.expires = time.monotonic() + self.config.attr_timeout
-        return pending.etag, etag
-
-    def _store_failed(self, pending: _PendingMeta, exc: FsError, raising: bool,
-                      final: bool) -> None:
-        """A deferred change S3 refused (or failed to store): never silently reverted. It
-        stays pending -- the node shows it, the kernel enforces it, HEADs and listings of
-        the same object leave it -- and is retried with backoff (2, 4, 8 ... s up to
-        META_RETRY_MAX); the next setattr of the file is stored at once (`_may_defer`), so
-        its program sees the errno, and so does an fsync (`raising`: the adapter logs that
-        one). Otherwise one ERROR line per file says what to do; at unmount (`final`)
-        another says it is lost."""
-        node = pending.node
-        pending.failures += 1
-        pending.due = trio.current_time() + min(META_DELAY * 2 ** pending.failures,
-                                                META_RETRY_MAX)
-        reason = _reason(exc)
-        if final:
-            log.error("%s: its new attributes (mode %o, uid %d, gid %d) were never stored "
-                      "and are lost at unmount: %s; set them again once S3 allows copying "
-                      "the object onto itself", node.path, stat.S_IMODE(pending.meta.mode),
-                      pending.meta.uid, pending.meta.gid, reason)
-        elif raising:
-            pending.logged = True
-            raise FsError(f"{node.path}: its new attributes are not stored ({reason}); this "
-                          "mount keeps them and retries", exc.errno)
-        elif not pending.logged:
-            pending.logged = True
-            log.error("%s: could not store its new attributes (%s); this mount keeps showing "
-                      "them and retries with backoff, but S3 and other mounts have the old "
-                      "ones until it succeeds: allow CopyObject of the key onto itself (bucket "
-                      "policy, Object Lock, credentials), or chmod/touch it again to see the "
-                      "error", node.path, reason)
-        else:
-            log.debug("%s: attributes still not stored (attempt %d, next in %.0f s): %s",
-                      node.path, pending.failures, pending.due - trio.current_time(), reason)
-
-    async def store_meta_forever(self) -> None:
-        """Owned by the mount: stores each deferred change once META_DELAY has passed, each
-        in a task of its own (one waiting for its file's lock, during a long rename say,
-        holds up no other). While it runs, setattr defers; without it setattr stores at
-        once (unit tests that do not start it)."""
-        self._deferring = True
-        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
-        try:
-            async with trio.open_nursery() as nursery:
-                while True:
-                    self._meta_wakeup = trio.Event()
-                    now = trio.current_time()
-                    later = math.inf
-                    for inode, pending in list(self._pending.items()):
-                        if inode in self._storing:
-                            continue
-                        if pending.due <= now:
-                            self._storing.add(inode)
-                            nursery.start_soon(self._store_due, pending, limiter)
-                        else:
-                            later = min(later, pending.due)
-                    with trio.move_on_at(later):
-                        await self._meta_wakeup.wait()
-        finally:
-            self._deferring = False
-
-    async def _store_due(self, pending: _PendingMeta, limiter: trio.CapacityLimiter) -> None:
-        inode = pending.node.inode
-        try:
-            async with limiter, self._meta_lock(inode):
-                # across the waits: the change may have been stored, carried or dropped
-                if self._pending.get(inode) is not pending:
-                    return
-                if self._busy(pending.node):  # opened for writing meanwhile: after its close
-                    del self._pending[inode]
-                    pending.due = trio.current_time() + META_DELAY
-                    self._pending[inode] = pending
-                    return
-                await self._store_pending(pending, raising=False)
-        except Exception:  # never let one file's surprise take the mount down
-            log.exception("storing the attributes of %s failed", pending.node.path)
-        finally:
-            self._storing.discard(inode)
-            self._meta_wakeup.set()
-
-    async def store_all_meta(self) -> None:
-        """Unmounting: every deferred change is stored before the process exits."""
-        self._deferring = False
-        if not self._pending:
-            return
-        log.debug("storing the attributes of %d file(s) before unmounting", len(self._pending))
-        limiter = trio.CapacityLimiter(META_STORE_CONCURRENCY)
-
-        async def one(inode: int) -> None:
-            async with limiter, self._meta_lock(inode):
-                pending = self._pending.get(inode)
-                if pending is not None:
-                    await self._store_pending(pending, raising=False, final=True)
-
-        async with trio.open_nursery() as nursery:
-            for inode in list(self._pending):
-                nursery.start_soon(one, inode)
-
-    async def _store_meta_under(self, prefix: str) -> None:
-        """Before a directory's keys are copied: what was deferred for files inside it."""
-        for inode in [i for i, p in self._pending.items() if p.node.path.startswith(prefix)]:
-            await self.store_meta(inode)  # a failure fails the rename: the copy would lose it
-
-    @contextlib.asynccontextmanager
-    async def _meta_lock_all(self, *inodes: int | None):
-        """The metadata locks of several inodes, in inode order (no deadlock)."""
-        async with contextlib.AsyncExitStack() as stack:
-            for inode in sorted({i for i in inodes if i is not None}):
-                await stack.enter_async_context(self._meta_lock(inode))
-            yield
-
-    @contextlib.asynccontextmanager
-    async def _meta_lock(self, inode: int):
-        lock = self._meta_locks.setdefault(inode, trio.Lock())
-        async with lock:
-            yield
-        if not lock.locked() and not lock.statistics().tasks_waiting:
-            self._meta_locks.pop(inode, None)
-
-    def _rewrite_options(self, node: Node, meta: FileMeta) -> PutOptions:
-        """`meta` stored on the node's object, with what else the object carries."""
-        return rewrite_options(meta.to_headers(), node.kept,
-                               kept_type(node.kept, content_type(node.path,
-                                                                 self.config.content_type)))
-
-    def _meta_of(self, node: Node) -> FileMeta:
-        return FileMeta(node.mode, node.uid, node.gid, node.mtime_ns, mtime_explicit=True,
-                        atime_ns=node.atime_ns or None, ctime_ns=node.ctime_ns or None)
-
-    def _apply_meta(self, node: Node, meta: FileMeta) -> None:
-        node.mode, node.uid, node.gid, node.mtime_ns = meta.mode, meta.uid, meta.gid, \
-            meta.mtime_ns
-        node.atime_ns = meta.atime_ns or meta.mtime_ns
-        node.ctime_ns = meta.ctime_ns or meta.mtime_ns
-        node.expires = time.monotonic() + self.config.attr_timeout
-        node.has_metadata = True
 
     def _set_times(self, node: Node, change: SetAttr) -> Node:
-        meta = changed_meta(self._meta_of(node), change, time.time_ns())
-        self._apply_meta(node, meta)
+        meta = changed_meta(meta_of(node), change, time.time_ns())
+        apply_meta(node, meta, self.config)
         node.expires = float("inf")
         return node
 
     async def _setattr_dir(self, node: Node, change: SetAttr) -> Node:
         """A directory's attributes live on its marker `dir/`, rewritten whole (servers that
         keep directories as such, SeaweedFS, cannot copy a marker onto itself); where the
-        server drops a marker's metadata, in the object `_attrs_key` too. A refusal of
-        either fails the change with the node as it was."""
+        server drops a marker's metadata, in the object `DirAttributes.attrs_key` too. A
+        refusal of either fails the change with the node as it was."""
         if not change.changes_meta:
             return node
         if not node.fresh or not node.has_metadata:
@@ -896,58 +402,10 @@ class Namespace:
             await self._fetch_meta(node)
             if node.path != path:  # renamed or removed across the HEAD
                 raise FsError("", errno.ENOENT)
-        meta = changed_meta(self._meta_of(node), change, time.time_ns())
-        await self._store_dir_meta(node.path, meta)
-        self._apply_meta(node, meta)
+        meta = changed_meta(meta_of(node), change, time.time_ns())
+        await self.dirs.put(node.path, meta)
+        apply_meta(node, meta, self.config)
         return node
-
-    def _attrs_key(self, path: str) -> str:
-        """Where a directory's attributes are kept on a server that drops them from its
-        marker: an ordinary (empty) object, which keeps its x-amz-meta-*."""
-        return f"{self.prefix}{RESERVED_NAME}/dirs/{path}"
-
-    async def _store_dir_meta(self, path: str, meta: FileMeta) -> None:
-        """Store a directory's attributes on its marker (made if missing) and, where the
-        server drops them there (found out once per mount: the marker's HEAD after the
-        first such PUT), in `_attrs_key` as well."""
-        marker = self.key(path) + "/"
-        headers = meta.to_headers()
-        await self.store.put(marker, b"", PutOptions(headers, None))
-        if self._markers_keep_meta is None:
-            try:
-                info = await self.store.head(marker)
-            except NotFound:
-                info = None  # removed at once by another client: ask again next time
-            if info is not None:
-                self._markers_keep_meta = "mode" in info.metadata
-                if not self._markers_keep_meta:
-                    log.info("s3://%s drops the metadata of directory markers: directory "
-                             "attributes are kept in %s%s/dirs/ as well", self.store.bucket,
-                             self.prefix, RESERVED_NAME)
-        if self._markers_keep_meta:
-            return
-        # stored like a spilled part (STANDARD, no public ACL): tiny, read at each lookup
-        try:
-            await self.store.put(self._attrs_key(path), b"",
-                                 PutOptions(headers, None, temporary=True))
-        except FsError as exc:
-            raise FsError(f"{path}: its attributes could not be stored in "
-                          f"{self._attrs_key(path)} ({_reason(exc)}); this server drops them "
-                          "from directory markers, so they are left as they were",
-                          exc.errno) from None
-
-    async def _delete_dir_meta(self, path: str) -> None:
-        """rmdir: the directory's attributes object goes with it (where there may be one)."""
-        if self._markers_keep_meta:
-            return
-        try:
-            await self.store.delete(self._attrs_key(path))
-        except NotFound:
-            pass
-        except FsError as exc:  # the directory is gone; a new one of its name gets its own
-            log.warning("rmdir %s: could not delete %s, which held its attributes: %s; "
-                        "delete it, or a directory made there by another tool shows them",
-                        path, self._attrs_key(path), exc)
 
     def _check_writable(self) -> None:
         if self.config.read_only:
@@ -1000,7 +458,7 @@ class Namespace:
         listing's (the upload time, the mount's default mode and owner) would stay. An entry
         whose HEAD failed goes with the listing's attributes (`listing_shown`); one found
         deleted is left out. Directories go as listed: the kernel takes each getattr's
-        attributes of a directory, and getattr HEADs their markers (`_demand`)."""
+        attributes of a directory, and getattr HEADs their markers (`AttributeFetcher.demand`)."""
         handle = self._dir_handles.get(fh)
         if handle is None:
             raise FsError("", errno.EBADF)
@@ -1009,13 +467,13 @@ class Namespace:
         # a two-stage pipeline: the HEADs of the next chunk are out while this one is handed
         # to the kernel (which may take thousands of entries per call)
         batch, need_head, position = await self._collect(directory.path, stream, offset)
-        self._head_soon(need_head)
+        self.fetcher.head_soon(need_head)
         while True:
             following = None
             if len(batch) == READDIR_CHUNK:
                 following = await self._collect(directory.path, stream, position)
-                self._head_soon(following[1])
-            await self._head_nodes(need_head)
+                self.fetcher.head_soon(following[1])
+            await self.fetcher.head_nodes(need_head)
             for index, (name, node, next_offset) in enumerate(batch):
                 # across the awaits since it was listed: the kernel may have forgotten the
                 # node (FORGET dropped it from the table), a HEAD replaced it with a new
@@ -1042,11 +500,11 @@ class Namespace:
                 if not node.has_metadata:
                     if not node.is_dir and self.files.writer(node.inode) is None:
                         node.listing_shown = True
-                    self._listed_without_meta(directory.path, node)
+                    self.fetcher.listed_without_meta(directory.path, node)
             if following is None:
                 if stream.names is not None and not handle.known:
                     handle.known = True  # listed whole: other names need no request
-                    self._know_dir(directory.path, set(stream.names))
+                    self.known.know_dir(directory.path, set(stream.names))
                 return
             batch, need_head, position = following
 
@@ -1074,12 +532,6 @@ class Namespace:
         if self._nursery is not None:
             stream.prefetch_next(self._nursery)
         return batch, need_head, position
-
-    def _head_soon(self, nodes: list[Node]) -> None:
-        """Start HEADs of these nodes in the mount's nursery; `_head_nodes` waits for them."""
-        nodes = [node for node in nodes if node.fetching is None]
-        if nodes and self._nursery is not None:
-            self._nursery.start_soon(self._head_nodes, nodes)
 
     def _entry_node(self, directory: str, entry: Entry, stream: DirectoryStream) -> Node | None:
         path = join(directory, entry.name)
@@ -1120,16 +572,16 @@ class Namespace:
         now = time.time_ns()
         meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
         try:
-            await self._store_dir_meta(path, meta)
+            await self.dirs.put(path, meta)
         except FsError:
             # the marker was stored but not the attributes: no directory showing others
             with contextlib.suppress(FsError):
                 await self.store.delete(self.key(path) + "/")
             raise
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         node = self.table.upsert(path, True, **dir_attrs(self.config))
-        self._apply_meta(node, meta)
-        self._know_dir(path, set())  # made here: empty, no lookup inside needs a request
+        apply_meta(node, meta, self.config)
+        self.known.know_dir(path, set())  # made here: empty, no lookup inside needs a request
         node.lookups += 1
         return node
 
@@ -1151,9 +603,9 @@ class Namespace:
         if not await self._dir_is_empty(path):
             raise FsError("", errno.ENOTEMPTY)
         await self.store.delete(self.key(path) + "/")
-        await self._delete_dir_meta(path)
+        await self.dirs.delete(path)
         self.table.remove_path(path)
-        self._gone(path)
+        self.known.gone(path)
 
     async def _dir_is_empty(self, path: str) -> bool:
         """No key under the directory but its own marker, and no file being written in it."""
@@ -1174,7 +626,7 @@ class Namespace:
                      gid: int) -> tuple[int, Node]:
         self._check_writable()
         path = self._child_path(parent, name, creating=True)
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         existing = self.table.by_path(path)
         if existing is not None:
             await self.files.wait_closed(existing.inode)
@@ -1203,8 +655,8 @@ class Namespace:
             # ETag as it will stay. A reader stores them before its first read instead
             # (`OpenFiles.read`): rsync opens a file read-only only to fchmod it. If S3
             # refuses, they stay pending (not reverted): the writer starts from them
-            await self.store_meta(inode, report=False)
-            async with self._meta_lock(inode):
+            await self.deferred.store_meta(inode, report=False)
+            async with self.deferred.lock(inode):
                 pass  # a rename of the file in progress moves it before a writer starts
         if self.files.writer(inode) is None and node.path.startswith("\0"):
             # unlinked (or replaced) after the kernel looked it up: nothing to open, no key
@@ -1233,7 +685,7 @@ class Namespace:
         first = self.files.writer(node.inode)
         first_stores = first.stores if first is not None else 0
         aside = None
-        async with self._meta_lock(node.inode):
+        async with self.deferred.lock(node.inode):
             # under the lock: a store of its attributes in flight ended first, and none runs
             # during the delete; once the object is gone, deferred ones are never stored
             if first is None and not self.files.closing(node.inode):
@@ -1245,7 +697,7 @@ class Namespace:
                     with trio.CancelScope(shield=True):
                         await self._put_back(node, *aside)
                 raise
-            self._drop_pending(node.inode)
+            self.deferred.drop(node.inode)
         detached: list[StreamingWriter] = []
         while True:
             # across the delete (and each await below): an open of the node (looked up
@@ -1270,7 +722,7 @@ class Namespace:
             # object set aside too; none can open it from here on
             self.files.set_aside(node, *aside)
         self.table.remove_path(path)
-        self._gone(path)
+        self.known.gone(path)
 
     async def _set_aside(self, node: Node, path: str) -> tuple[str, str, str, str] | None:
         """A file open for reading keeps its bytes after `rm` until its last close: before
@@ -1291,7 +743,7 @@ class Namespace:
             return None  # deleted or replaced by another client: nothing to keep
         except FsError as exc:
             raise FsError(f"rm {path}: it is open for reading here, and keeping its bytes "
-                          f"for its readers (a copy to {aside}) failed ({_reason(exc)}); "
+                          f"for its readers (a copy to {aside}) failed ({error_reason(exc)}); "
                           "nothing was changed", exc.errno) from None
         # across the copy: readers may have opened (those until the name is gone are moved
         # by the call after the delete) or closed, the last one too (the copy goes now)
@@ -1314,7 +766,7 @@ class Namespace:
         except FsError as exc:
             left = ("what a writer of it stored meanwhile is left; rm it again" if again else
                     "the file and its open writers are left as they were")
-            raise FsError(f"rm {path}: the delete failed ({_reason(exc)}); {left}",
+            raise FsError(f"rm {path}: the delete failed ({error_reason(exc)}); {left}",
                           exc.errno) from None
 
     async def _settled(self, path: str) -> Node:
@@ -1367,7 +819,7 @@ class Namespace:
                 log.warning("rename %s: %s is still open for writing; close it first", old,
                             busy[0])
                 raise FsError("", errno.EBUSY)
-            await self._store_meta_under(old + "/")
+            await self.deferred.store_under(old + "/")
             await self._rename_tree(old, new)
         elif writer is not None:
             # under the writer's lock: it completes first, and no write lands on the old key
@@ -1377,7 +829,7 @@ class Namespace:
                               self._renamed_type(source, old, new))
         else:
             target_inode = target.inode if target is not None else None
-            async with self._meta_lock_all(source.inode, target_inode):
+            async with self.deferred.lock_all(source.inode, target_inode):
                 # across the waits: a store of either's attributes may have run, or the
                 # source been renamed or removed by a request that came first, or opened
                 # for writing (opens for writing wait for this lock: none comes after)
@@ -1386,7 +838,7 @@ class Namespace:
                 if self.files.writer(source.inode) is not None or \
                         self.files.closing(source.inode):
                     return False
-                carried = self._pending.pop(source.inode, None)
+                carried = self.deferred.take(source.inode)
                 if carried is not None and not same_etag(carried.etag, source.etag):
                     carried = None  # for an object no longer there
                 try:
@@ -1397,27 +849,23 @@ class Namespace:
                     # a refused copy changed nothing: the target keeps its deferred
                     # attributes, the source's are still to be stored under the old name
                     if carried is not None:
-                        self._pending[source.inode] = carried
+                        self.deferred.put_back(source.inode, carried)
                     raise
                 if target_inode is not None:
-                    self._drop_pending(target_inode)  # its object was replaced
+                    self.deferred.drop(target_inode)  # its object was replaced
                 self.table.move(old, new)
                 source.stored_etag = etag  # the copy is this mount's: it may rewrite it
                 if carried is not None:  # what the copy stored is known: no HEAD needed
                     source.etag = etag
                     source.expires = time.monotonic() + self.config.attr_timeout
-                if source.meta_pending and source.inode not in self._pending:
+                if source.meta_pending and self.deferred.pending(source.inode) is None:
                     self.table.meta_stored(source)
         if writer is not None or source.is_dir:
             self.table.move(old, new)
-        self._gone(old)
-        self._forget_missing(new)
+        self.known.gone(old)
+        self.known.forget_missing(new)
         if source.is_dir:
-            for path in [p for p in self._known
-                         if p.startswith(old + "/") or p == new or p.startswith(new + "/")]:
-                del self._known[path]
-            for path in [p for p in self._negative if p.startswith(new + "/")]:
-                del self._negative[path]
+            self.known.dir_moved(old, new)
         return True
 
     def _renamed_type(self, source: Node, old: str, new: str) -> str | None:
@@ -1450,7 +898,7 @@ class Namespace:
             if meta is not None:
                 ours = meta.to_headers()
             elif ours is None:
-                ours = self._meta_of(self.files.view(source)).to_headers()
+                ours = meta_of(self.files.view(source)).to_headers()
             options = rewrite_options(ours, kept, wanted)
         # (class and encryption are sent either way: the object's own where known)
         headers = kept.headers if kept is not None else None
@@ -1459,7 +907,7 @@ class Namespace:
             etag = await self.store.copy(self.key(old), self.key(new), options, size,
                                          headers=headers)
         except FsError as exc:
-            raise FsError(f"mv {old} {new}: the copy failed ({_reason(exc)}); nothing was "
+            raise FsError(f"mv {old} {new}: the copy failed ({error_reason(exc)}); nothing was "
                           "changed", exc.errno) from None
         if source is not None and source.kept is not None and wanted != stored:
             source.kept = dataclasses.replace(source.kept, content_type=wanted)
@@ -1483,18 +931,18 @@ class Namespace:
             target = self.table.by_path(new)
             if target is not None:
                 target.expires = 0.0
-            self._forget_missing(new)
+            self.known.forget_missing(new)
             raise FsError(f"mv {old} {new}: copied, but deleting {old} failed "
-                          f"({_reason(exc)}); both names are there now, as after a crash in "
+                          f"({error_reason(exc)}); both names are there now, as after a crash in "
                           f"between: rm {old} once allowed", exc.errno) from None
         return etag
 
     async def _rename_tree(self, old: str, new: str) -> None:
         """Every key under the directory, copied in parallel, then deleted (deepest last).
-        The attributes objects of the directory and those inside (`_attrs_key`) are copied
-        before and deleted after."""
+        The attributes objects of the directory and those inside (`DirAttributes.attrs_key`)
+        are copied before and deleted after."""
         old_prefix, new_prefix = self.key(old) + "/", self.key(new) + "/"
-        attrs = await self._copy_dir_meta(old, new)
+        attrs = await self.dirs.copy(old, new)
         token = None
         while True:
             page = await self.store.list_page(old_prefix, None, token)
@@ -1515,33 +963,6 @@ class Namespace:
         for key in attrs:
             await self.store.delete(key)
         self.table.invalidate_subtree(old)
-
-    async def _copy_dir_meta(self, old: str, new: str) -> list[str]:
-        """A directory renamed on a server that drops markers' metadata: the attributes
-        objects of it and of the directories inside go to the new name. Where the moved
-        directory has none, a replaced (empty) target's goes. Returns the old keys."""
-        if self._markers_keep_meta:
-            return []
-        old_key, new_key = self._attrs_key(old), self._attrs_key(new)
-        keys = [old_key]
-        token = None
-        while True:
-            page = await self.store.list_page(old_key + "/", None, token)
-            keys += [info.key for info in page.objects]
-            token = page.next_token
-            if token is None:
-                break
-        found = []
-        for key in keys:
-            try:
-                await self.store.copy(key, new_key + key[len(old_key):], None, 0)
-            except NotFound:
-                if key == old_key:
-                    with contextlib.suppress(NotFound):
-                        await self.store.delete(new_key)
-                continue
-            found.append(key)
-        return found
 
     async def _move_key(self, info: ObjectInfo, old_prefix: str, new_prefix: str,
                         head: ObjectInfo | FsError | None = None) -> None:
@@ -1570,7 +991,7 @@ class Namespace:
         now = time.time_ns()
         meta = FileMeta(stat.S_IFLNK | 0o777, uid, gid, now)
         etag = await self.store.put(self.key(path), target, PutOptions(meta.to_headers(), None))
-        self._forget_missing(path)
+        self.known.forget_missing(path)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
                                  has_metadata=True, kept=None,

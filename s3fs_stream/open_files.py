@@ -83,7 +83,7 @@ class OpenFiles:
         # inode -> the key its object was set aside to when it was removed while open for
         # reading (`Namespace.unlink`): deleted at its readers' last close
         self._aside: dict[int, str] = {}
-        # set by the namespace: stores attributes deferred for an inode (Namespace.store_meta)
+        # set by the namespace: stores attributes deferred for an inode (DeferredMeta.store_meta)
         # ((the ETag before, the copy's) if it copied the object onto itself)
         self.before_read: Callable[[int], Awaitable[tuple[str, str] | None]] | None = None
 
@@ -195,7 +195,7 @@ class OpenFiles:
     def _new_writer(self, node: Node, meta: FileMeta, base: Base | None) -> StreamingWriter:
         def completed(etag: str, size: int) -> None:
             node.etag, node.size = etag, size
-            node.stored_etag = etag  # this mount may rewrite it (`Namespace._may_defer`)
+            node.stored_etag = etag  # this mount may rewrite it (`DeferredMeta.may_defer`)
             node.has_metadata = True
 
         drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages

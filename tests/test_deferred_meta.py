@@ -1,4 +1,4 @@
-"""chmod/chown/utimes of a closed file are stored with its next copy (namespace.META_DELAY):
+"""chmod/chown/utimes of a closed file are stored with its next copy (deferred_meta.META_DELAY):
 rsync's temporary file is copied once, by its rename; otherwise the attributes reach S3
 within the delay, at fsync, or before the mount exits. Real mounts on SeaweedFS."""
 
@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import require, wait_until
 
-from s3fs_stream.namespace import META_DELAY
+from s3fs_stream.deferred_meta import META_DELAY
 
 OLD = 1_600_000_000  # seconds: "an old mtime"
 

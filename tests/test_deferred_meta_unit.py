@@ -1,4 +1,4 @@
-"""Deferred metadata of closed files (namespace.META_DELAY), over the in-memory store with
+"""Deferred metadata of closed files (deferred_meta.META_DELAY), over the in-memory store with
 the mount's background task running."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import stat
 import pytest
 import trio
 
-from s3fs_stream import namespace
+from s3fs_stream import deferred_meta
 from s3fs_stream.errors import AccessDenied, FsError
 from s3fs_stream.inode_table import ROOT_INODE
 from s3fs_stream.object_meta import SetAttr
@@ -22,7 +22,7 @@ OLD = 1_600_000_000 * 10**9
 @pytest.fixture
 async def fs(nursery):
     inner = unit_filesystem(nursery)
-    nursery.start_soon(inner.namespace.store_meta_forever)
+    nursery.start_soon(inner.deferred.store_meta_forever)
     await trio.sleep(0)  # the task runs: setattr defers
     return Fs(inner)
 
@@ -58,7 +58,7 @@ async def test_rsync_sequence_costs_one_copy(fs):
     heads = len([c for c in fs.store.calls if c[0] == "head"])
     await fs.getattr(node.inode)  # the rename's copy is known: no HEAD
     assert len([c for c in fs.store.calls if c[0] == "head"]) == heads
-    await trio.sleep(namespace.META_DELAY + 0.5)
+    await trio.sleep(deferred_meta.META_DELAY + 0.5)
     assert len(copies(fs)) == 1  # nothing left to store
 
 
@@ -66,7 +66,7 @@ async def test_stored_after_the_delay(fs):
     node = await written(fs, "g")
     await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o640))
     assert stored_meta(fs, "pre/g")["mode"] == str(stat.S_IFREG | 0o700)
-    with trio.fail_after(namespace.META_DELAY + 1):
+    with trio.fail_after(deferred_meta.META_DELAY + 1):
         while stored_meta(fs, "pre/g")["mode"] != str(stat.S_IFREG | 0o640):
             await trio.sleep(0.05)
     assert copies(fs) == [("copy", "pre/g", "pre/g")]
@@ -77,7 +77,7 @@ async def test_unlink_drops_it(fs):
     node = await written(fs, "h")
     await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o640))
     await fs.unlink(ROOT_INODE, "h")
-    await trio.sleep(namespace.META_DELAY + 0.5)
+    await trio.sleep(deferred_meta.META_DELAY + 0.5)
     assert copies(fs) == [] and "pre/h" not in fs.store.objects
 
 
@@ -128,7 +128,7 @@ async def test_a_replaced_object_is_not_overwritten(fs):
     node.expires = 0.0
     await fs.getattr(node.inode)
     assert stat.S_IMODE(node.mode) == 0o604
-    await trio.sleep(namespace.META_DELAY + 0.5)
+    await trio.sleep(deferred_meta.META_DELAY + 0.5)
     assert copies(fs) == []
     assert stored_meta(fs, "pre/k")["mode"] == str(stat.S_IFREG | 0o604)
 
@@ -149,7 +149,7 @@ async def test_forgotten_node_keeps_its_change(fs):
     fs.inner.forget(node.inode, node.lookups)
     again = await fs.lookup(ROOT_INODE, "m")
     assert again is node and stat.S_IMODE(again.mode) == 0o640
-    await trio.sleep(namespace.META_DELAY + 0.5)
+    await trio.sleep(deferred_meta.META_DELAY + 0.5)
     assert stored_meta(fs, "pre/m")["mode"] == str(stat.S_IFREG | 0o640)
 
 
@@ -195,7 +195,7 @@ async def test_a_refused_deferred_store_is_kept_and_retried(fs):
     node = await written(fs, "mine")
     refused = refuse_copies(fs)
     await fs.setattr(node.inode, SetAttr(mode=stat.S_IFREG | 0o600))  # deferred
-    await trio.sleep(namespace.META_DELAY + 2 * namespace.META_DELAY + 0.5)  # 1 s, then +2 s
+    await trio.sleep(deferred_meta.META_DELAY + 2 * deferred_meta.META_DELAY + 0.5)  # 1 s, then +2 s
     assert refused == ["pre/mine", "pre/mine"]  # backed off: not one per loop
     assert stat.S_IMODE(node.mode) == 0o600 and node.meta_pending  # never reverted
     node.expires = 0.0

@@ -34,14 +34,15 @@ async def fs(nursery):
 
 
 class Fs:
-    """The namespace's and the open files' calls under one name, as the adapter makes them."""
+    """The namespace's, its deferred metadata's and the open files' calls under one name, as
+    the adapter makes them."""
 
     def __init__(self, fs: FileSystem):
         self.inner = fs
         self.store, self.budget = fs.store, fs.budget
 
     def __getattr__(self, name):
-        for layer in (self.inner.namespace, self.inner.files):
+        for layer in (self.inner.namespace, self.inner.deferred, self.inner.files):
             if hasattr(layer, name):
                 return getattr(layer, name)
         raise AttributeError(name)
@@ -143,6 +144,18 @@ async def test_setattr_on_stored_object_rewrites_metadata(fs):
     await fs.setattr(node.inode, SetAttr(size=10))  # truncate(2) of a closed file
     assert fs.store.objects["pre/f"][0] == b"x" + bytes(9)
 
+
+
+async def test_fchmod_of_a_file_removed_while_open_changes_only_its_node(fs):
+    fs.store._store("pre/f", b"x", {"mode": "33188", "uid": "0", "gid": "0", "mtime": "1"})
+    node = await fs.lookup(ROOT_INODE, "f")
+    rh = await fs.open(node.inode, os.O_RDONLY)
+    await fs.unlink(ROOT_INODE, "f")
+    copies = [call for call in fs.store.calls if call[0] == "copy"]
+    changed = await fs.setattr(node.inode, SetAttr(mode=0o600))  # fchmod: nothing to store on
+    assert stat.S_IMODE(changed.mode) == 0o600
+    assert [call for call in fs.store.calls if call[0] == "copy"] == copies
+    await fs.release(rh)
 
 async def test_attributes_set_after_the_last_flush_reach_s3(fs):
     fh, node = await fs.create(ROOT_INODE, "cp-p", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
@@ -324,7 +337,7 @@ async def test_metadata_of_listed_entries_is_fetched_once_per_node(fs):
     for node in nodes:  # the listing HEADed them: stale now
         node.expires = 0.0
     fs.store.calls.clear()
-    await fs.inner.namespace._head_nodes(nodes + nodes[:10])
+    await fs.inner.namespace.fetcher.head_nodes(nodes + nodes[:10])
     assert len([c for c in fs.store.calls if c[0] == "head"]) == 40
     assert all(n.fetching is None and n.has_metadata and n.mode == 0o100600 for n in nodes)
 

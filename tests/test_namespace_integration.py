@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from s3fs_stream.namespace import META_DELAY
+from s3fs_stream.deferred_meta import META_DELAY
 
 
 def test_mkdir_rmdir_and_rename(any_server, mount_factory):

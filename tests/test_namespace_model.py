@@ -43,7 +43,15 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from s3fs_stream import inode_table, namespace, object_meta, open_files
+from s3fs_stream import (
+    attribute_fetcher,
+    deferred_meta,
+    inode_table,
+    known_names,
+    namespace,
+    object_meta,
+    open_files,
+)
 from s3fs_stream.config import FsConfig
 from s3fs_stream.errors import FsError
 from s3fs_stream.filesystem import FileSystem
@@ -186,7 +194,7 @@ async def serve(store: MemoryStore, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         budget = MemoryBudget(CONFIG.max_memory)
         nursery.start_soon(budget.reclaim_forever)
         fs = FileSystem(store, PREFIX, CONFIG, nursery, UploadPool(nursery, 2), budget)
-        nursery.start_soon(fs.namespace.store_meta_forever)
+        nursery.start_soon(fs.deferred.store_meta_forever)
         await trio.sleep(0)  # it runs: setattr defers
         task_status.started(Mount(fs, nursery.cancel_scope))
         await trio.sleep_forever()
@@ -733,14 +741,14 @@ class NamespaceModel(RuleBasedStateMachine):
         self.advance()
 
     async def _make_due(self) -> None:
-        ns = self.mount.ns
+        deferred = self.mount.ns.deferred
         now = trio.current_time()
-        for pending in ns._pending.values():
+        for pending in deferred._pending.values():
             pending.due = now
-        ns._meta_wakeup.set()
-        while any(p.due <= now for p in ns._pending.values()) or ns._storing:
+        deferred._wakeup.set()
+        while any(p.due <= now for p in deferred._pending.values()) or deferred._storing:
             await trio.sleep(0.001)
-            if all(p.due > now for p in ns._pending.values()) and not ns._storing:
+            if all(p.due > now for p in deferred._pending.values()) and not deferred._storing:
                 break
 
     @rule()
@@ -786,7 +794,7 @@ class NamespaceModel(RuleBasedStateMachine):
         system over the same bucket shows exactly what was stored."""
         for fh in sorted(self.writers):
             self._close(fh)
-        self.run(self.mount.ns.store_all_meta)
+        self.run(self.mount.ns.deferred.store_all_meta)
         trio.from_thread.run_sync(self.mount.scope.cancel, trio_token=self.loop.token)
         self.mount = self.run(self.loop.nursery.start, serve, self.store)
         self.held.clear()
@@ -914,9 +922,10 @@ def show(attrs: tuple) -> str:
 
 @pytest.mark.timeout(600)
 def test_namespace_matches_the_model(monkeypatch):
-    for module in (namespace, inode_table, object_meta, open_files):
+    for module in (namespace, attribute_fetcher, deferred_meta, known_names, inode_table,
+                   object_meta, open_files):
         monkeypatch.setattr(module, "time", CLOCK)
-    monkeypatch.setattr(namespace, "META_DELAY", 3600.0)
+    monkeypatch.setattr(deferred_meta, "META_DELAY", 3600.0)
     monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
     run_state_machine_as_test(NamespaceModel, settings=settings(
         max_examples=MAX_EXAMPLES, stateful_step_count=25, deadline=None, derandomize=True,

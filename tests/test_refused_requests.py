@@ -17,7 +17,7 @@ import pytest
 from conftest import assert_same, log_errors, run_with_timeout
 from fault_proxy import FaultProxy, refuse_method
 
-from s3fs_stream.namespace import META_DELAY
+from s3fs_stream.deferred_meta import META_DELAY
 
 MiB = 1024 * 1024
 REFUSED = (errno.EACCES, errno.EPERM)

@@ -1,0 +1,176 @@
+"""Attributes of listed and looked-up entries, fetched ahead in parallel.
+
+A listing carries no mode, owner or times (they live in x-amz-meta-*): each entry's HEAD
+tells them. This room sends those HEADs -- pipelined in batches on a few connections
+(`head_nodes`), started ahead in the mount's nursery (`head_soon`), for the rest of a
+directory once someone stats its listed entries (`demand`), and for the next names of a
+directory that is being walked by lookups (`read_ahead`). What a HEAD found is handed back
+to the namespace (`took_head` for a file's object, `head_dir` for a directory's marker),
+which owns the nodes' paths and decides what the answer means.
+
+State owned here: the HEAD limiter shared by every caller (`_heads`), per directory the
+listed nodes nobody asked about yet (`_backlog`) and whether a task drains them
+(`_draining`), and the walks seen (`_walks`). A node's `fetching` event says a HEAD of it
+is out: whoever needs the node waits for that one instead of sending another.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .errors import FsError, NotFound
+from .inode_table import InodeTable, Node, join, parent_of
+from .object_store import ObjectInfo, ObjectStore
+from .open_files import OpenFiles
+
+log = logging.getLogger(__name__)
+
+HEAD_CONCURRENCY = 32  # parallel HEADs for a listing's attributes (the store's pool bounds it)
+HEAD_BATCH = 16  # HEADs pipelined on one connection
+WALK_WINDOW = 2.0  # seconds between lookups of stale names that make a walk of a directory
+WALK_AHEAD = 64  # known names after the one looked up whose HEADs a walk sends ahead
+WALK_DIRS = 256  # directories whose walks are followed at once
+BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
+
+
+class AttributeFetcher:
+    def __init__(self, store: ObjectStore, key: Callable[[str], str], table: InodeTable,
+                 files: OpenFiles, nursery: trio.Nursery | None,
+                 took_head: Callable[[Node, str, ObjectInfo], Node],
+                 head_dir: Callable[[Node], Awaitable[Node]]):
+        self.store = store
+        self.key = key
+        self.table = table
+        self.files = files
+        self._nursery = nursery
+        self._took_head = took_head  # what a HEAD of a file's path (then) found
+        self._head_dir = head_dir  # HEAD a directory's marker and take what it says
+        # directory path -> listed nodes whose metadata nobody has asked for yet
+        self._backlog: dict[str, collections.deque[Node]] = {}
+        self._draining: set[str] = set()
+        self._heads = trio.CapacityLimiter(HEAD_CONCURRENCY)
+        # directory -> (expiry, its known names sorted, once a walk is seen): `read_ahead`
+        self._walks: dict[str, tuple[float, list[str] | None]] = {}
+
+    def head_soon(self, nodes: list[Node]) -> None:
+        """Start HEADs of these nodes in the mount's nursery; `head_nodes` waits for them."""
+        nodes = [node for node in nodes if node.fetching is None]
+        if nodes and self._nursery is not None:
+            self._nursery.start_soon(self.head_nodes, nodes)
+
+    async def head_nodes(self, nodes: list[Node]) -> None:
+        """HEAD these nodes in parallel (HEAD_CONCURRENCY at most, over every caller);
+        returns when each has its metadata or failed. A node whose HEAD is already out
+        waits for that one. A few workers take the nodes in turn: a task per node costs
+        as much CPU as the HEAD itself."""
+        busy = [node.fetching for node in nodes if node.fetching is not None]
+        # once each (a backlog may list a node twice)
+        todo = list({id(node): node for node in nodes
+                     if node.fetching is None and not (node.fresh and node.has_metadata)
+                     }.values())
+        for node in todo:  # claimed at once: others wait instead of sending another HEAD
+            node.fetching = trio.Event()
+        queue = iter(todo)
+
+        async def worker() -> None:
+            async with self._heads:
+                while batch := list(itertools.islice(queue, HEAD_BATCH)):
+                    try:
+                        await self._batch(batch)
+                    finally:
+                        for node in batch:
+                            done, node.fetching = node.fetching, None
+                            if done is not None:
+                                done.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(-(-len(todo) // HEAD_BATCH), HEAD_CONCURRENCY)):
+                    nursery.start_soon(worker)
+        finally:
+            for node in queue:  # cancelled: let go of what was claimed and not sent
+                done, node.fetching = node.fetching, None
+                if done is not None:
+                    done.set()
+        for event in busy:
+            await event.wait()
+
+    async def _batch(self, nodes: list[Node]) -> None:
+        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
+        files = [node for node in nodes if not node.is_dir]
+        paths = [node.path for node in files]  # may change across the await: checked after
+        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
+        for node, path, result in zip(files, paths, found, strict=True):
+            if isinstance(result, ObjectInfo):
+                self._took_head(node, path, result)
+            elif not isinstance(result, NotFound):
+                log.debug("HEAD for %s failed: %s", path, result)
+            elif not node.has_metadata and node.path == path and \
+                    self.files.writer(node.inode) is None:
+                self.table.remove_path(path)  # listed, deleted since: readdir skips it
+        for node in nodes:
+            if node.is_dir:
+                try:
+                    await self._head_dir(node)
+                except FsError as exc:
+                    log.debug("HEAD for %s failed: %s", node.path, exc)
+
+    def demand(self, node: Node) -> None:
+        """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD
+        the rest of what was listed in parallel instead of one getattr at a time."""
+        parent = parent_of(node.path)
+        backlog = self._backlog.get(parent)
+        if backlog is None or parent in self._draining or self._nursery is None:
+            return
+        self._draining.add(parent)
+        self._nursery.start_soon(self._drain, parent, backlog)
+
+    async def _drain(self, parent: str, backlog: collections.deque[Node]) -> None:
+        try:
+            while backlog:
+                batch = [backlog.popleft() for _ in range(min(len(backlog), 256))]
+                await self.head_nodes([n for n in batch if n.lookups and not n.has_metadata
+                                        and not n.path.startswith("\0")])
+        finally:
+            self._draining.discard(parent)
+            if self._backlog.get(parent) is backlog and not backlog:
+                del self._backlog[parent]
+
+    def listed_without_meta(self, parent: str, node: Node) -> None:
+        backlog = self._backlog.get(parent)
+        if backlog is None:
+            if len(self._backlog) > 64:  # directories listed long ago and never stat'ed
+                for path in [p for p in self._backlog if p not in self._draining][:32]:
+                    del self._backlog[path]
+            backlog = self._backlog[parent] = collections.deque(maxlen=BACKLOG_MAX)
+        backlog.append(node)
+
+    def read_ahead(self, path: str) -> None:
+        """A second stale name of one directory looked up within WALK_WINDOW is a walk
+        (`rsync` again, `find -newer`, `stat *`): HEAD the next known names of the directory
+        ahead of it, pipelined in the background, so that their lookups find them fresh."""
+        parent, name = parent_of(path), path.rpartition("/")[2]
+        now = time.monotonic()
+        walk = self._walks.get(parent)
+        if walk is None or walk[0] < now:
+            if len(self._walks) > WALK_DIRS:
+                self._walks.clear()
+            self._walks[parent] = (now + WALK_WINDOW, None)  # one lookup is not a walk yet
+            return
+        names = walk[1]
+        if names is None:
+            names = sorted(self.table.children(parent))
+        self._walks[parent] = (now + WALK_WINDOW, names)
+        start = bisect.bisect_right(names, name)
+        ahead = [node for sibling in names[start:start + WALK_AHEAD]
+                 if (node := self.table.by_path(join(parent, sibling))) is not None
+                 and not node.is_dir and not (node.fresh and node.has_metadata)
+                 and self.files.writer(node.inode) is None]
+        self.head_soon(ahead)  # those whose HEAD is not out yet
