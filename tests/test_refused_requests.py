@@ -51,6 +51,16 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view[:MiB]):]
 
 
+def rename_refused(m, proxy, old: str, new: str) -> None:
+    """`mv old new` while S3 refuses copies: it fails with a refusal errno; refusals end."""
+    proxy.refuse(copies)
+    with pytest.raises(OSError) as info:
+        os.rename(m.path / old, m.path / new)
+    assert info.value.errno in REFUSED, info.value
+    assert proxy.refused
+    proxy.refuse(None)
+
+
 @pytest.mark.timeout(120)
 def test_refused_rm_of_a_file_being_written_keeps_its_data(mounted, proxy):
     """rm of a file open for writing whose DeleteObject is refused fails with EACCES, and the
@@ -85,12 +95,7 @@ def test_refused_rename_over_a_file_being_written_keeps_its_data(mounted, proxy)
     fd = os.open(m.path / "f", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_all(fd, data[:20 * MiB])
-        proxy.refuse(copies)
-        with pytest.raises(OSError) as info:
-            os.rename(m.path / "other", m.path / "f")
-        assert info.value.errno in REFUSED, info.value
-        assert proxy.refused
-        proxy.refuse(None)
+        rename_refused(m, proxy, "other", "f")
         write_all(fd, data[20 * MiB:])
     finally:
         run_with_timeout(lambda: os.close(fd), 60, m.log)
@@ -112,12 +117,7 @@ def test_refused_rename_of_a_file_being_written_keeps_both(mounted, proxy):
     try:
         for name, fd in fds.items():
             write_all(fd, data[name][:20 * MiB])
-        proxy.refuse(copies)
-        with pytest.raises(OSError) as info:
-            os.rename(m.path / "f", m.path / "g")
-        assert info.value.errno in REFUSED, info.value
-        assert proxy.refused
-        proxy.refuse(None)
+        rename_refused(m, proxy, "f", "g")
         for name, fd in fds.items():
             write_all(fd, data[name][20 * MiB:])
     finally:
