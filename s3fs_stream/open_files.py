@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import FsConfig
-from .errors import FsError
+from .errors import FsError, error_reason
 from .inode_table import InodeTable, Node
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta, content_type, kept_type
@@ -345,7 +345,7 @@ class OpenFiles:
                 except FsError as exc:
                     if writer.error is None:  # else `_fail` logged the cause already
                         log.error("%s: completing at release failed: %s", writer.name,
-                                  exc.message or os.strerror(exc.errno))
+                                  error_reason(exc))
         finally:
             self._releasing.discard(writer)
             try:
