@@ -107,7 +107,9 @@ def test_close_returns_before_the_upload_and_the_name_behaves(queued, proxy):
 
 def test_append_rename_unlink_of_queued_files_wait_for_their_upload(queued, proxy):
     m = queued
-    first, more = os.urandom(3000), os.urandom(2000)
+    # page-aligned: the kernel appends without reading the last page first (a read that
+    # would wait for the upload on its own)
+    first, more = os.urandom(4 * KiB), os.urandom(2000)
     proxy.hold(puts_of("q-"))
     for name in ("q-append", "q-rename", "q-unlink"):
         run_with_timeout(lambda name=name: write_file(m.path / name, first), 10, m.log)
