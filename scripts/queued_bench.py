@@ -51,6 +51,8 @@ def run(files: int, rtt_ms: float, delay_proxy: str | None, modes: list[str],
                      endpoint.removeprefix("http://"), "--rtt-ms", str(rtt_ms)],
                     stdout=subprocess.PIPE, text=True)
                 port = proxy.stdout.readline().strip().removeprefix("port=")
+                if not port.isdigit():
+                    raise SystemExit(f"the delay proxy {delay_proxy} did not start")
                 endpoint = f"http://127.0.0.1:{port}"
             env = {**os.environ, **server.env()}
             s3 = botocore.session.get_session().create_client(
@@ -95,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--rtt-ms", type=float, default=0.0)
-    parser.add_argument("--delay-proxy", default=os.path.join(ROOT, "scripts",
+    parser.add_argument("--delay-proxy", default=os.path.join(ROOT, "tests",
                                                               "delay_proxy.py"))
     parser.add_argument("--modes", default="default,queued")
     parser.add_argument("-o", dest="options", default="", help="more mount options")
