@@ -323,7 +323,7 @@ class OpenFiles:
             await handle.writer.wait_stored()
             if handle.writer.queue_failed:
                 handle.writer.queue_failed = False
-                raise FsError("", errno.EIO)
+                raise FsError("", handle.writer.failure_errno())
         self._report_queued(handle.node.path)
 
     async def _reporting(self, request: Awaitable[None], writer: StreamingWriter) -> None:
