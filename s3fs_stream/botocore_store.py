@@ -411,6 +411,10 @@ class BotocoreStore:
     and direct client for that region, signed for it, and sent to its regional endpoint
     unless the endpoint is a custom one. botocore redirects the one request itself."""
 
+    # the bucket's region as an answer named it: set by botocore's hook in a worker thread
+    # (one assignment), followed on the trio side by `_follow_region`
+    _region_told: str | None = None
+
     def __init__(self, config: StoreConfig):
         self.config = config
         self.bucket = config.bucket
@@ -419,9 +423,6 @@ class BotocoreStore:
             timestamp_parser=parse_timestamp)
         self.region: str = config.region or self._session.get_config_variable("region") or \
             "us-east-1"
-        # the bucket's region as an answer named it: set by botocore's hook in a worker
-        # thread (one assignment), followed on the trio side by `_follow_region`
-        self._region_told: str | None = None
         self._client_config = botocore.config.Config(
             max_pool_connections=config.max_connections,
             connect_timeout=config.connect_timeout,
