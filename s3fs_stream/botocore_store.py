@@ -75,6 +75,7 @@ CREDENTIALS_REFRESH = 60.0  # seconds a frozen copy of refreshable credentials i
 # x-amz-bucket-region they name the bucket's own (HEAD: 301 or 400 without a body)
 REGION_REDIRECTS = (301, 307, 400)
 REGION_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_BODY_REGION = re.compile(rb"<Region>([a-z0-9-]{1,63})</Region>")  # AuthorizationHeaderMalformed
 
 _CLIENT_ERRORS: dict[str, type[StoreError]] = {
     "NoSuchKey": NotFound,
@@ -388,6 +389,9 @@ def moved_to(region: str, response: direct_requests.Response) -> str | None:
     """The bucket's region when a direct request signed for `region` was answered that the
     bucket is elsewhere, else None."""
     told = response.headers.get("x-amz-bucket-region")
+    if not told and response.status == 400:
+        found = _BODY_REGION.search(response.body)
+        told = found and found.group(1).decode()
     if response.status in REGION_REDIRECTS and told and told != region:
         return told
     return None
@@ -464,7 +468,8 @@ class BotocoreStore:
         answer (or HeadBucket's, whatever its status) names the bucket's region."""
         if response is None:
             return
-        told = response[0].headers.get("x-amz-bucket-region")
+        told = response[0].headers.get("x-amz-bucket-region") or \
+            response[1].get("Error", {}).get("Region")
         if told and told != self.region and (
                 response[0].status_code in REGION_REDIRECTS or operation.name == "HeadBucket"):
             self._region_told = told

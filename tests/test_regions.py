@@ -18,8 +18,9 @@ import trio
 from conftest import VENV_BIN, bucket_with
 from fault_proxy import FaultProxy
 
-from s3fs_stream.botocore_store import BotocoreStore
+from s3fs_stream.botocore_store import BotocoreStore, moved_to
 from s3fs_stream.config import StoreConfig
+from s3fs_stream.direct_requests import Response
 
 BUCKET_REGION = "eu-central-1"
 
@@ -164,3 +165,18 @@ def test_requester_pays_signs_the_header_on_every_request(seaweed, mount_factory
     assert any(m == "PUT" and "small" in t and not botocore(h) for m, t, h in seen)
     assert any(m == "POST" and "uploads" in t and botocore(h) for m, t, h in seen)
     assert any(m == "PUT" and "partNumber" in t and botocore(h) for m, t, h in seen)
+
+
+def test_a_direct_answer_names_the_region_in_its_header_or_its_body():
+    """301/400 with x-amz-bucket-region, or AuthorizationHeaderMalformed's <Region>."""
+    malformed = (b"<Error><Code>AuthorizationHeaderMalformed</Code>"
+                 b"<Region>eu-west-1</Region></Error>")
+    assert moved_to("us-east-1", Response(400, {}, malformed)) == "eu-west-1"
+    assert moved_to("us-east-1", Response(301, {"x-amz-bucket-region": "eu-west-1"}, b"")) \
+        == "eu-west-1"
+    assert moved_to("eu-west-1", Response(301, {"x-amz-bucket-region": "eu-west-1"}, b"")) \
+        is None
+    assert moved_to("us-east-1", Response(400, {}, b"<Error><Code>InvalidArgument</Code>"
+                                                   b"</Error>")) is None
+    assert moved_to("us-east-1", Response(403, {"x-amz-bucket-region": "eu-west-1"}, b"")) \
+        is None
