@@ -186,7 +186,8 @@ class DirectClient:
 
     def __init__(self, base_url: str, probe_key: str, region: str,
                  connect_timeout: float, read_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64):
+                 ssl_context: ssl.SSLContext | None = None, max_connections: int = 64,
+                 headers: dict[str, str] | None = None):
         url = urllib.parse.urlsplit(base_url)
         quoted = quote_key(probe_key)
         if url.scheme not in ("http", "https") or not url.path.endswith(quoted):
@@ -197,6 +198,7 @@ class DirectClient:
         self.netloc = url.netloc.rpartition("@")[2]
         self.base_path = url.path[:len(url.path) - len(quoted)]
         self.signer = Signer(region)
+        self.headers = dict(headers or {})  # sent (and signed) with every request
         self.connect_timeout = connect_timeout  # TCP connect and TLS handshake
         self.read_timeout = read_timeout  # each send and each read of the socket
         self.stale_replaced = 0  # kept-alive connections found closed and replaced
@@ -326,7 +328,7 @@ class DirectClient:
                payload_hash: str = EMPTY_SHA256,
                query: dict[str, str] | None = None) -> bytes:
         """The request line and signed headers, ready to send."""
-        headers = dict(headers or {})
+        headers = self.headers | (headers or {})
         # an object's path, or the bucket's own (no slash after a path-style bucket)
         path = self.base_path + quote_key(key) if key else self.base_path.rstrip("/") or "/"
         query_string = canonical_query(query) if query else ""

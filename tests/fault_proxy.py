@@ -24,6 +24,14 @@ read-only credentials, as the mount meets them); `proxy.refuse(None)` stops refu
 can change while a mount runs (the mount's own checks at start-up pass first); each refused
 request is counted in `refused`.
 
+A bucket "in another region": with `region="eu-central-1"`, a request whose SigV4 credential
+scope names another region gets what S3 answers a request signed for the wrong region,
+without reaching the server: `region_answer="301"` (the default) PermanentRedirect, or
+`"400"` AuthorizationHeaderMalformed, both with `x-amz-bucket-region: REGION` (a HEAD's
+answer has no body, as S3's) on a connection kept alive. Each is counted in `misdirected`
+(method, target, the region signed for). `record_headers=True` keeps every request's
+(method, target, headers) in `seen`.
+
 `idle_close=SECONDS` closes a client connection that waits that long for its next request,
 as S3 and load balancers close idle kept-alive connections.
 
@@ -156,7 +164,9 @@ def _reset(sock: socket.socket) -> None:
 class FaultProxy:
     def __init__(self, upstream_port: int, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1",
-                 tls: ssl.SSLContext | None = None, idle_close: float | None = None):
+                 tls: ssl.SSLContext | None = None, idle_close: float | None = None,
+                 region: str | None = None, region_answer: str = "301",
+                 record_headers: bool = False):
         unknown = set(modes) - set(ALL_MODES)
         if unknown:
             raise ValueError(f"unknown fault modes: {sorted(unknown)}")
@@ -173,6 +183,11 @@ class FaultProxy:
         self.faulted: list[tuple[str, str, str]] = []  # (mode, method, target)
         self._refuse: RefuseRule | None = None
         self.refused: list[tuple[str, str]] = []  # (method, target) answered 403
+        self.region = region  # the bucket's region (None: any region signed for is right)
+        self.region_answer = region_answer
+        self.misdirected: list[tuple[str, str, str]] = []  # (method, target, region signed)
+        self.record_headers = record_headers
+        self.seen: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -236,6 +251,12 @@ class FaultProxy:
     def _choose(self, method: str, target: str, headers: dict[str, str]) -> str | None:
         with self._lock:
             self.requests += 1
+            if self.record_headers:
+                self.seen.append((method, target, headers))
+            signed = _signed_region(headers)
+            if self.region is not None and signed is not None and signed != self.region:
+                self.misdirected.append((method, target, signed))
+                return "region"
             if self._refuse is not None and self._refuse(method, target, headers):
                 self.refused.append((method, target))
                 return "403"
@@ -271,6 +292,13 @@ class FaultProxy:
                 method, target = start.decode("latin-1").split(" ")[:2]
                 mode = self._choose(method, target, headers)
                 expect = headers.get("expect", "").lower() == "100-continue"
+                if mode == "region":
+                    if expect:  # the client may or may not send the body now: not kept
+                        client.sendall(self._region_response(method, target, close=True))
+                        return
+                    _pump_body(reader, None, headers)  # read and dropped
+                    client.sendall(self._region_response(method, target))
+                    continue
                 if mode in _ERRORS:
                     if not expect:
                         _pump_body(reader, None, headers)  # read and dropped
@@ -331,6 +359,44 @@ class FaultProxy:
             client.close()
             if upstream is not None:
                 upstream.close()
+
+
+    def _region_response(self, method: str, target: str, close: bool = False) -> bytes:
+        """S3's answer to a request signed for another region than the bucket's."""
+        if self.region_answer == "301":
+            code, reason, error = 301, "Moved Permanently", "PermanentRedirect"
+            message = "The bucket you are attempting to access must be addressed using " \
+                      "the specified endpoint."
+            extra = f"<Endpoint>s3.{self.region}.amazonaws.com</Endpoint>"
+        else:
+            code, reason, error = 400, "Bad Request", "AuthorizationHeaderMalformed"
+            message = f"The authorization header is malformed; the region is wrong; " \
+                      f"expecting '{self.region}'"
+            extra = f"<Region>{self.region}</Region>"
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{error}</Code>'
+                f"<Message>{message}</Message>{extra}"
+                f"<RequestId>fault-proxy</RequestId></Error>").encode()
+        head = (f"HTTP/1.1 {code} {reason}\r\nx-amz-bucket-region: {self.region}\r\n"
+                f"Content-Type: application/xml\r\n")
+        if method == "HEAD":
+            head += "Content-Length: 0\r\n"  # no body
+            body = b""
+        else:
+            head += f"Content-Length: {len(body)}\r\n"
+        if close:
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode() + body
+
+
+def _signed_region(headers: dict[str, str]) -> str | None:
+    """The region of a SigV4 Authorization header's credential scope (or of a presigned
+    URL's: not looked at), None when unsigned."""
+    authorization = headers.get("authorization", "")
+    _, found, rest = authorization.partition("Credential=")
+    if not found:
+        return None
+    scope = rest.split(",", 1)[0].split("/")  # KEY/DATE/REGION/s3/aws4_request
+    return scope[2] if len(scope) >= 5 else None
 
 
 def _status(head: bytes) -> int:
