@@ -256,3 +256,35 @@ def test_a_mount_through_an_endpoint_that_closes_idle_connections(seaweed, mount
         assert document.get("direct_fallbacks") == {}, document
         log = m.log()
         assert "again through botocore" not in log and "botocore sends them" not in log
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_ls_of_a_large_directory_listed_chunked_needs_no_botocore(seaweed, mount_factory):
+    """An endpoint that answers every LIST chunked (as S3 and proxies in front of it may):
+    `ls -l` of a directory of 1,100 objects (two LIST pages) through a real mount shows
+    every entry with its size, and no request was sent again through botocore."""
+    from bulk_put import put_many
+    from fault_proxy import lists
+
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    bucket = new_bucket(seaweed)
+    count = 1100
+    put_many(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key, bucket,
+             [f"big/o{i:04d}" for i in range(count)], each=lambda key: (
+                 b"x" * (int(key[5:]) % 97), {}))
+    with FaultProxy(port, rate=0.0) as proxy:
+        proxy.chunk_answers(lists)
+        m = mount_factory(dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url),
+                          bucket=bucket)
+        listing = subprocess.run(["ls", "-l", m.path / "big"], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+        sizes = {line.split()[8]: int(line.split()[4]) for line in listing.splitlines()[1:]}
+        assert sizes == {f"o{i:04d}": i % 97 for i in range(count)}
+        assert len(proxy.chunked) >= 2  # both pages of the directory came chunked
+        status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        document = json.loads(status.stdout)[0]
+        assert document.get("direct_fallbacks") == {}, document
+        assert document["requests"]["ListObjectsV2"] >= 2, document
+        assert "again through botocore" not in m.log()
