@@ -207,16 +207,7 @@ def _translate(exc: Exception, what: str) -> FsError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        message = error.get("Message") or code
-        cls = _CLIENT_ERRORS.get(code) or _CLIENT_ERRORS.get(str(status)) or StoreError
-        if code in ("EntityTooLarge",):
-            return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
-        if code in ("InvalidRange",):
-            return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
-        error = cls(f"{what}: {code or status}: {message}")
-        error.transient = isinstance(status, int) and status >= 500 or code in (
-            "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
-        return error
+        return _client_error(code, status, error.get("Message") or code, what)
     if isinstance(exc, botocore.exceptions.SSLError):
         return Unreachable(f"{what}: {exc} (an endpoint with a private CA needs "
                            "AWS_CA_BUNDLE, or ca_bundle in the profile)")
@@ -232,6 +223,48 @@ def _translate(exc: Exception, what: str) -> FsError:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     raise exc
+
+
+def _client_error(code: str, status: int | None, message: str, what: str) -> FsError:
+    """S3's error code and HTTP status -> one of our errors (botocore's ClientError and a
+    direct request's XML error alike)."""
+    cls = _CLIENT_ERRORS.get(code) or _CLIENT_ERRORS.get(str(status)) or StoreError
+    if code in ("EntityTooLarge",):
+        return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
+    if code in ("InvalidRange",):
+        return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
+    error = cls(f"{what}: {code or status}: {message}")
+    error.transient = isinstance(status, int) and status >= 500 or code in (
+        "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
+    return error
+
+
+# a direct request's 4xx with these codes goes again through botocore, which acts on them:
+# it retries (timeouts, throttling), refreshes credentials, corrects its clock, or follows the
+# bucket to its region; a signature we got wrong is also botocore's to send right
+_BOTOCORE_HANDLES = frozenset({
+    "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequestsException", "ExpiredToken", "TokenRefreshRequired", "InvalidToken",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed", "RequestExpired",
+    "AuthorizationHeaderMalformed", "PermanentRedirect", "TemporaryRedirect", "Redirect",
+    "IllegalLocationConstraintException", "AuthorizationQueryParametersError"})
+
+
+def parse_error_answer(status: int, headers: dict[str, str], body: bytes
+                       ) -> tuple[str, str] | None:
+    """(code, message) of a 4xx answer with S3's XML error body (<Error><Code>...), when it
+    is final: the same answer botocore would get and raise; None when botocore should send
+    the request again (see _BOTOCORE_HANDLES, a redirect to the bucket's region, no XML)."""
+    if not 400 <= status < 500 or status in (408, 429) or "x-amz-bucket-region" in headers:
+        return None
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    code = root.findtext("Code") if root.tag == "Error" else None
+    if not code or code in _BOTOCORE_HANDLES:
+        return None
+    return code, root.findtext("Message") or code
 
 
 def parse_timestamp(text: str) -> datetime.datetime:
@@ -596,10 +629,11 @@ class BotocoreStore:
                            body: bytes = b"", payload_hash: str = direct_requests.EMPTY_SHA256,
                            query: dict[str, str] | None = None
                            ) -> direct_requests.Response | None:
-        """The answer when it is one of `expected`, else None: send it through botocore.
-        After DIRECT_MISSES misses in a row, botocore alone for DIRECT_PAUSE seconds.
-        An answer that the bucket is in another region moves the mount there
-        (`_follow_region`) and the request is sent again, directly, once."""
+        """The answer when it is one of `expected`; raises the error botocore would raise
+        for a final 4xx with S3's XML error (AccessDenied ...: sent once, not twice); else
+        None: send it through botocore. After DIRECT_MISSES misses in a row, botocore alone
+        for DIRECT_PAUSE seconds. An answer that the bucket is in another region moves the
+        mount there (`_follow_region`) and the request is sent again, directly, once."""
         if self._region_told:
             await self._follow_region()
         started = time.monotonic()
@@ -623,9 +657,19 @@ class BotocoreStore:
                 break
             await self._follow_region(region)
         if response.status not in expected:
+            error = parse_error_answer(response.status, response.headers, response.body)
+            took = (time.monotonic() - started) * 1000
+            if error is not None:
+                # S3's final word (AccessDenied, NoSuchBucket ...): an answer, not a miss;
+                # botocore would get the same and raise the same
+                self._direct_misses[operation] = 0
+                self.stats.done(operation, shown, response.status, error[0], 0)
+                log.debug("S3 %s s3://%s/%s -> %s %s in %.1f ms", operation, self.bucket,
+                          shown, response.status, error[0], took)
+                raise _client_error(error[0], response.status, error[1],
+                                    self._where(operation, shown))
             log.debug("S3 %s s3://%s/%s -> %s in %.1f ms, again through botocore",
-                      operation, self.bucket, shown, response.status,
-                      (time.monotonic() - started) * 1000)
+                      operation, self.bucket, shown, response.status, took)
             self._direct_missed(operation)
             return None
         self._direct_misses[operation] = 0

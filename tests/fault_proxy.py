@@ -32,6 +32,12 @@ answer has no body, as S3's) on a connection kept alive. Each is counted in `mis
 (method, target, the region signed for). `record_headers=True` keeps every request's
 (method, target, headers) in `seen`.
 
+Chunked answers: `proxy.chunk_answers(rule)` re-encodes the answer to every request the rule
+picks (same signature) with `Transfer-Encoding: chunked` instead of its Content-Length, in
+chunks of varied sizes (the server's bytes, reframed), as S3 and proxies in front of it may
+answer a LIST; `proxy.chunk_answers(None)` stops. Each reframed answer is counted in
+`chunked`. `lists(method, target, headers)` picks ListObjectsV2.
+
 `idle_close=SECONDS` closes a client connection that waits that long for its next request,
 as S3 and load balancers close idle kept-alive connections.
 
@@ -66,6 +72,11 @@ RefuseRule = Callable[[str, str, dict[str, str]], bool]
 def refuse_method(method: str, key_part: str = "") -> RefuseRule:
     """A rule refusing `method` requests whose target (path and query) contains `key_part`."""
     return lambda m, target, headers: m == method and key_part in target
+
+
+def lists(method: str, target: str, headers: dict[str, str]) -> bool:
+    """A rule picking ListObjectsV2 requests."""
+    return method == "GET" and "list-type=2" in target
 
 
 class _Closed(Exception):
@@ -188,6 +199,8 @@ class FaultProxy:
         self.misdirected: list[tuple[str, str, str]] = []  # (method, target, region signed)
         self.record_headers = record_headers
         self.seen: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
+        self._chunk: RefuseRule | None = None
+        self.chunked: list[tuple[str, str]] = []  # (method, target) answered chunked
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -247,6 +260,18 @@ class FaultProxy:
         """Answer 403 AccessDenied to every request the rule picks (None: refuse nothing)."""
         with self._lock:
             self._refuse = rule
+
+    def chunk_answers(self, rule: RefuseRule | None) -> None:
+        """Re-encode the answers to the requests the rule picks as chunked (None: none)."""
+        with self._lock:
+            self._chunk = rule
+
+    def _rechunk(self, method: str, target: str, headers: dict[str, str]) -> bool:
+        with self._lock:
+            if self._chunk is None or not self._chunk(method, target, headers):
+                return False
+            self.chunked.append((method, target))
+            return True
 
     def _choose(self, method: str, target: str, headers: dict[str, str]) -> str | None:
         with self._lock:
@@ -329,6 +354,13 @@ class FaultProxy:
                 has_body = method != "HEAD" and code not in (204, 304) and (
                     "chunked" in response_headers.get("transfer-encoding", "").lower()
                     or int(response_headers.get("content-length", "0") or 0) > 0)
+                if has_body and mode is None and "content-length" in response_headers \
+                        and self._rechunk(method, target, headers):
+                    _relay_chunked(up_reader, client, response_head,
+                                   int(response_headers["content-length"]))
+                    if _closes(headers, response_headers):
+                        return
+                    continue
                 client.sendall(response_head)
                 if has_body and mode in ("reset_body", "truncate"):
                     if mode == "truncate":
@@ -346,8 +378,7 @@ class FaultProxy:
                                 client.sendall(up_reader.some(CHUNK))
                         except _Closed:
                             return
-                if "close" in response_headers.get("connection", "").lower() or \
-                        "close" in headers.get("connection", "").lower():
+                if _closes(headers, response_headers):
                     return
         except (OSError, _Closed, ValueError):
             return
@@ -397,6 +428,33 @@ def _signed_region(headers: dict[str, str]) -> str | None:
         return None
     scope = rest.split(",", 1)[0].split("/")  # KEY/DATE/REGION/s3/aws4_request
     return scope[2] if len(scope) >= 5 else None
+
+
+def _closes(request_headers: dict[str, str], response_headers: dict[str, str]) -> bool:
+    return "close" in response_headers.get("connection", "").lower() or \
+        "close" in request_headers.get("connection", "").lower()
+
+
+def _relay_chunked(src: _Reader, dst: socket.socket, head: bytes, length: int) -> None:
+    """The answer `head` with a body of `length` bytes from `src`, sent chunked: the
+    Content-Length line replaced by Transfer-Encoding, the body in chunks of varied sizes
+    (one with a chunk extension), then the last chunk and no trailers."""
+    lines = [line for line in head.split(b"\r\n")
+             if not line.lower().startswith(b"content-length:")]
+    lines.insert(1, b"Transfer-Encoding: chunked")  # the empty line(s) stay at the end
+    dst.sendall(b"\r\n".join(lines))
+    sizes = (1, 700, 4096, 65536, 13)
+    index = 0
+    while length > 0:
+        data = bytearray()
+        want = min(length, sizes[index % len(sizes)])
+        while len(data) < want:
+            data += src.some(want - len(data))
+        length -= len(data)
+        extension = b";s3stream=test" if index == 1 else b""
+        dst.sendall(b"%x%s\r\n" % (len(data), extension) + bytes(data) + b"\r\n")
+        index += 1
+    dst.sendall(b"0\r\n\r\n")
 
 
 def _status(head: bytes) -> int:
