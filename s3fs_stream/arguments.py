@@ -12,6 +12,9 @@ from .errors import QuietError
 from .options import OPTIONS, is_generic
 
 USAGE_ERROR = 2
+# the names of S3 Express One Zone directory buckets end so (name--usw2-az1--x-s3); general
+# purpose buckets may not (docs/SEMANTICS.md "Buckets and regions")
+EXPRESS_SUFFIX = "--x-s3"
 
 
 def _split_options(values: list[str]) -> list[tuple[str, str | None]]:
@@ -92,6 +95,10 @@ def parse_source(source: str) -> tuple[str, str]:
     if not bucket or "/" in bucket:
         raise QuietError(f"{source!r} is not BUCKET or BUCKET:PREFIX (e.g. "
                          "my-bucket:some/prefix)", USAGE_ERROR)
+    if bucket.endswith(EXPRESS_SUFFIX):
+        raise QuietError(f"{bucket} is an S3 Express One Zone directory bucket, which "
+                         "s3stream does not support (unsorted listings, session-based "
+                         "auth); use a general purpose bucket", USAGE_ERROR)
     prefix = prefix.strip("/")
     return bucket, prefix + "/" if prefix else ""
 

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import http.client
 import logging
+import re
 import ssl
 import time
 import urllib.parse
@@ -70,6 +71,11 @@ DIRECT_PAUSE = 60.0  # after DIRECT_MISSES requests of one kind in a row get no 
 DIRECT_MISSES = 5
 OWNER_ONLY_ACLS = ("private", "bucket-owner-read", "bucket-owner-full-control")
 CREDENTIALS_REFRESH = 60.0  # seconds a frozen copy of refreshable credentials is used
+# S3's answers to a request signed for (or sent to) the wrong region; with the header
+# x-amz-bucket-region they name the bucket's own (HEAD: 301 or 400 without a body)
+REGION_REDIRECTS = (301, 307, 400)
+REGION_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_BODY_REGION = re.compile(rb"<Region>([a-z0-9-]{1,63})</Region>")  # AuthorizationHeaderMalformed
 
 _CLIENT_ERRORS: dict[str, type[StoreError]] = {
     "NoSuchKey": NotFound,
@@ -201,16 +207,7 @@ def _translate(exc: Exception, what: str) -> FsError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        message = error.get("Message") or code
-        cls = _CLIENT_ERRORS.get(code) or _CLIENT_ERRORS.get(str(status)) or StoreError
-        if code in ("EntityTooLarge",):
-            return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
-        if code in ("InvalidRange",):
-            return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
-        error = cls(f"{what}: {code or status}: {message}")
-        error.transient = isinstance(status, int) and status >= 500 or code in (
-            "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
-        return error
+        return _client_error(code, status, error.get("Message") or code, what)
     if isinstance(exc, botocore.exceptions.SSLError):
         return Unreachable(f"{what}: {exc} (an endpoint with a private CA needs "
                            "AWS_CA_BUNDLE, or ca_bundle in the profile)")
@@ -226,6 +223,48 @@ def _translate(exc: Exception, what: str) -> FsError:
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return StoreError(f"{what}: {exc}")
     raise exc
+
+
+def _client_error(code: str, status: int | None, message: str, what: str) -> FsError:
+    """S3's error code and HTTP status -> one of our errors (botocore's ClientError and a
+    direct request's XML error alike)."""
+    cls = _CLIENT_ERRORS.get(code) or _CLIENT_ERRORS.get(str(status)) or StoreError
+    if code in ("EntityTooLarge",):
+        return StoreError(f"{what}: {code}: {message}", errno.EFBIG)
+    if code in ("InvalidRange",):
+        return StoreError(f"{what}: {code}: {message}", errno.EINVAL)
+    error = cls(f"{what}: {code or status}: {message}")
+    error.transient = isinstance(status, int) and status >= 500 or code in (
+        "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
+    return error
+
+
+# a direct request's 4xx with these codes goes again through botocore, which acts on them:
+# it retries (timeouts, throttling), refreshes credentials, corrects its clock, or follows the
+# bucket to its region; a signature we got wrong is also botocore's to send right
+_BOTOCORE_HANDLES = frozenset({
+    "RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+    "TooManyRequestsException", "ExpiredToken", "TokenRefreshRequired", "InvalidToken",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed", "RequestExpired",
+    "AuthorizationHeaderMalformed", "PermanentRedirect", "TemporaryRedirect", "Redirect",
+    "IllegalLocationConstraintException", "AuthorizationQueryParametersError"})
+
+
+def parse_error_answer(status: int, headers: dict[str, str], body: bytes
+                       ) -> tuple[str, str] | None:
+    """(code, message) of a 4xx answer with S3's XML error body (<Error><Code>...), when it
+    is final: the same answer botocore would get and raise; None when botocore should send
+    the request again (see _BOTOCORE_HANDLES, a redirect to the bucket's region, no XML)."""
+    if not 400 <= status < 500 or status in (408, 429) or "x-amz-bucket-region" in headers:
+        return None
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return None
+    code = root.findtext("Code") if root.tag == "Error" else None
+    if not code or code in _BOTOCORE_HANDLES:
+        return None
+    return code, root.findtext("Message") or code
 
 
 def parse_timestamp(text: str) -> datetime.datetime:
@@ -373,6 +412,24 @@ def _request_failed(stats: RequestStats | None, exception, context, **_) -> None
                   (time.monotonic() - started) * 1000)
 
 
+def _pay_as_requester(request, **_) -> None:
+    """botocore's before-sign hook with requester_pays: the header, signed."""
+    if "x-amz-request-payer" not in request.headers:  # HTTPHeaders: setting appends
+        request.headers["x-amz-request-payer"] = "requester"
+
+
+def moved_to(region: str, response: direct_requests.Response) -> str | None:
+    """The bucket's region when a direct request signed for `region` was answered that the
+    bucket is elsewhere, else None."""
+    told = response.headers.get("x-amz-bucket-region")
+    if not told and response.status == 400:
+        found = _BODY_REGION.search(response.body)
+        told = found and found.group(1).decode()
+    if response.status in REGION_REDIRECTS and told and told != region:
+        return told
+    return None
+
+
 def transient(exc: FsError) -> bool:
     """Whether a failure may go away by itself: the endpoint unreachable, a timeout, a 5xx."""
     return isinstance(exc, Unreachable) or getattr(exc, "transient", False)
@@ -383,18 +440,27 @@ def retry_delay(retry: int) -> float:
 
 
 class BotocoreStore:
-    """ObjectStore over one botocore S3 client."""
+    """ObjectStore over one botocore S3 client.
+
+    A bucket in another region than the client's: the first answer that says so (botocore's
+    needs-retry hook sees every answer, the direct requests look at theirs; at mount that is
+    HeadBucket's) moves the mount there for good (`_follow_region`): a new botocore client
+    and direct client for that region, signed for it, and sent to its regional endpoint
+    unless the endpoint is a custom one. botocore redirects the one request itself."""
+
+    # the bucket's region as an answer named it: set by botocore's hook in a worker thread
+    # (one assignment), followed on the trio side by `_follow_region`
+    _region_told: str | None = None
 
     def __init__(self, config: StoreConfig):
         self.config = config
         self.bucket = config.bucket
-        session = botocore.session.Session(profile=config.profile)
-        session.get_component("response_parser_factory").set_parser_defaults(
+        self._session = botocore.session.Session(profile=config.profile)
+        self._session.get_component("response_parser_factory").set_parser_defaults(
             timestamp_parser=parse_timestamp)
-        region = config.region or session.get_config_variable("region")
-        if not region:
-            region = "us-east-1"
-        client_config = botocore.config.Config(
+        self.region: str = config.region or self._session.get_config_variable("region") or \
+            "us-east-1"
+        self._client_config = botocore.config.Config(
             max_pool_connections=config.max_connections,
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
@@ -406,13 +472,11 @@ class BotocoreStore:
             client_cert=(config.client_cert, config.client_key) if config.client_key
             else config.client_cert,
         )
-        self._client = session.create_client(
-            "s3", region_name=region, endpoint_url=config.endpoint_url, config=client_config)
         self.stats = RequestStats()
-        log_requests(self._client.meta.events, self.stats)
+        self._client = self._make_client(self.region)
         self.limiter = trio.CapacityLimiter(config.max_connections)
-        self._credentials = session.get_credentials()
-        self._direct = self._direct_client(session) if config.direct_requests else None
+        self._credentials = self._session.get_credentials()
+        self._direct = self._direct_client() if config.direct_requests else None
         self.stats.direct_client = self._direct
         self._direct_frozen: tuple[float, direct_requests.Credentials] | None = None
         # per kind of request (HeadObject, PutObject, ListObjectsV2 ...): a server that
@@ -420,20 +484,69 @@ class BotocoreStore:
         self._direct_misses: collections.Counter[str] = collections.Counter()
         self._direct_paused_until: dict[str, float] = {}
 
+    def _make_client(self, region: str):
+        """A botocore client for `region` with the mount's hooks (the session keeps the
+        credentials it resolved first: a second client does not look them up again)."""
+        client = self._session.create_client(
+            "s3", region_name=region, endpoint_url=self.config.endpoint_url,
+            config=self._client_config)
+        log_requests(client.meta.events, self.stats)
+        client.meta.events.register("needs-retry.s3", self._region_answer)
+        if self.config.requester_pays:
+            client.meta.events.register("before-sign.s3", _pay_as_requester)
+        return client
+
+    def _region_answer(self, response, operation, **_) -> None:
+        """botocore's needs-retry hook, in a worker thread, on every answer: a wrong-region
+        answer (or HeadBucket's, whatever its status) names the bucket's region."""
+        if response is None:
+            return
+        told = response[0].headers.get("x-amz-bucket-region") or \
+            response[1].get("Error", {}).get("Region")
+        if told and told != self.region and (
+                response[0].status_code in REGION_REDIRECTS or operation.name == "HeadBucket"):
+            self._region_told = told
+
+    async def _follow_region(self, region: str | None = None) -> None:
+        """Send every later request to the bucket's region (`region`, or the one botocore's
+        hook saw): one log line, a new botocore client and direct client. The clients are
+        swapped before the one await (closing the old direct client's idle connections):
+        a request already on its way finishes on the old ones, and if it is answered with
+        the same redirect, this finds the region already followed and changes nothing."""
+        region = region or self._region_told
+        self._region_told = None
+        if not region or region == self.region:
+            return
+        if not REGION_NAME.fullmatch(region):
+            log.debug("answer names region %r: not a region name, ignored", region)
+            return
+        if self.config.region:
+            log.warning("bucket %s is in region %s, not %s (option region): requests go to "
+                        "%s; give -o region=%s to save a redirected request at mount",
+                        self.bucket, region, self.region, region, region)
+        else:
+            log.info("bucket %s is in region %s, not %s: requests go there from now on "
+                     "(-o region=%s saves a redirected request at mount)", self.bucket,
+                     region, self.region, region)
+        self.region = region
+        self._client = self._make_client(region)
+        old = self._direct
+        if old is not None:
+            self._direct = self._direct_client()
+            self.stats.direct_client = self._direct
+            await old.aclose()
+
     # -- requests sent directly (direct_requests.py), botocore when they get no answer ----
 
-    def _direct_client(self, session) -> direct_requests.DirectClient | None:
+    def _direct_client(self) -> direct_requests.DirectClient | None:
         """A client for the bucket's URL as botocore addresses it, or None where botocore's
         handling is needed for every request: no credentials, or a proxy in between."""
         if self._credentials is None:
             return None
         probe = "s3stream-probe"
-        try:
-            url = self._client.generate_presigned_url(
-                "head_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=60)
-        except Exception:  # no credentials after all, or an odd endpoint
+        url = self._bucket_url(probe)
+        if url is None:
             return None
-        url = url.partition("?")[0]  # the signature is not ours to keep
         try:
             context = self._tls_like_botocore(url)
         except (AttributeError, OSError, ValueError) as exc:  # another botocore, a bad file
@@ -445,9 +558,31 @@ class BotocoreStore:
         try:
             return direct_requests.DirectClient(
                 url, probe, self._client.meta.region_name, self.config.connect_timeout,
-                self.config.read_timeout, context, max_connections=64)
+                self.config.read_timeout, context, max_connections=64,
+                headers={"x-amz-request-payer": "requester"} if self.config.requester_pays
+                else None)
         except ValueError:
             return None
+
+    def _bucket_url(self, probe: str) -> str | None:
+        """The URL of object `probe` as the client's own requests address it: botocore's
+        endpoint rules (what its region redirect uses too) give the regional host; a
+        presigned URL, the fallback, names the global one (s3.amazonaws.com) in any region."""
+        try:
+            operation = self._client.meta.service_model.operation_model("HeadObject")
+            endpoint = self._client._ruleset_resolver.construct_endpoint(
+                operation_model=operation, call_args={"Bucket": self.bucket, "Key": probe},
+                request_context={})
+            return f"{endpoint.url.rstrip('/')}/{direct_requests.quote_key(probe)}"
+        except Exception as exc:  # another botocore
+            log.debug("endpoint rules not usable (%r): the bucket's URL from a presigned one",
+                      exc)
+        try:
+            url = self._client.generate_presigned_url(
+                "head_object", Params={"Bucket": self.bucket, "Key": probe}, ExpiresIn=60)
+        except Exception:  # no credentials after all, or an odd endpoint
+            return None
+        return url.partition("?")[0]  # the signature is not ours to keep
 
     def _tls_like_botocore(self, url: str) -> ssl.SSLContext | None | bool:
         """The settings botocore's own HTTP session resolved for this client, so that both
@@ -494,25 +629,47 @@ class BotocoreStore:
                            body: bytes = b"", payload_hash: str = direct_requests.EMPTY_SHA256,
                            query: dict[str, str] | None = None
                            ) -> direct_requests.Response | None:
-        """The answer when it is one of `expected`, else None: send it through botocore.
-        After DIRECT_MISSES misses in a row, botocore alone for DIRECT_PAUSE seconds."""
-        if not self._direct_usable(operation):
-            return None
+        """The answer when it is one of `expected`; raises the error botocore would raise
+        for a final 4xx with S3's XML error (AccessDenied ...: sent once, not twice); else
+        None: send it through botocore. After DIRECT_MISSES misses in a row, botocore alone
+        for DIRECT_PAUSE seconds. An answer that the bucket is in another region moves the
+        mount there (`_follow_region`) and the request is sent again, directly, once."""
+        if self._region_told:
+            await self._follow_region()
         started = time.monotonic()
         shown = key or (query or {}).get("prefix", "")  # what the log line names
-        try:
-            response = await self._direct.request(
-                method, key, await self._direct_credentials(), headers, body, payload_hash,
-                query)
-        except direct_requests.Unanswered as exc:
-            log.debug("S3 %s s3://%s/%s -> no answer (%s) in %.1f ms, again through botocore",
-                      operation, self.bucket, shown, exc, (time.monotonic() - started) * 1000)
-            self._direct_missed(operation)
-            return None
+        for attempt in range(2):
+            if not self._direct_usable(operation):
+                return None
+            client = self._direct  # the region it signs for may be followed meanwhile
+            try:
+                response = await client.request(
+                    method, key, await self._direct_credentials(), headers, body,
+                    payload_hash, query)
+            except direct_requests.Unanswered as exc:
+                log.debug("S3 %s s3://%s/%s -> no answer (%s) in %.1f ms, again through "
+                          "botocore", operation, self.bucket, shown, exc,
+                          (time.monotonic() - started) * 1000)
+                self._direct_missed(operation)
+                return None
+            region = moved_to(client.signer.region, response)
+            if region is None or attempt:
+                break
+            await self._follow_region(region)
         if response.status not in expected:
+            error = parse_error_answer(response.status, response.headers, response.body)
+            took = (time.monotonic() - started) * 1000
+            if error is not None:
+                # S3's final word (AccessDenied, NoSuchBucket ...): an answer, not a miss;
+                # botocore would get the same and raise the same
+                self._direct_misses[operation] = 0
+                self.stats.done(operation, shown, response.status, error[0], 0)
+                log.debug("S3 %s s3://%s/%s -> %s %s in %.1f ms", operation, self.bucket,
+                          shown, response.status, error[0], took)
+                raise _client_error(error[0], response.status, error[1],
+                                    self._where(operation, shown))
             log.debug("S3 %s s3://%s/%s -> %s in %.1f ms, again through botocore",
-                      operation, self.bucket, shown, response.status,
-                      (time.monotonic() - started) * 1000)
+                      operation, self.bucket, shown, response.status, took)
             self._direct_missed(operation)
             return None
         self._direct_misses[operation] = 0
@@ -561,6 +718,8 @@ class BotocoreStore:
             try:
                 result = await trio.to_thread.run_sync(run, limiter=self.limiter)
             except FsError as exc:
+                if self._region_told:
+                    await self._follow_region()
                 left = started + budget - trio.current_time()
                 if not transient(exc) or left <= 0:
                     if retry:
@@ -576,6 +735,8 @@ class BotocoreStore:
             if retry:
                 log.warning("%s: succeeded after %.1f s of retries", what,
                             trio.current_time() - started)
+            if self._region_told:
+                await self._follow_region()
             return result
 
     def _where(self, op: str, key: str = "") -> str:
@@ -670,13 +831,11 @@ class BotocoreStore:
         key's ObjectInfo, or the error its HEAD ended with (NotFound, ...). Keys left
         without an answer there are asked one by one."""
         found: list[ObjectInfo | FsError | None] = [None] * len(keys)
+        if self._region_told:
+            await self._follow_region()
         if self._direct_usable("HeadObject"):
             started = time.monotonic()
-            try:
-                responses = await self._direct.head_many(keys,
-                                                         await self._direct_credentials())
-            except direct_requests.Unanswered:
-                responses = [None] * len(keys)
+            responses = await self._head_many_direct(keys)
             took = (time.monotonic() - started) * 1000
             for index, (key, response) in enumerate(zip(keys, responses, strict=True)):
                 if response is not None and response.status in (200, 404):
@@ -696,6 +855,25 @@ class BotocoreStore:
                 except FsError as exc:
                     found[index] = exc
         return found  # type: ignore[return-value]
+
+    async def _head_many_direct(self, keys: list[str]) -> list[direct_requests.Response | None]:
+        """`DirectClient.head_many`; once more in the bucket's region if an answer names
+        another one than the client signed for."""
+        responses: list[direct_requests.Response | None] = [None] * len(keys)
+        for attempt in range(2):
+            client = self._direct  # the region it signs for may be followed meanwhile
+            if client is None:
+                break
+            try:
+                responses = await client.head_many(keys, await self._direct_credentials())
+            except direct_requests.Unanswered:
+                break
+            region = next((moved for r in responses if r is not None
+                           if (moved := moved_to(client.signer.region, r))), None)
+            if region is None or attempt:
+                break
+            await self._follow_region(region)
+        return responses
 
     def _head_answer(self, key: str, response: direct_requests.Response
                      ) -> ObjectInfo | FsError | None:

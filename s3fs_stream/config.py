@@ -45,6 +45,8 @@ class StoreConfig:
     # HEAD, small PUT and DELETE over our own connections (direct_requests.py), botocore
     # for everything else and whenever those get no plain answer
     direct_requests: bool = True
+    # x-amz-request-payer: requester on every request (a requester-pays bucket)
+    requester_pays: bool = False
 
 
 @dataclass(frozen=True)

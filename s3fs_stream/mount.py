@@ -46,7 +46,9 @@ async def check_access(store: BotocoreStore, prefix: str) -> None:
     except (NoSuchBucket, NotFound):
         raise QuietError(f"no such bucket: {store.bucket}", MOUNT_FAILURE) from None
     except AccessDenied as exc:
-        raise QuietError(f"access denied to {where}: check the credentials ({exc})",
+        hint = "" if store.config.requester_pays else \
+            "; a requester-pays bucket needs -o requester_pays"
+        raise QuietError(f"access denied to {where}: check the credentials{hint} ({exc})",
                          MOUNT_FAILURE) from None
     except Unreachable as exc:
         endpoint = store.config.endpoint_url or "the AWS S3 endpoint"

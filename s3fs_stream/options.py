@@ -225,6 +225,9 @@ OPTIONS: dict[str, Option] = {
     "direct_requests": _flag("store", "direct_requests",
                              "send HEAD, small PUT and DELETE over the mount's own "
                              "connections, ~20x less CPU than botocore (default yes)"),
+    "requester_pays": _flag("store", "requester_pays",
+                            "send x-amz-request-payer: requester with every request: the "
+                            "mount's account pays for a requester-pays bucket"),
     "acl": Option("store", "acl", choice(*CANNED_ACLS), "ACL",
                   "canned ACL of new objects, e.g. public-read or bucket-owner-full-control"),
     "client_cert": Option("store", "client_cert", path, "PATH",

@@ -28,6 +28,20 @@ Holds: `proxy.hold(rule)` makes every request the rule picks wait (before it is 
 until `proxy.let_go()`; each held request is counted in `held`. A slow or distant S3 for as
 long as a test needs to look at what the mount does meanwhile.
 
+A bucket "in another region": with `region="eu-central-1"`, a request whose SigV4 credential
+scope names another region gets what S3 answers a request signed for the wrong region,
+without reaching the server: `region_answer="301"` (the default) PermanentRedirect, or
+`"400"` AuthorizationHeaderMalformed, both with `x-amz-bucket-region: REGION` (a HEAD's
+answer has no body, as S3's) on a connection kept alive. Each is counted in `misdirected`
+(method, target, the region signed for). `record_headers=True` keeps every request's
+(method, target, headers) in `seen`.
+
+Chunked answers: `proxy.chunk_answers(rule)` re-encodes the answer to every request the rule
+picks (same signature) with `Transfer-Encoding: chunked` instead of its Content-Length, in
+chunks of varied sizes (the server's bytes, reframed), as S3 and proxies in front of it may
+answer a LIST; `proxy.chunk_answers(None)` stops. Each reframed answer is counted in
+`chunked`. `lists(method, target, headers)` picks ListObjectsV2.
+
 `idle_close=SECONDS` closes a client connection that waits that long for its next request,
 as S3 and load balancers close idle kept-alive connections.
 
@@ -62,6 +76,11 @@ RefuseRule = Callable[[str, str, dict[str, str]], bool]
 def refuse_method(method: str, key_part: str = "") -> RefuseRule:
     """A rule refusing `method` requests whose target (path and query) contains `key_part`."""
     return lambda m, target, headers: m == method and key_part in target
+
+
+def lists(method: str, target: str, headers: dict[str, str]) -> bool:
+    """A rule picking ListObjectsV2 requests."""
+    return method == "GET" and "list-type=2" in target
 
 
 class _Closed(Exception):
@@ -160,7 +179,9 @@ def _reset(sock: socket.socket) -> None:
 class FaultProxy:
     def __init__(self, upstream_port: int, rate: float = 0.1, seed: int = 0,
                  modes: tuple[str, ...] = ALL_MODES, upstream_host: str = "127.0.0.1",
-                 tls: ssl.SSLContext | None = None, idle_close: float | None = None):
+                 tls: ssl.SSLContext | None = None, idle_close: float | None = None,
+                 region: str | None = None, region_answer: str = "301",
+                 record_headers: bool = False):
         unknown = set(modes) - set(ALL_MODES)
         if unknown:
             raise ValueError(f"unknown fault modes: {sorted(unknown)}")
@@ -179,6 +200,13 @@ class FaultProxy:
         self.refused: list[tuple[str, str]] = []  # (method, target) answered 403
         self._hold: tuple[RefuseRule, threading.Event] | None = None
         self.held: list[tuple[str, str]] = []  # (method, target) held by `hold`
+        self.region = region  # the bucket's region (None: any region signed for is right)
+        self.region_answer = region_answer
+        self.misdirected: list[tuple[str, str, str]] = []  # (method, target, region signed)
+        self.record_headers = record_headers
+        self.seen: list[tuple[str, str, dict[str, str]]] = []  # (method, target, headers)
+        self._chunk: RefuseRule | None = None
+        self.chunked: list[tuple[str, str]] = []  # (method, target) answered chunked
         self._listener = socket.socket()
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
@@ -258,9 +286,27 @@ class FaultProxy:
             self.held.append((method, target))
         hold[1].wait(120)
 
+    def chunk_answers(self, rule: RefuseRule | None) -> None:
+        """Re-encode the answers to the requests the rule picks as chunked (None: none)."""
+        with self._lock:
+            self._chunk = rule
+
+    def _rechunk(self, method: str, target: str, headers: dict[str, str]) -> bool:
+        with self._lock:
+            if self._chunk is None or not self._chunk(method, target, headers):
+                return False
+            self.chunked.append((method, target))
+            return True
+
     def _choose(self, method: str, target: str, headers: dict[str, str]) -> str | None:
         with self._lock:
             self.requests += 1
+            if self.record_headers:
+                self.seen.append((method, target, headers))
+            signed = _signed_region(headers)
+            if self.region is not None and signed is not None and signed != self.region:
+                self.misdirected.append((method, target, signed))
+                return "region"
             if self._refuse is not None and self._refuse(method, target, headers):
                 self.refused.append((method, target))
                 return "403"
@@ -297,6 +343,13 @@ class FaultProxy:
                 self._held(method, target, headers)
                 mode = self._choose(method, target, headers)
                 expect = headers.get("expect", "").lower() == "100-continue"
+                if mode == "region":
+                    if expect:  # the client may or may not send the body now: not kept
+                        client.sendall(self._region_response(method, target, close=True))
+                        return
+                    _pump_body(reader, None, headers)  # read and dropped
+                    client.sendall(self._region_response(method, target))
+                    continue
                 if mode in _ERRORS:
                     if not expect:
                         _pump_body(reader, None, headers)  # read and dropped
@@ -327,6 +380,13 @@ class FaultProxy:
                 has_body = method != "HEAD" and code not in (204, 304) and (
                     "chunked" in response_headers.get("transfer-encoding", "").lower()
                     or int(response_headers.get("content-length", "0") or 0) > 0)
+                if has_body and mode is None and "content-length" in response_headers \
+                        and self._rechunk(method, target, headers):
+                    _relay_chunked(up_reader, client, response_head,
+                                   int(response_headers["content-length"]))
+                    if _closes(headers, response_headers):
+                        return
+                    continue
                 client.sendall(response_head)
                 if has_body and mode in ("reset_body", "truncate"):
                     if mode == "truncate":
@@ -344,8 +404,7 @@ class FaultProxy:
                                 client.sendall(up_reader.some(CHUNK))
                         except _Closed:
                             return
-                if "close" in response_headers.get("connection", "").lower() or \
-                        "close" in headers.get("connection", "").lower():
+                if _closes(headers, response_headers):
                     return
         except (OSError, _Closed, ValueError):
             return
@@ -357,6 +416,71 @@ class FaultProxy:
             client.close()
             if upstream is not None:
                 upstream.close()
+
+
+    def _region_response(self, method: str, target: str, close: bool = False) -> bytes:
+        """S3's answer to a request signed for another region than the bucket's."""
+        if self.region_answer == "301":
+            code, reason, error = 301, "Moved Permanently", "PermanentRedirect"
+            message = "The bucket you are attempting to access must be addressed using " \
+                      "the specified endpoint."
+            extra = f"<Endpoint>s3.{self.region}.amazonaws.com</Endpoint>"
+        else:
+            code, reason, error = 400, "Bad Request", "AuthorizationHeaderMalformed"
+            message = f"The authorization header is malformed; the region is wrong; " \
+                      f"expecting '{self.region}'"
+            extra = f"<Region>{self.region}</Region>"
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{error}</Code>'
+                f"<Message>{message}</Message>{extra}"
+                f"<RequestId>fault-proxy</RequestId></Error>").encode()
+        head = (f"HTTP/1.1 {code} {reason}\r\nx-amz-bucket-region: {self.region}\r\n"
+                f"Content-Type: application/xml\r\n")
+        if method == "HEAD":
+            head += "Content-Length: 0\r\n"  # no body
+            body = b""
+        else:
+            head += f"Content-Length: {len(body)}\r\n"
+        if close:
+            head += "Connection: close\r\n"
+        return (head + "\r\n").encode() + body
+
+
+def _signed_region(headers: dict[str, str]) -> str | None:
+    """The region of a SigV4 Authorization header's credential scope (or of a presigned
+    URL's: not looked at), None when unsigned."""
+    authorization = headers.get("authorization", "")
+    _, found, rest = authorization.partition("Credential=")
+    if not found:
+        return None
+    scope = rest.split(",", 1)[0].split("/")  # KEY/DATE/REGION/s3/aws4_request
+    return scope[2] if len(scope) >= 5 else None
+
+
+def _closes(request_headers: dict[str, str], response_headers: dict[str, str]) -> bool:
+    return "close" in response_headers.get("connection", "").lower() or \
+        "close" in request_headers.get("connection", "").lower()
+
+
+def _relay_chunked(src: _Reader, dst: socket.socket, head: bytes, length: int) -> None:
+    """The answer `head` with a body of `length` bytes from `src`, sent chunked: the
+    Content-Length line replaced by Transfer-Encoding, the body in chunks of varied sizes
+    (one with a chunk extension), then the last chunk and no trailers."""
+    lines = [line for line in head.split(b"\r\n")
+             if not line.lower().startswith(b"content-length:")]
+    lines.insert(1, b"Transfer-Encoding: chunked")  # the empty line(s) stay at the end
+    dst.sendall(b"\r\n".join(lines))
+    sizes = (1, 700, 4096, 65536, 13)
+    index = 0
+    while length > 0:
+        data = bytearray()
+        want = min(length, sizes[index % len(sizes)])
+        while len(data) < want:
+            data += src.some(want - len(data))
+        length -= len(data)
+        extension = b";s3stream=test" if index == 1 else b""
+        dst.sendall(b"%x%s\r\n" % (len(data), extension) + bytes(data) + b"\r\n")
+        index += 1
+    dst.sendall(b"0\r\n\r\n")
 
 
 def _status(head: bytes) -> int:

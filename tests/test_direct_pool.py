@@ -36,6 +36,7 @@ class Endpoint:
     drop_request: int = 0  # close without an answer when a connection's N-th request comes
     stall: bool = False  # never answer
     answer: bytes = ANSWER
+    body: bytes = b""  # sent after the answer's headers
     connections: int = 0
     requests: int = 0
     port: int = 0
@@ -64,7 +65,7 @@ class Endpoint:
                     await trio.sleep_forever()
                 close = self.close_every and served % self.close_every == 0
                 await stream.send_all(self.answer + (b"Connection: close\r\n" if close else b"")
-                                      + b"\r\n")
+                                      + b"\r\n" + self.body)
                 if close:
                     return
         except trio.BrokenResourceError:
@@ -169,6 +170,45 @@ async def test_odd_lengths_are_no_answer(endpoint, length):
     await client.aclose()
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+
+
+@pytest.mark.timeout(30)
+async def test_chunked_answers_after_an_interim_one_are_read_whole(endpoint):
+    """An answer with a body (here a GET) is framed by h11: a 100 Continue before it is
+    skipped, chunks (with an extension, and trailers) are joined, and the connection is
+    kept for the next request."""
+    endpoint.answer = b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED
+    endpoint.body = b"5;ext=1\r\n<List\r\n1\r\n>\r\n0\r\nx-trailer: t\r\n\r\n"
+    client = endpoint.client()
+    for _ in range(2):
+        response = await client.request("GET", "", CREDENTIALS, query={"list-type": "2"})
+        assert (response.status, response.body) == (200, b"<List>")
+    assert endpoint.connections == 1
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("answer, body", [
+    (CHUNKED, b"10\r\n" + b"x" * 16 + b"\r\n" + b"10\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"),
+    (CHUNKED + b"Content-Length: 5\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n", b"hello!"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70000 + b"\r\n", b""),
+    (b"HTTP/1.1 200 OK\r\n", b"until the end"),
+], ids=["chunks-over-the-cap", "chunked-and-length", "two-lengths", "long-header",
+        "no-length"])
+async def test_answers_h11_or_the_cap_refuse_are_no_answer(endpoint, monkeypatch, answer,
+                                                           body):
+    """A chunked body past MAX_BODY, a body framed two ways, headers past the limit, or a
+    body that ends only when the server closes: no answer (botocore is asked)."""
+    monkeypatch.setattr(direct_requests, "MAX_BODY", 20)
+    endpoint.answer, endpoint.body = answer, body
+    client = endpoint.client()
+    with pytest.raises(Unanswered):
+        await client.request("DELETE", "k", CREDENTIALS)
+    await client.aclose()
+
+
 @pytest.mark.timeout(30)
 async def test_a_stalled_answer_ends_after_the_read_timeout(endpoint):
     endpoint.stall = True
@@ -216,3 +256,35 @@ def test_a_mount_through_an_endpoint_that_closes_idle_connections(seaweed, mount
         assert document.get("direct_fallbacks") == {}, document
         log = m.log()
         assert "again through botocore" not in log and "botocore sends them" not in log
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_ls_of_a_large_directory_listed_chunked_needs_no_botocore(seaweed, mount_factory):
+    """An endpoint that answers every LIST chunked (as S3 and proxies in front of it may):
+    `ls -l` of a directory of 1,100 objects (two LIST pages) through a real mount shows
+    every entry with its size, and no request was sent again through botocore."""
+    from bulk_put import put_many
+    from fault_proxy import lists
+
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    bucket = new_bucket(seaweed)
+    count = 1100
+    put_many(seaweed.endpoint_url, seaweed.access_key, seaweed.secret_key, bucket,
+             [f"big/o{i:04d}" for i in range(count)], each=lambda key: (
+                 b"x" * (int(key[5:]) % 97), {}))
+    with FaultProxy(port, rate=0.0) as proxy:
+        proxy.chunk_answers(lists)
+        m = mount_factory(dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url),
+                          bucket=bucket)
+        listing = subprocess.run(["ls", "-l", m.path / "big"], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+        sizes = {line.split()[8]: int(line.split()[4]) for line in listing.splitlines()[1:]}
+        assert sizes == {f"o{i:04d}": i % 97 for i in range(count)}
+        assert len(proxy.chunked) >= 2  # both pages of the directory came chunked
+        status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
+                                capture_output=True, text=True, timeout=30, check=True)
+        document = json.loads(status.stdout)[0]
+        assert document.get("direct_fallbacks") == {}, document
+        assert document["requests"]["ListObjectsV2"] >= 2, document
+        assert "again through botocore" not in m.log()

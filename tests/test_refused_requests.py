@@ -200,3 +200,22 @@ def test_refused_deferred_chmod_is_never_shown_reverted(mounted, proxy):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert len(proxy.refused) == refused
     assert len([line for line in log_errors(m.log()) if "new attributes" in line]) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_delete_is_sent_once(mounted, proxy):
+    """rm of a stored file whose DeleteObject S3 refuses (403 AccessDenied with its XML):
+    the mount's own request gets S3's final word and rm gets EACCES, without the same
+    DELETE sent again through botocore (it used to go twice)."""
+    m = mounted
+    m.client.put_object(Bucket=m.bucket, Key="kept.txt", Body=b"kept\n")
+    assert (m.path / "kept.txt").read_bytes() == b"kept\n"
+    proxy.refuse(refuse_method("DELETE", f"/{m.bucket}/kept.txt"))
+    with pytest.raises(OSError) as info:
+        os.unlink(m.path / "kept.txt")
+    assert info.value.errno == errno.EACCES, info.value
+    assert len(proxy.refused) == 1, proxy.refused
+    proxy.refuse(None)
+    assert (m.path / "kept.txt").read_bytes() == b"kept\n"
+    assert m.get("kept.txt") == b"kept\n"
+    assert "again through botocore" not in m.log()
