@@ -71,6 +71,8 @@ class FsConfig:
     negative_timeout: float = 0.0
     content_type: str = "auto"  # auto (guess from extension) | none | a fixed MIME type
     writeback_cache: bool = True
+    # close() of a file of one part returns once its bytes are held; its PutObject is queued
+    queued_uploads: bool = False
 
 
 @dataclass(frozen=True)

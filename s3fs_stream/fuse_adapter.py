@@ -249,6 +249,10 @@ class FuseOperations(pyfuse3.Operations):
         await self.namespace.readdir(fh, max(start_id - DOTS, 0), reply)
 
     @_converted
+    async def fsyncdir(self, fh, datasync):
+        await self.namespace.fsyncdir(fh)
+
+    @_converted
     async def releasedir(self, fh):
         self.namespace.releasedir(fh)
 

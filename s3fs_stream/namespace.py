@@ -554,6 +554,14 @@ class Namespace:
             return node
         return self._upsert_file(path, entry.info)
 
+    async def fsyncdir(self, fh: int) -> None:
+        """fsync of a directory (coreutils' `sync DIR`): the uploads queued now are done
+        (`-o queued_uploads`; FUSE delivers no sync(2) or syncfs(2) to its file systems)."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise FsError("", errno.EBADF)
+        await self.files.sync_queued(handle.node.path)
+
     def releasedir(self, fh: int) -> None:
         handle = self._dir_handles.pop(fh, None)
         if handle is not None:

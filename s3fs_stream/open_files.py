@@ -42,6 +42,7 @@ from .part_schedule import PartSchedule
 from .ranged_reader import RangedReader
 from .spill_area import SpillArea
 from .upload_pool import UploadPool
+from .upload_queue import UploadQueue
 from .writer import Base, State, StreamingWriter
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class OpenFiles:
         self._spill = spill
         self._drop_pages = drop_pages  # (inode, start, length): kernel cache, best effort
         self.schedule = PartSchedule.for_budget(config.part_size, config.max_memory)
+        # `-o queued_uploads`: closes of files of one part queue their PutObject (the
+        # writer stays in `_writers`, served from memory, until it is stored: see `release`)
+        self.queue = UploadQueue(nursery) if config.queued_uploads else None
         self._handles: dict[int, Handle] = {}
         self._fh_numbers = itertools.count(1)
         self._writers: dict[int, StreamingWriter] = {}
@@ -209,6 +213,7 @@ class OpenFiles:
                                                               self.config.content_type)),
                                  base, completed, drop_pages, kept)
         writer.fsync_interval = self.config.fsync_interval
+        writer.queue = self.queue
         return writer
 
     def _add_handle(self, node: Node, writer: StreamingWriter | None = None,
@@ -298,21 +303,61 @@ class OpenFiles:
         through it (GNU touch opens for writing and sets times on the descriptor): the
         program's next command must see them, and RELEASE comes only after close returns."""
         handle = self._handles.get(fh)
-        if handle is None or not handle.writing or \
-                not (handle.wrote or handle.writer.meta_dirty):
+        if handle is None or not handle.writing:
             return
-        await handle.writer.flush()
-        handle.node.expires = time.monotonic() + self.config.attr_timeout
+        if handle.wrote or handle.writer.meta_dirty:
+            await self._reporting(handle.writer.flush(queue=self.queue is not None),
+                                  handle.writer)
+            handle.node.expires = time.monotonic() + self.config.attr_timeout
+        self._report_queued(handle.node.path)
 
     async def fsync(self, fh: int) -> None:
+        """Everything written is stored: held bytes uploaded, a queued upload of the file
+        done (also for a read-only descriptor: coreutils' `sync FILE` opens it so)."""
         handle = self._handles.get(fh)
-        if handle is not None and handle.writer is not None and handle.writing:
-            await handle.writer.fsync()
+        if handle is None or handle.writer is None:
+            return
+        if handle.writing:
+            await self._reporting(handle.writer.fsync(), handle.writer)
+        else:
+            await handle.writer.wait_stored()
+            if handle.writer.queue_failed:
+                handle.writer.queue_failed = False
+                raise FsError("", handle.writer.failure_errno())
+        self._report_queued(handle.node.path)
+
+    async def _reporting(self, request: Awaitable[None], writer: StreamingWriter) -> None:
+        """A request of `writer`: when it fails, a failed queued upload is reported."""
+        try:
+            await request
+        except FsError:
+            writer.queue_failed = False
+            raise
+
+    def _report_queued(self, path: str) -> None:
+        """A queued upload of `path` failed after its writer was closed: this fsync or
+        close reports it (once; the ERROR line was logged when it failed)."""
+        if self.queue is not None:
+            failed = self.queue.take_failure(path)
+            if failed is not None:
+                raise FsError("", failed)
+
+    async def sync_queued(self, directory: str) -> None:
+        """fsync of a directory (`sync DIR`): wait for every upload queued now, and report
+        the failures not yet reported of files in `directory` (\"\": all)."""
+        if self.queue is None:
+            return
+        for _, writer in self.writers():
+            await writer.wait_stored()
+        failed = self.queue.take_failures_under(directory)
+        if failed is not None:
+            raise FsError("", failed)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
+        handed_off = False  # to `_close_when_stored`, which tells the table at its end
         try:
             if handle.reader is not None:
                 handle.reader.close()
@@ -327,9 +372,33 @@ class OpenFiles:
                 if not handle.writing:
                     writer.reader_closed()
                 if writer.handles == 0:
-                    await self._last_close(handle.node, writer)
+                    if writer.queued:  # its close waits for the upload, in the background
+                        handed_off = True
+                        self.queue.start(self._close_when_stored, handle.node, writer)
+                    else:
+                        await self._last_close(handle.node, writer)
         finally:
-            self.table.closed(handle.node)
+            if not handed_off:
+                self.table.closed(handle.node)
+
+    async def _close_when_stored(self, node: Node, writer: StreamingWriter) -> None:
+        """The last close of a file whose upload is queued, once it is stored (a task of
+        the queue). Until then the writer stays in `_writers`: stat and listings show the
+        file with its size, reads are served from memory, an open binds to the writer (its
+        writes, a truncation, a rename or an unlink wait for the upload first)."""
+        try:
+            await writer.wait_stored()
+            # across the wait: the file may have been opened again (that handle's release
+            # closes the writer), closed again (a second task: whichever finds the writer
+            # still in the table closes it, the other finds it gone)
+            if writer.handles == 0 and self._writers.get(node.inode) is writer:
+                if writer.queue_failed:  # not reported to anyone yet: the next fsync or
+                    writer.queue_failed = False  # close of the name does
+                    self.queue.failed_upload(writer.name, writer.failure_errno(),
+                                             error_reason(writer.error))
+                await self._last_close(node, writer)
+        finally:
+            self.table.closed(node)
 
     async def _last_close(self, node: Node, writer: StreamingWriter) -> None:
         # out of the table before any await: an open that comes meanwhile gets a new writer
@@ -380,6 +449,10 @@ class OpenFiles:
         within `seconds` (all files together) are named too."""
         left = []
         deadline = trio.current_time() + seconds
+        if self.queue is not None and self.queue.pending:
+            log.info("unmounting: waiting for %d queued upload(s)", self.queue.queued)
+            with trio.move_on_at(deadline):
+                await self.queue.drain()  # each one's last close too
         for _, writer in self.writers():
             with trio.move_on_at(deadline) as scope:
                 if await writer.abandon():

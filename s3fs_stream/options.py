@@ -282,6 +282,11 @@ OPTIONS: dict[str, Option] = {
                                "many small files when S3 is far away)"),
     "writeback_cache": _flag("fs", "writeback_cache",
                              "let the kernel coalesce small writes (default yes)"),
+    "queued_uploads": _flag("fs", "queued_uploads",
+                            "close() of a file of one part returns once its bytes are in "
+                            "memory; its upload runs in the background, 32 at once (fsync, "
+                            "sync DIR and unmount wait for them; a crash loses those not "
+                            "yet stored; default no)"),
     # mount
     "allow_other": _flag("mount", "allow_other",
                          "let other users use the mount (needs user_allow_other in "

@@ -207,6 +207,8 @@ def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
         "memory": {"used": budget.used, "limit": budget.limit, "peak": budget.peak,
                    "spills": budget.spills},
         "uploads_in_flight": sum(entry["parts_in_flight"] for entry in entries),
+        **({"queued_uploads": files.queue.snapshot()}
+           if getattr(files, "queue", None) is not None else {}),
         **requests}
 
 
@@ -220,6 +222,8 @@ def _state(writer) -> str:
     state = writer.state.value
     if state == "failed":
         return "failed"
+    if getattr(writer, "queued", False):
+        return "queued"  # closed, its PutObject queued (queued_uploads)
     if writer.completing:
         return "completing"
     return {"complete": "complete", "detached": "deleted"}.get(state, "writing")
@@ -331,6 +335,12 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
             f"uploaded, {entry['parts_in_flight']} in flight, {_copied(entry)}"
             f"{_size(rate)}/s, "
             f"{entry['retries']} retries")
+    queue = document.get("queued_uploads")
+    if queue is not None:
+        lines.append(f"queued uploads: {queue['queued']} queued, {queue['stored']} stored, "
+                     f"{queue['failed']} failed")
+        lines += [f"  FAILED {failure['name']}: {failure['reason']}"
+                  for failure in queue["recent_failures"]]
     requests = ", ".join(f"{k} {v}" for k, v in sorted(document["requests"].items()))
     lines.append(f"requests: {requests or 'none'}; retries {document['retries']}")
     errors = ", ".join(f"{k} {v}" for k, v in sorted(document["errors"].items()))

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import AccessDenied, FsError, NotFound, PreconditionFailed, first_error
+from .errors import AccessDenied, FsError, NotFound, PreconditionFailed, error_reason, first_error
 from .memory_budget import MemoryBudget
 from .object_meta import FileMeta, Kept, rewrite_options
 from .object_store import ObjectStore, PutOptions, read_into
@@ -60,6 +60,7 @@ from .part_buffer import Part, Segment
 from .part_schedule import PartSchedule
 from .spill_area import SpillArea
 from .upload_pool import UploadPool
+from .upload_queue import UploadQueue
 from .upload_session import UploadSession
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ class StreamingWriter:
         # times this writer wrote the object at its key (a completion, an attribute rewrite):
         # an unlink or a rename over the file compares it across its own request
         self.stores = 0
+        # queued uploads (`-o queued_uploads`, set by OpenFiles): a flush of a file of one
+        # part queues its PutObject (`_queue_put`); `_queued` is set while it runs
+        self.queue: UploadQueue | None = None
+        self._queued: trio.Event | None = None
+        self.queue_failed = False  # a queued upload failed and nobody was told yet
         budget.register(self)
 
     # -- requests (each under the lock) ------------------------------------------------
@@ -188,7 +194,9 @@ class StreamingWriter:
         partial-page write (README "Writeback cache"); the part is then brought back into
         memory for the write that follows, completing the upload early if it must.
         """
-        async with self._request():
+        # a queued upload in progress: its bytes are read from memory meanwhile (the PUT
+        # only reads the buffer; a read for writing waits in `_hold` for the part)
+        async with self._request(wait_queued=False):
             end = min(offset + length, self.size)
             pieces = []
             position = offset
@@ -230,7 +238,7 @@ class StreamingWriter:
         with a request is left for the next round."""
         since = self._unsynced_since
         if since is None or time.monotonic() - since < seconds or self._lock.locked() \
-                or self.state is not State.WRITING or not self.size:
+                or self.state is not State.WRITING or not self.size or self.queued:
             return
         try:
             await self._store_all()
@@ -242,6 +250,7 @@ class StreamingWriter:
         short last part) and leave the upload for `s3stream recover`. Returns whether an
         upload was left."""
         async with self._lock:
+            await self.wait_stored()  # (`OpenFiles.shutdown` drained the queue before)
             try:
                 if self.state is State.WRITING and self.changed and self.size \
                         and self.error is None:
@@ -256,15 +265,75 @@ class StreamingWriter:
             finally:
                 self._budget.unregister(self)
 
-    async def flush(self) -> None:
-        """Complete the object if anything changed since the last completion."""
-        async with self._request():
+    async def flush(self, queue: bool = False) -> None:
+        """Complete the object if anything changed since the last completion. `queue`: a
+        close with queued uploads on; a file of one part then only queues its PutObject."""
+        async with self._request():  # (a queued upload of it ended first)
             if self.state is State.COMPLETE and self._meta_dirty:
                 await self._rewrite_meta()
                 return
             if self.state is State.DETACHED or not self.changed:
                 return
+            if queue and self.queue is not None and self._session is None \
+                    and self._last_part() == 1:
+                await self._queue_put()
+                return
             await self._sticky(self._complete())
+
+    @property
+    def queued(self) -> bool:
+        """A queued PutObject of this file is in progress."""
+        return self._queued is not None
+
+    async def wait_stored(self) -> None:
+        """Until no queued upload of this file runs (no lock: used by a close that waits
+        in the background, and under the lock by requests that change or store the file)."""
+        while self._queued is not None:
+            await self._queued.wait()
+
+    async def _queue_put(self) -> None:
+        """Queue the PutObject of this file of one part (under the lock). Part 1 stays
+        held, pinned and busy until the PUT ends: no write, spill or drop changes its buffer
+        meanwhile, and reads are served from it."""
+        await self.queue.room()  # at most MAX_QUEUED files at once
+        try:
+            version = self._meta_version  # set_meta may come during the PUT: see `_done`
+            options = await self._new_object_options()
+            part = await self._hold(1, 0) if self.size else None
+        except BaseException:
+            self.queue.give_back()
+            raise
+        # no await from here to the job's start: nothing else sees part 1 idle
+        if part is not None:
+            assert part.whole
+            part.idle = trio.Event()
+        self._queued = trio.Event()
+        self.completing = True
+        self.queue.upload(lambda: self._send_queued(part, options, version))
+
+    async def _send_queued(self, part: Part | None, options: PutOptions,
+                           version: int) -> bool:
+        """The queued PutObject (a task of the queue, without the lock: every request but
+        a plain read waits for `_queued`). Across the PUT only attributes may change
+        (set_meta, no lock): `_done` keeps them dirty as a completion does."""
+        try:
+            etag = await self._store.put(self.key, part.payload() if part else b"", options)
+        except FsError as exc:
+            self.queue_failed = True
+            self._fail(FsError(f"its queued upload failed ({error_reason(exc)}); close() had "
+                               "returned, so only an fsync or a later close of it reports "
+                               "this: write the file again", exc.errno))
+            return False
+        else:
+            self._done(etag, version)
+            return True
+        finally:
+            if part is not None:
+                part.idle.set()
+                self._unpin(part)
+            self.completing = False
+            stored, self._queued = self._queued, None
+            stored.set()
 
     def set_meta(self, meta: FileMeta) -> None:
         if meta == self.meta:
@@ -303,6 +372,7 @@ class StreamingWriter:
         (a refused delete or copy leaves the writer as it was); waits for a completion in
         progress, after which nothing of this writer reaches S3."""
         async with self._lock:
+            await self.wait_stored()  # a queued upload ends first (then deleted again)
             segments = await self._drop_all_parts()  # (uploads in flight end first)
             session, self._session = self._session, None
             self.base = None
@@ -314,6 +384,7 @@ class StreamingWriter:
     async def release(self) -> None:
         """The last handle closed: free memory; an unfinished upload stays for recovery."""
         async with self._lock:
+            await self.wait_stored()  # (`OpenFiles` waits for it before; this is a guard)
             try:
                 segments = await self._drop_all_parts()
                 # a failure logged its cause and what is left already (`_fail`)
@@ -348,11 +419,14 @@ class StreamingWriter:
     # -- the request frame ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _request(self):
+    async def _request(self, wait_queued: bool = True):
         """Lock the writer for one request: a failed writer answers at once, and budget the
-        request reserved but did not put into a part goes back when it ends."""
+        request reserved but did not put into a part goes back when it ends. A queued upload
+        of the file ends first unless `wait_queued` is False (a read)."""
         async with self._lock:
             try:
+                if wait_queued:
+                    await self.wait_stored()
                 if self.error is not None and self.state is not State.DETACHED:
                     raise FsError("", self._failure_errno())
                 yield
@@ -899,6 +973,10 @@ class StreamingWriter:
                 etag = await self._complete_upload()
         finally:
             self.completing = False
+        self._done(etag, version)
+
+    def _done(self, etag: str, version: int) -> None:
+        """The object at the key holds every byte (`version`: of the attributes stored)."""
         self._became_base(etag)
         self.state = State.COMPLETE
         self.changed = False
@@ -1075,6 +1153,9 @@ class StreamingWriter:
             self.error = exc
             self.state = State.FAILED
         return FsError("", self._failure_errno())
+
+    def failure_errno(self) -> int:
+        return self._failure_errno()
 
     def _failure_errno(self) -> int:
         # a refused write (AccessDenied: the policy changed since the mount's check) is EACCES

@@ -24,6 +24,10 @@ read-only credentials, as the mount meets them); `proxy.refuse(None)` stops refu
 can change while a mount runs (the mount's own checks at start-up pass first); each refused
 request is counted in `refused`.
 
+Holds: `proxy.hold(rule)` makes every request the rule picks wait (before it is forwarded)
+until `proxy.let_go()`; each held request is counted in `held`. A slow or distant S3 for as
+long as a test needs to look at what the mount does meanwhile.
+
 A bucket "in another region": with `region="eu-central-1"`, a request whose SigV4 credential
 scope names another region gets what S3 answers a request signed for the wrong region,
 without reaching the server: `region_answer="301"` (the default) PermanentRedirect, or
@@ -194,6 +198,8 @@ class FaultProxy:
         self.faulted: list[tuple[str, str, str]] = []  # (mode, method, target)
         self._refuse: RefuseRule | None = None
         self.refused: list[tuple[str, str]] = []  # (method, target) answered 403
+        self._hold: tuple[RefuseRule, threading.Event] | None = None
+        self.held: list[tuple[str, str]] = []  # (method, target) held by `hold`
         self.region = region  # the bucket's region (None: any region signed for is right)
         self.region_answer = region_answer
         self.misdirected: list[tuple[str, str, str]] = []  # (method, target, region signed)
@@ -261,6 +267,25 @@ class FaultProxy:
         with self._lock:
             self._refuse = rule
 
+    def hold(self, rule: RefuseRule) -> None:
+        """Hold every request the rule picks until `let_go` (at most 120 s)."""
+        with self._lock:
+            self._hold = (rule, threading.Event())
+
+    def let_go(self) -> None:
+        with self._lock:
+            if self._hold is not None:
+                self._hold[1].set()
+            self._hold = None
+
+    def _held(self, method: str, target: str, headers: dict[str, str]) -> None:
+        with self._lock:
+            hold = self._hold
+            if hold is None or not hold[0](method, target, headers):
+                return
+            self.held.append((method, target))
+        hold[1].wait(120)
+
     def chunk_answers(self, rule: RefuseRule | None) -> None:
         """Re-encode the answers to the requests the rule picks as chunked (None: none)."""
         with self._lock:
@@ -315,6 +340,7 @@ class FaultProxy:
                 client.settimeout(None)
                 start, headers = _headers(head)
                 method, target = start.decode("latin-1").split(" ")[:2]
+                self._held(method, target, headers)
                 mode = self._choose(method, target, headers)
                 expect = headers.get("expect", "").lower() == "100-continue"
                 if mode == "region":
