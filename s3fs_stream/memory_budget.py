@@ -41,6 +41,11 @@ from .errors import FsError
 log = logging.getLogger(__name__)
 
 RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reuses them anyway
+# Read-ahead of all open readers together takes at most this much of the budget: one reader
+# never holds more than its 32 MiB window and a few segments in flight, and 32 readers at
+# the default budget (3 GiB here: 96 MiB shares) held 530 MiB of read-ahead, a 628 MiB peak
+# RSS; 8 MiB each reads them as fast (docs/SEMANTICS.md "Memory").
+READ_AHEAD_TOTAL = 256 * 1024 * 1024
 SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
 STUCK_GRACE = 2.0  # seconds nothing can make room before the longest waiter gets ENOSPC
 
@@ -80,7 +85,7 @@ class MemoryBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
+        self.readers = 0  # open readers: each may hold an equal share in read-ahead
         self.peak = 0
         self.spills = 0  # parts spilled to the bucket so far (reported in the log and status)
         self.refusals = 0  # requests refused with ENOSPC: nothing could make room
@@ -94,7 +99,9 @@ class MemoryBudget:
 
     @property
     def reader_share(self) -> int:
-        return self.limit // max(1, self.readers)
+        """The read-ahead one open reader may hold: an equal share of READ_AHEAD_TOTAL (or
+        of the whole budget when that is smaller)."""
+        return min(self.limit, READ_AHEAD_TOTAL) // max(1, self.readers)
 
     @property
     def free(self) -> int:
