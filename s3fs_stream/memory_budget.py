@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -94,7 +95,8 @@ class MemoryBudget:
         self._holders: set[MemoryHolder] = set()
         self._pressure = trio.Event()  # set while someone waits
         self._released = trio.Event()  # replaced after every release
-        self._idle: dict[int, list[bytearray]] = {}  # recycled buffers by size
+        # recycled buffers by (size, lazy): read-ahead's are anonymous mappings (`buffer`)
+        self._idle: dict[tuple[int, bool], list[bytearray | mmap.mmap]] = {}
         self._idle_bytes = 0
 
     @property
@@ -230,25 +232,31 @@ class MemoryBudget:
 
     # -- recycled buffers --------------------------------------------------------------
 
-    def buffer(self, size: int) -> bytearray:
+    def buffer(self, size: int, lazy: bool = False) -> bytearray | mmap.mmap:
         """A buffer of `size` bytes for memory already reserved; recycled when one is idle.
 
         Its contents are whatever the last user left: callers track their own lengths.
+        `lazy`: a fresh one is an anonymous mapping whose pages come in as they are first
+        written, by whoever writes them (a worker thread reading a GET's body into it, with
+        the GIL released), where bytearray(size) zeroes every page at once in the event
+        loop's thread (20 % of the time the GIL was held while reading 512 MiB on a fresh
+        mount: docs/internals.md "Where read time goes"). Its pages go back at once when
+        it is let go.
         """
-        idle = self._idle.get(size)
+        idle = self._idle.get((size, lazy))
         if idle:
             self._idle_bytes -= size
             return idle.pop()
-        return bytearray(size)
+        return mmap.mmap(-1, size) if lazy else bytearray(size)
 
-    def recycle(self, buf: bytearray) -> None:
+    def recycle(self, buf: bytearray | mmap.mmap) -> None:
         """Keep a buffer for reuse while something is reserved and idle buffers and
         reservations still fit in the limit."""
         size = len(buf)
         if (size < RECYCLE_MIN or not self.used
                 or self.used + self._idle_bytes + size > self.limit):
             return
-        self._idle.setdefault(size, []).append(buf)
+        self._idle.setdefault((size, isinstance(buf, mmap.mmap)), []).append(buf)
         self._idle_bytes += size
 
     def _trim_idle(self, keep: int | None = None) -> None:
@@ -256,10 +264,10 @@ class MemoryBudget:
         room = self.limit - self.used if keep is None else keep
         if self._idle_bytes <= room:
             return
-        for size in sorted(self._idle):
-            idle = self._idle[size]
+        for key in sorted(self._idle):
+            idle = self._idle[key]
             while idle and self._idle_bytes > room:
                 idle.pop()
-                self._idle_bytes -= size
+                self._idle_bytes -= key[0]
             if not idle:
-                del self._idle[size]
+                del self._idle[key]

@@ -17,6 +17,7 @@ handle gives ESTALE instead of mixed bytes.
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass, field
 
 import trio
@@ -45,7 +46,7 @@ class Segment:
     start: int
     end: int
     reserved: int = 0
-    buffer: bytearray | None = None  # recycled through the budget (read-ahead segments)
+    buffer: bytearray | mmap.mmap | None = None  # recycled through the budget (read-ahead)
     data: bytes | memoryview | None = None
     error: FsError | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -168,7 +169,7 @@ class RangedReader:
     async def _fetch(self, segment: Segment) -> None:
         try:
             if segment.reserved:
-                segment.buffer = self._budget.buffer(segment.reserved)
+                segment.buffer = self._budget.buffer(segment.reserved, lazy=True)
             segment.data = await self._get(segment.start, segment.end, segment.buffer)
         except FsError as exc:
             segment.error = exc
@@ -213,7 +214,7 @@ class RangedReader:
         self.requests += 1
         return await self._get(offset, end)
 
-    async def _get(self, start: int, end: int, into: bytearray | None = None
+    async def _get(self, start: int, end: int, into: bytearray | mmap.mmap | None = None
                    ) -> bytes | memoryview:
         while True:
             key, etag = self._key, self.etag
