@@ -47,6 +47,10 @@ RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reus
 # the default budget (3 GiB here: 96 MiB shares) held 530 MiB of read-ahead, a 628 MiB peak
 # RSS; 8 MiB each reads them as fast (docs/SEMANTICS.md "Memory").
 READ_AHEAD_TOTAL = 256 * 1024 * 1024
+# Idle read-ahead buffers kept for reuse: a few segments' worth. Readers of many sizes (the
+# window ramps up 1, 2, 4 ... MiB; demand reads) left idle buffers of every size, up to the
+# whole budget: 32 readers peaked at 555-659 MiB RSS with 260 MiB of it reserved.
+IDLE_READ_AHEAD = 64 * 1024 * 1024
 SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
 STUCK_GRACE = 2.0  # seconds nothing can make room before the longest waiter gets ENOSPC
 
@@ -98,6 +102,7 @@ class MemoryBudget:
         # recycled buffers by (size, lazy): read-ahead's are anonymous mappings (`buffer`)
         self._idle: dict[tuple[int, bool], list[bytearray | mmap.mmap]] = {}
         self._idle_bytes = 0
+        self._idle_lazy_bytes = 0  # of which read-ahead's (lazy) buffers
 
     @property
     def reader_share(self) -> int:
@@ -246,18 +251,22 @@ class MemoryBudget:
         idle = self._idle.get((size, lazy))
         if idle:
             self._idle_bytes -= size
+            self._idle_lazy_bytes -= size if lazy else 0
             return idle.pop()
         return mmap.mmap(-1, size) if lazy else bytearray(size)
 
     def recycle(self, buf: bytearray | mmap.mmap) -> None:
         """Keep a buffer for reuse while something is reserved and idle buffers and
-        reservations still fit in the limit."""
+        reservations still fit in the limit (read-ahead's: IDLE_READ_AHEAD at most)."""
         size = len(buf)
+        lazy = isinstance(buf, mmap.mmap)
         if (size < RECYCLE_MIN or not self.used
-                or self.used + self._idle_bytes + size > self.limit):
+                or self.used + self._idle_bytes + size > self.limit
+                or lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD):
             return
-        self._idle.setdefault((size, isinstance(buf, mmap.mmap)), []).append(buf)
+        self._idle.setdefault((size, lazy), []).append(buf)
         self._idle_bytes += size
+        self._idle_lazy_bytes += size if lazy else 0
 
     def _trim_idle(self, keep: int | None = None) -> None:
         """Let idle buffers go until they fit beside the reservations (or down to `keep`)."""
@@ -269,5 +278,6 @@ class MemoryBudget:
             while idle and self._idle_bytes > room:
                 idle.pop()
                 self._idle_bytes -= key[0]
+                self._idle_lazy_bytes -= key[0] if key[1] else 0
             if not idle:
                 del self._idle[key]
