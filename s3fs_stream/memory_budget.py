@@ -47,10 +47,12 @@ RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reus
 # the default budget (3 GiB here: 96 MiB shares) held 530 MiB of read-ahead, a 628 MiB peak
 # RSS; 8 MiB each reads them as fast (docs/SEMANTICS.md "Memory").
 READ_AHEAD_TOTAL = 256 * 1024 * 1024
-# Idle read-ahead buffers kept for reuse: a few segments' worth. Readers of many sizes (the
-# window ramps up 1, 2, 4 ... MiB; demand reads) left idle buffers of every size, up to the
-# whole budget: 32 readers peaked at 555-659 MiB RSS with 260 MiB of it reserved.
-IDLE_READ_AHEAD = 64 * 1024 * 1024
+# Idle read-ahead buffers kept for reuse. Readers of many sizes (the window ramps up 1, 2,
+# 4 ... MiB; demand reads) left idle buffers of every size, up to the whole budget: 32
+# readers of 64 MiB peaked at 555-659 MiB RSS with 260 MiB of it reserved; 434-448 MiB with
+# this bound (64 MiB: 376, but fresh mappings cost 32 readers of 20 MiB +0.2 s/GiB of system
+# time in page faults, against 0.7).
+IDLE_READ_AHEAD = 128 * 1024 * 1024
 SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
 STUCK_GRACE = 2.0  # seconds nothing can make room before the longest waiter gets ENOSPC
 
@@ -260,6 +262,9 @@ class MemoryBudget:
         reservations still fit in the limit (read-ahead's: IDLE_READ_AHEAD at most)."""
         size = len(buf)
         lazy = isinstance(buf, mmap.mmap)
+        if lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD:
+            # sizes the windows ramped through early would fill the room for good
+            self._drop_idle_lazy(IDLE_READ_AHEAD - size, but=size)
         if (size < RECYCLE_MIN or not self.used
                 or self.used + self._idle_bytes + size > self.limit
                 or lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD):
@@ -267,6 +272,17 @@ class MemoryBudget:
         self._idle.setdefault((size, lazy), []).append(buf)
         self._idle_bytes += size
         self._idle_lazy_bytes += size if lazy else 0
+
+    def _drop_idle_lazy(self, room: int, but: int) -> None:
+        """Let idle read-ahead buffers of other sizes than `but` go until `room` is left."""
+        for key in [key for key in self._idle if key[1] and key[0] != but]:
+            idle = self._idle[key]
+            while idle and self._idle_lazy_bytes > room:
+                idle.pop()
+                self._idle_bytes -= key[0]
+                self._idle_lazy_bytes -= key[0]
+            if not idle:
+                del self._idle[key]
 
     def _trim_idle(self, keep: int | None = None) -> None:
         """Let idle buffers go until they fit beside the reservations (or down to `keep`)."""

@@ -1,6 +1,7 @@
 """The ranged reader against an in-memory store: window growth, random reads, ESTALE."""
 
 import errno
+import mmap
 import os
 import random
 
@@ -210,6 +211,10 @@ def test_idle_read_ahead_buffers_are_bounded():
     for buf in buffers:
         budget.recycle(buf)
     assert 0 < budget._idle_bytes <= IDLE_READ_AHEAD
-    reused = budget.buffer(sizes[0], lazy=True)
+    reused = budget.buffer(sizes[-1], lazy=True)  # the last one recycled is kept
     assert any(reused is buf for buf in buffers)
     assert isinstance(budget.buffer(4 * MiB), bytearray)  # a writer's is never a mapping
+    for _ in range(4):  # a size the pool holds none of takes the room of the others
+        budget.recycle(mmap.mmap(-1, 16 * MiB))
+    assert len(budget._idle[(16 * MiB, True)]) == 4
+    assert budget._idle_lazy_bytes <= IDLE_READ_AHEAD
