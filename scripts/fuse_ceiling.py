@@ -6,7 +6,8 @@ One read-only file, `obj`, of SIZE bytes; read() returns a slice of one prealloc
 No S3, no trio work beside pyfuse3's own: what `scripts/bench` measures on it is the kernel,
 libfuse and pyfuse3 with trio, the stack every s3stream READ also crosses.
 
-Mounted like s3stream (mount.py): the same FUSE options, the same number of request tasks,
+Mounted like s3stream (mount.py): the same FUSE options and writeback-cache flag, the same
+number of request tasks,
 and, once INIT is answered, the same kernel settings (read_ahead_kb 1024, max_background 4)
 through s3stream's own `tune_kernel_bdi`; opens wait for them as s3stream's do.
 
@@ -37,6 +38,7 @@ class CeilingFs(pyfuse3.Operations):
         self.data = memoryview((block * (size // len(block) + 1))[:size])
         self.initialized = trio.Event()
         self.tuned = trio.Event()
+        self.enable_writeback_cache = True  # as FuseOperations: the same INIT flags
 
     def init(self):
         self.initialized.set()
@@ -99,9 +101,10 @@ def main() -> None:
     mountpoint, size = sys.argv[1], int(sys.argv[2])
     limit_malloc_caching()
     fs = CeilingFs(size)
-    # s3stream's options (mount.fuse_options) for a read-only mount
+    # s3stream's options (mount.fuse_options; pyfuse3's defaults for the rest: max_read and
+    # max_write are libfuse's, as for s3stream); writes are refused at open
     pyfuse3.init(fs, mountpoint, {"fsname=fuse-ceiling", "subtype=ceiling",
-                                  "default_permissions", "noatime", "ro"})
+                                  "default_permissions", "noatime"})
     try:
         trio.run(serve, fs, mountpoint)
     finally:
