@@ -7,9 +7,9 @@ No S3, no trio work beside pyfuse3's own: what `scripts/bench` measures on it is
 libfuse and pyfuse3 with trio, the stack every s3stream READ also crosses.
 
 Mounted like s3stream (mount.py): the same FUSE options and writeback-cache flag, the same
-number of request tasks,
-and, once INIT is answered, the same kernel settings (read_ahead_kb 1024, max_background 4)
-through s3stream's own `tune_kernel_bdi`; opens wait for them as s3stream's do.
+number of request tasks, and, once INIT is answered, the same kernel settings (read_ahead_kb
+1024, max_background 4) through s3stream's own `tune_kernel_bdi`; opens wait for them as
+s3stream's do.
 
     fuse_ceiling.py MOUNTPOINT SIZE     (runs until unmounted: fusermount3 -u MOUNTPOINT)
 """
