@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,17 @@ from .errors import FsError
 log = logging.getLogger(__name__)
 
 RECYCLE_MIN = 1024 * 1024  # smaller buffers come from malloc's heap, which reuses them anyway
+# Read-ahead of all open readers together takes at most this much of the budget: one reader
+# never holds more than its 32 MiB window and a few segments in flight, and 32 readers at
+# the default budget (3 GiB here: 96 MiB shares) held 530 MiB of read-ahead, a 628 MiB peak
+# RSS; 8 MiB each reads them as fast (docs/SEMANTICS.md "Memory").
+READ_AHEAD_TOTAL = 256 * 1024 * 1024
+# Idle read-ahead buffers kept for reuse. Readers of many sizes (the window ramps up 1, 2,
+# 4 ... MiB; demand reads) left idle buffers of every size, up to the whole budget: 32
+# readers of 64 MiB peaked at 555-659 MiB RSS with 260 MiB of it reserved; 434-448 MiB with
+# this bound (64 MiB: 376, but fresh mappings cost 32 readers of 20 MiB +0.2 s/GiB of system
+# time in page faults, against 0.7).
+IDLE_READ_AHEAD = 128 * 1024 * 1024
 SETTLE = 0.05  # seconds the reclaimer lets in-flight uploads return memory before it evicts
 STUCK_GRACE = 2.0  # seconds nothing can make room before the longest waiter gets ENOSPC
 
@@ -80,7 +92,7 @@ class MemoryBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
-        self.readers = 0  # open readers: each may hold at most an equal share in read-ahead
+        self.readers = 0  # open readers: each may hold an equal share in read-ahead
         self.peak = 0
         self.spills = 0  # parts spilled to the bucket so far (reported in the log and status)
         self.refusals = 0  # requests refused with ENOSPC: nothing could make room
@@ -89,12 +101,16 @@ class MemoryBudget:
         self._holders: set[MemoryHolder] = set()
         self._pressure = trio.Event()  # set while someone waits
         self._released = trio.Event()  # replaced after every release
-        self._idle: dict[int, list[bytearray]] = {}  # recycled buffers by size
+        # recycled buffers by (size, lazy): read-ahead's are anonymous mappings (`buffer`)
+        self._idle: dict[tuple[int, bool], list[bytearray | mmap.mmap]] = {}
         self._idle_bytes = 0
+        self._idle_lazy_bytes = 0  # of which read-ahead's (lazy) buffers
 
     @property
     def reader_share(self) -> int:
-        return self.limit // max(1, self.readers)
+        """The read-ahead one open reader may hold: an equal share of READ_AHEAD_TOTAL (or
+        of the whole budget when that is smaller)."""
+        return min(self.limit, READ_AHEAD_TOTAL) // max(1, self.readers)
 
     @property
     def free(self) -> int:
@@ -223,36 +239,61 @@ class MemoryBudget:
 
     # -- recycled buffers --------------------------------------------------------------
 
-    def buffer(self, size: int) -> bytearray:
+    def buffer(self, size: int, lazy: bool = False) -> bytearray | mmap.mmap:
         """A buffer of `size` bytes for memory already reserved; recycled when one is idle.
 
         Its contents are whatever the last user left: callers track their own lengths.
+        `lazy`: a fresh one is an anonymous mapping whose pages come in as they are first
+        written, by whoever writes them (a worker thread reading a GET's body into it, with
+        the GIL released), where bytearray(size) zeroes every page at once in the event
+        loop's thread (20 % of the time the GIL was held while reading 512 MiB on a fresh
+        mount: docs/internals.md "Where read time goes"). Its pages go back at once when
+        it is let go.
         """
-        idle = self._idle.get(size)
+        idle = self._idle.get((size, lazy))
         if idle:
             self._idle_bytes -= size
+            self._idle_lazy_bytes -= size if lazy else 0
             return idle.pop()
-        return bytearray(size)
+        return mmap.mmap(-1, size) if lazy else bytearray(size)
 
-    def recycle(self, buf: bytearray) -> None:
+    def recycle(self, buf: bytearray | mmap.mmap) -> None:
         """Keep a buffer for reuse while something is reserved and idle buffers and
-        reservations still fit in the limit."""
+        reservations still fit in the limit (read-ahead's: IDLE_READ_AHEAD at most)."""
         size = len(buf)
+        lazy = isinstance(buf, mmap.mmap)
+        if lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD:
+            # sizes the windows ramped through early would fill the room for good
+            self._drop_idle_lazy(IDLE_READ_AHEAD - size, but=size)
         if (size < RECYCLE_MIN or not self.used
-                or self.used + self._idle_bytes + size > self.limit):
+                or self.used + self._idle_bytes + size > self.limit
+                or lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD):
             return
-        self._idle.setdefault(size, []).append(buf)
+        self._idle.setdefault((size, lazy), []).append(buf)
         self._idle_bytes += size
+        self._idle_lazy_bytes += size if lazy else 0
+
+    def _drop_idle_lazy(self, room: int, but: int) -> None:
+        """Let idle read-ahead buffers of other sizes than `but` go until `room` is left."""
+        for key in [key for key in self._idle if key[1] and key[0] != but]:
+            idle = self._idle[key]
+            while idle and self._idle_lazy_bytes > room:
+                idle.pop()
+                self._idle_bytes -= key[0]
+                self._idle_lazy_bytes -= key[0]
+            if not idle:
+                del self._idle[key]
 
     def _trim_idle(self, keep: int | None = None) -> None:
         """Let idle buffers go until they fit beside the reservations (or down to `keep`)."""
         room = self.limit - self.used if keep is None else keep
         if self._idle_bytes <= room:
             return
-        for size in sorted(self._idle):
-            idle = self._idle[size]
+        for key in sorted(self._idle):
+            idle = self._idle[key]
             while idle and self._idle_bytes > room:
                 idle.pop()
-                self._idle_bytes -= size
+                self._idle_bytes -= key[0]
+                self._idle_lazy_bytes -= key[0] if key[1] else 0
             if not idle:
-                del self._idle[size]
+                del self._idle[key]

@@ -3,7 +3,8 @@ sequential.
 
 The window starts at `initial` bytes and doubles each time the reader consumes a segment,
 up to `maximum`; it is fetched as segments of up to SEGMENT_MAX bytes (and half the
-reader's share of the budget), several GETs in flight. Reads that land inside the window (the kernel's async reads arrive slightly out of
+reader's share of the budget), several GETs in flight, each of whole 8 MiB pieces or within
+one. Reads that land inside the window (the kernel's async reads arrive slightly out of
 order) keep the stream; a jump far outside it resets the window, and such random reads fetch
 only what they need plus a little. Read-ahead memory comes from the shared budget and is
 only taken when free, at most an equal share per open reader; demand reads never wait (they
@@ -16,6 +17,7 @@ handle gives ESTALE instead of mixed bytes.
 from __future__ import annotations
 
 import logging
+import mmap
 from dataclasses import dataclass, field
 
 import trio
@@ -26,7 +28,11 @@ from .object_store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SEGMENT_MAX = 8 * 1024 * 1024
+# 16 MiB GETs: botocore spends ~2 ms of CPU per call, half of the Python time of a read;
+# 8 -> 16 MiB cut the daemon's user CPU per GiB read 0.50 -> 0.35 s (docs/internals.md
+# "Where read time goes")
+SEGMENT_MAX = 16 * 1024 * 1024
+PIECE = 8 * 1024 * 1024  # how objects written in 8 MiB parts are stored (see _extend)
 # a random read fetches at least this much: a 4 KiB read costs a 16 KiB GET, not 128 KiB
 # (random 4 KiB reads/s 242 -> 256, `scripts/bench --size 256M --only read --skip-peers`);
 # a following read nearby joins the stream and starts the read-ahead anyway
@@ -40,7 +46,7 @@ class Segment:
     start: int
     end: int
     reserved: int = 0
-    buffer: bytearray | None = None  # recycled through the budget (read-ahead segments)
+    buffer: bytearray | mmap.mmap | None = None  # recycled through the budget (read-ahead)
     data: bytes | memoryview | None = None
     error: FsError | None = None
     done: trio.Event = field(default_factory=trio.Event)
@@ -122,9 +128,11 @@ class RangedReader:
                 in_flight = sum(1 for s in self._segments if not s.done.is_set())
             if in_flight >= self._concurrency:
                 break
-            # never across a multiple of SEGMENT_MAX: objects written in 8 MiB parts are
-            # stored as 8 MiB chunks, and a GET spanning two costs the server two reads
-            stop = min(self.size, start + segment, (start // SEGMENT_MAX + 1) * SEGMENT_MAX)
+            # whole pieces, or within one: objects written in 8 MiB parts are stored as
+            # 8 MiB chunks, and a GET of parts of two costs the server two whole reads
+            stop = min(self.size, start + segment)
+            if start % PIECE:
+                stop = min(stop, (start // PIECE + 1) * PIECE)
             if not self._add(start, stop, demand=False):
                 break  # no memory free for read-ahead right now
             in_flight += 1
@@ -161,7 +169,7 @@ class RangedReader:
     async def _fetch(self, segment: Segment) -> None:
         try:
             if segment.reserved:
-                segment.buffer = self._budget.buffer(segment.reserved)
+                segment.buffer = self._budget.buffer(segment.reserved, lazy=True)
             segment.data = await self._get(segment.start, segment.end, segment.buffer)
         except FsError as exc:
             segment.error = exc
@@ -206,7 +214,7 @@ class RangedReader:
         self.requests += 1
         return await self._get(offset, end)
 
-    async def _get(self, start: int, end: int, into: bytearray | None = None
+    async def _get(self, start: int, end: int, into: bytearray | mmap.mmap | None = None
                    ) -> bytes | memoryview:
         while True:
             key, etag = self._key, self.etag
