@@ -59,6 +59,8 @@ class Handle:
     # a page before a partial-page write (a program's own read looks the same)
     patching: bool = False
     stale: bool = False  # the object was replaced while open: every read is ESTALE
+    # the writer's `bytes_written` at this handle's open or last flush (see `flush`)
+    seen: int = 0
 
 
 class OpenFiles:
@@ -216,7 +218,8 @@ class OpenFiles:
                     writing: bool = False, wrote: bool = False) -> int:
         fh = next(self._fh_numbers)
         patching = writing and self.config.writeback_cache
-        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing, wrote, patching)
+        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing, wrote, patching,
+                                   seen=writer.bytes_written if writer is not None else 0)
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
@@ -298,8 +301,16 @@ class OpenFiles:
         through it (GNU touch opens for writing and sets times on the descriptor): the
         program's next command must see them, and RELEASE comes only after close returns."""
         handle = self._handles.get(fh)
-        if handle is None or not handle.writing or \
-                not (handle.wrote or handle.writer.meta_dirty):
+        if handle is None or not handle.writing:
+            return
+        # With the writeback cache the kernel writes every program's dirty pages through
+        # one writing handle of the file (the one opened last, until its release), even
+        # after that handle's own FLUSH: bytes written since this handle's last flush may
+        # be its program's. Taken before the await: writes landing during the completion
+        # wait for the writer's lock, and count for the next flush.
+        seen, handle.seen = handle.seen, handle.writer.bytes_written
+        others = self.config.writeback_cache and handle.seen != seen
+        if not (handle.wrote or others or handle.writer.meta_dirty):
             return
         await handle.writer.flush()
         handle.node.expires = time.monotonic() + self.config.attr_timeout
