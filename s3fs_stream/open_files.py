@@ -60,6 +60,8 @@ class Handle:
     # a page before a partial-page write (a program's own read looks the same)
     patching: bool = False
     stale: bool = False  # the object was replaced while open: every read is ESTALE
+    # the writer's `arrivals` at this handle's open or last flush (see `flush`)
+    seen: int = 0
 
 
 class OpenFiles:
@@ -221,7 +223,8 @@ class OpenFiles:
                     writing: bool = False, wrote: bool = False) -> int:
         fh = next(self._fh_numbers)
         patching = writing and self.config.writeback_cache
-        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing, wrote, patching)
+        self._handles[fh] = Handle(node, writer, reader, keep_cache, writing, wrote, patching,
+                                   seen=writer.arrivals if writer is not None else 0)
         node.open_handles += 1
         if writer is not None:
             writer.handles += 1
@@ -279,6 +282,7 @@ class OpenFiles:
         if writer is None:
             raise FsError("", errno.EBADF)
         handle.wrote = True
+        writer.arrivals += 1  # counted on arrival: a flush after it completes it (`flush`)
         return await writer.write(offset, data)  # the adapter logs what fails
 
     async def truncate(self, fh: int | None, node: Node, size: int) -> None:
@@ -305,7 +309,15 @@ class OpenFiles:
         handle = self._handles.get(fh)
         if handle is None or not handle.writing:
             return
-        if handle.wrote or handle.writer.meta_dirty:
+        # With the writeback cache the kernel writes every program's dirty pages through
+        # one writing handle of the file (the one opened last, until its release), even
+        # after that handle's own FLUSH: a WRITE that arrived since this handle's open or
+        # last flush may carry its program's bytes. Taken before the await: a WRITE still
+        # in progress is ahead of this completion on the writer's lock, one arriving during
+        # it comes after and counts for the next flush.
+        seen, handle.seen = handle.seen, handle.writer.arrivals
+        others = self.config.writeback_cache and handle.seen != seen
+        if handle.wrote or others or handle.writer.meta_dirty:
             await self._reporting(handle.writer.flush(queue=self.queue is not None),
                                   handle.writer)
             handle.node.expires = time.monotonic() + self.config.attr_timeout

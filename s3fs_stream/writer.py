@@ -115,6 +115,7 @@ class StreamingWriter:
         self._lock = trio.Lock()
         self.handles = 0  # open file handles sharing this writer (owned by OpenFiles)
         self.readers = 0  # ... of which read-only (owned by OpenFiles, see `reader_closed`)
+        self.arrivals = 0  # WRITEs received through any handle (owned by OpenFiles: `flush`)
         self._reader_window = min(READER_WINDOW, budget.limit // 2)
         self.reader_rebases = 0  # completions forced by readers (for tests and status)
         self.started_ns = time.time_ns()

@@ -44,6 +44,8 @@ class MemoryStore:
         self.calls: list[tuple] = []
         self.fail_parts = False  # make every UploadPart fail (a dead server)
         self.delay = 0.0
+        self.in_flight = 0  # requests in their `delay` now, and the most at once
+        self.most_in_flight = 0
         self.page_size = 1000  # ListObjectsV2 pages (smaller to test pagination)
         self.modified: dict[str, float] = {}  # LastModified of each object (seconds)
         self._refusals: list[tuple[frozenset[str] | None, str | None]] = []
@@ -64,7 +66,12 @@ class MemoryStore:
         self.calls.append(call)
         if self.on_call is not None:
             self.on_call(call)
-        await trio.sleep(self.delay)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         target = call[2] if call[0] == "copy" else (call[1] if len(call) > 1 else "")
         for methods, key in self._refusals:
             if (methods is None or call[0] in methods) and \

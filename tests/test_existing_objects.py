@@ -202,6 +202,28 @@ def test_dd_conv_notrunc_alone_and_concurrently(seaweed, ext, tmp_path):
     check(m, "dd", local.read_bytes())
 
 
+def test_close_stores_bytes_the_kernel_sent_through_another_descriptor(seaweed, ext):
+    """With the writeback cache the kernel writes a program's dirty pages through the writing
+    descriptor of the file opened last: the close of the one that wrote them still finds
+    them in the object (the cause of a concurrent `dd conv=notrunc` range found old)."""
+    base = os.urandom(2 * PART)
+    m = ext(seaweed, {"o": base})
+    mine = os.open(m.path / "o", os.O_WRONLY)
+    other = os.open(m.path / "o", os.O_WRONLY)  # opened last: the kernel writes through it
+    try:
+        patch = os.urandom(64 * 1024)
+        os.pwrite(mine, patch, PART + 4096)
+        os.close(mine)
+        mine = None
+        expected = base[:PART + 4096] + patch + base[PART + 4096 + len(patch):]
+        assert_same(m.get("o"), expected, "at the close of the descriptor that wrote")
+    finally:
+        if mine is not None:
+            os.close(mine)
+        os.close(other)
+    check(m, "o", expected)
+
+
 def test_new_file_seek_30mib_write_one_byte(seaweed, ext):
     m = ext(seaweed)
     with open(m.path / "sparse", "wb") as f:

@@ -232,9 +232,10 @@ async def test_small_listed_objects_are_headed_in_parallel_and_symlinks_read(fs)
                                                   "mtime": "1000"})
     fs.store._store("pre/link", b"s00", {"mode": str(stat.S_IFLNK | 0o777)})
     fs.store.delay = 0.01
-    started = trio.current_time()
+    fs.store.most_in_flight = 0
     entries = await listing(fs)
-    assert trio.current_time() - started < 0.3  # 41 HEADs of 10 ms each, not one by one
+    # 41 HEADs of 10 ms each, not one by one (counted, not timed: a loaded box is slow)
+    assert fs.store.most_in_flight >= 3  # batches at once (each a pipeline on S3)
     nodes = {name: node for name, node, _ in entries}
     assert stat.S_ISLNK(nodes["link"].mode)
     assert nodes["s01"].mode == stat.S_IFREG | 0o600 and nodes["s01"].mtime_ns == 10**12

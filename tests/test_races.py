@@ -10,7 +10,7 @@ import trio
 
 from s3fs_stream.inode_table import ROOT_INODE
 from s3fs_stream.object_meta import SetAttr
-from tests.test_filesystem_unit import MiB, fs  # noqa: F401  (the fixture)
+from tests.test_filesystem_unit import Fs, MiB, fs, unit_filesystem  # noqa: F401  (the fixture)
 
 PART = 5 * MiB  # the fixture's part size
 
@@ -186,3 +186,41 @@ async def test_a_completion_during_a_rename_over_the_file_is_replaced_again(fs):
     await fs.flush(fh)
     await fs.release(fh)
     assert fs.store.objects["pre/f"][0] == b"other" and not fs.store.uploads
+
+
+async def test_data_sent_through_a_flushed_handle_is_completed_by_its_owners_close(fs):  # noqa: F811
+    """Writeback cache: the kernel writes every program's dirty pages through one writing
+    handle of the file (the one opened last, until its release), also after that handle's
+    own close sent FLUSH. Another program's close then writes nothing through its own handle,
+    yet its data arrived meanwhile: its flush must complete it (concurrent `dd conv=notrunc`:
+    the last close found the object without one program's range)."""
+    fs.store._store("pre/dd", bytes(8192), {})
+    node = await fs.lookup(ROOT_INODE, "dd")
+    mine = await fs.open(node.inode, os.O_WRONLY)
+    other = await fs.open(node.inode, os.O_WRONLY)  # opened last: the kernel writes through it
+    await fs.write(other, 0, b"other's")
+    await fs.flush(other)  # the other program's close
+    await fs.write(other, 4096, b"mine")  # my pages, sent before other's RELEASE
+    await fs.flush(mine)  # my close: nothing left to send through my own handle
+    stored = fs.store.objects["pre/dd"][0]
+    assert stored[:7] == b"other's" and stored[4096:4100] == b"mine"
+    await fs.release(other)
+    await fs.release(mine)
+
+
+async def test_without_writeback_cache_a_handle_that_wrote_nothing_completes_nothing(
+        nursery):
+    """Without the writeback cache every write comes through its own handle: the close of
+    a writing handle that wrote nothing leaves another program's stream uncompleted."""
+    direct = Fs(unit_filesystem(nursery, writeback_cache=False))
+    direct.store._store("pre/rec", bytes(8192), {})
+    node = await direct.lookup(ROOT_INODE, "rec")
+    recorder = await direct.open(node.inode, os.O_WRONLY)
+    idle = await direct.open(node.inode, os.O_WRONLY)
+    await direct.write(recorder, 0, b"new")
+    await direct.flush(idle)
+    assert direct.store.objects["pre/rec"][0] == bytes(8192)
+    await direct.flush(recorder)
+    assert direct.store.objects["pre/rec"][0][:3] == b"new"
+    await direct.release(idle)
+    await direct.release(recorder)
