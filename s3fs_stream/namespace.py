@@ -673,7 +673,15 @@ class Namespace:
         if self.files.writer(inode) is None:
             node.expires = 0.0  # close-to-open consistency: see the object as it is now
             path = node.path
-            await self.getattr(inode)
+            try:
+                await self.getattr(inode)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                # the object is gone (another client deleted it, or a queued upload of it
+                # failed): ESTALE makes the kernel look the name up again, so an open with
+                # O_CREAT creates the file anew and a plain open gets ENOENT
+                raise FsError("", errno.ESTALE) from None
             if node.path != path and not path.startswith("\0"):
                 # another client replaced the object: the kernel's inode (and its size) is
                 # the old one; ESTALE makes the kernel look the path up again and open the
