@@ -111,6 +111,14 @@ _ARG_HEADERS = {arg: name for name, arg in _HEADER_ARGS.items()} | {
     "ContentType": "content-type", "ACL": "x-amz-acl", "Tagging": "x-amz-tagging"}
 
 
+def _answered(headers: dict[str, str]) -> float:
+    """The server's Date header (seconds since the epoch), 0.0 when missing or no date."""
+    try:
+        return parse_timestamp(headers["date"]).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return 0.0
+
+
 def kept_headers(headers: dict[str, str]) -> tuple[dict[str, str], int]:
     """KEPT_HEADERS and the tag count of a HEAD's answer (header names lower case)."""
     kept = {name: headers[name] for name in KEPT_HEADERS if headers.get(name)}
@@ -658,12 +666,13 @@ class BotocoreStore:
             return found
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
                              Bucket=self.bucket, Key=key)
-        kept, tag_count = kept_headers(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        headers = r.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        kept, tag_count = kept_headers(headers)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
                           metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
                           content_type=r.get("ContentType"), headers=kept,
-                          tag_count=tag_count)
+                          tag_count=tag_count, answered=_answered(headers))
 
     async def head_many(self, keys: list[str]) -> list[ObjectInfo | FsError]:
         """HEADs of many keys, pipelined on one connection (`DirectClient.head_many`); each
@@ -712,7 +721,8 @@ class BotocoreStore:
                 last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
                 metadata={name[11:]: value for name, value in headers.items()
                           if name.startswith("x-amz-meta-")},
-                content_type=headers.get("content-type"), headers=kept, tag_count=tag_count)
+                content_type=headers.get("content-type"), headers=kept, tag_count=tag_count,
+                answered=_answered(headers))
         except (KeyError, ValueError, TypeError):
             return None  # an answer botocore may understand better
 

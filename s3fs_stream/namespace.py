@@ -549,7 +549,12 @@ class Namespace:
             return node  # a file being written, not listed: its writer knows
         if node is not None and not node.is_dir and node.has_metadata and \
                 same_etag(node.etag, entry.info.etag) and node.size == entry.info.size:
-            # the same object: its metadata stays until the HEAD (`_collect`) says more
+            if node.head_modified and node.head_modified == int(entry.info.last_modified):
+                # the object a HEAD of this mount saw (Node.head_modified): its metadata is
+                # as fresh as a new HEAD would make it, and `_collect` sends none
+                node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
+                return node
+            # the same content: its metadata stays until the HEAD (`_collect`) says more
             # (another client may have copied it onto itself with new metadata, same ETag)
             return node
         return self._upsert_file(path, entry.info)

@@ -36,6 +36,7 @@ class ObjectInfo:
     content_type: str | None = None  # from HEAD only
     headers: dict[str, str] = field(default_factory=dict)  # KEPT_HEADERS it has (HEAD only)
     tag_count: int = 0  # x-amz-tagging-count (HEAD only): GetObjectTagging has them
+    answered: float = 0.0  # the server's Date of the HEAD's answer (0: unknown, a listing)
 
 
 @dataclass(frozen=True)

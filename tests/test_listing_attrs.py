@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -170,3 +171,66 @@ def test_no_op_backup_after_a_remount_sends_nothing(any_server, mount_factory, t
     assert sent == [], f"{len(sent)} of {files} files sent again: {sent[:5]}"
     assert "Number of regular files transferred: 0" in again
     run(["diff", "-r", str(source), str(fresh.path / "backup")], timeout=120)
+
+
+def file_heads(mount, directory: str) -> int:
+    """HEADs of objects in `directory` the mount has sent so far (its debug log)."""
+    keys = re.findall(rf"S3 HeadObject s3://{mount.bucket}/(\S+) ->", mount.log())
+    return sum(key.startswith(f"{directory}/") and key != f"{directory}/" for key in keys)
+
+
+def make_listed_dir(m, count: int = 40) -> Path:
+    """A directory of `count` files with their own modes, written and then left alone for
+    over a second (a HEAD in the object's own LastModified second proves nothing)."""
+    directory = m.path / "d"
+    directory.mkdir()
+    for i in range(count):
+        path = directory / f"f{i:03d}"
+        path.write_bytes(b"x" * i)
+        path.chmod(0o600 + i % 8)
+    time.sleep(2.1)
+    return directory
+
+
+def test_a_second_listing_of_an_unchanged_directory_sends_no_heads(any_server,
+                                                                   mount_factory):
+    """The first `ls -l` of a fresh mount HEADs each file; once the attributes expired, the
+    next `ls -l` and `find` find the same ETag, size and LastModified in the listing and
+    send no HEAD (only LIST requests) -- and still show the stored modes."""
+    m = mount_factory(any_server)
+    make_listed_dir(m)
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    first = ls_l(fresh.path / "d")
+    assert file_heads(fresh, "d") >= 40
+    assert first["f005"][0] == "-rw----r-x"
+    for _ in range(2):
+        before = file_heads(fresh, "d")
+        time.sleep(ATTR_TIMEOUT + 0.5)  # the attributes are stale: the old code HEADs again
+        assert ls_l(fresh.path / "d") == first
+        run(["find", str(fresh.path / "d"), "-type", "f"])
+        assert file_heads(fresh, "d") == before
+
+
+def test_an_object_changed_by_another_client_shows_its_new_attributes(any_server,
+                                                                      mount_factory):
+    """Another client copies an object onto itself with a new mode (same body, ETag and
+    size, a new LastModified): the next `ls -l` shows the new mode."""
+    m = mount_factory(any_server)
+    directory = make_listed_dir(m, count=5)
+    first = ls_l(directory)
+    assert first["f002"][0] == "-rw-----w-"
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    assert ls_l(directory) == first  # the mount knows it: no HEAD needed
+    key = "d/f002"
+    old = m.head(key)
+    metadata = dict(old["Metadata"], mode=str(stat.S_IFREG | 0o751))
+    m.client.copy_object(Bucket=m.bucket, Key=key, CopySource={"Bucket": m.bucket, "Key": key},
+                         Metadata=metadata, MetadataDirective="REPLACE")
+    new = m.head(key)
+    assert new["LastModified"] > old["LastModified"] and new["ContentLength"] == 2
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    shown = ls_l(directory)
+    assert shown["f002"][0] == "-rwxr-x--x", shown["f002"]
+    assert {n: v for n, v in shown.items() if n != "f002"} == \
+        {n: v for n, v in first.items() if n != "f002"}
