@@ -5,7 +5,7 @@ tells them. This room sends those HEADs -- pipelined in batches on a few connect
 (`head_nodes`), started ahead in the mount's nursery (`head_soon`), for the rest of a
 directory once someone stats its listed entries (`demand`), and for the next names of a
 directory that is being walked by lookups (`read_ahead`). What a HEAD found is handed back
-to the namespace (`took_head` for a file's object, `head_dir` for a directory's marker),
+to the namespace (`took_head` for a file's object, `took_dir` for a directory's marker),
 which owns the nodes' paths and decides what the answer means.
 
 State owned here: the HEAD limiter shared by every caller (`_heads`), per directory the
@@ -21,10 +21,11 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
+from .dir_attributes import DirAttributes
 from .errors import FsError, NotFound
 from .inode_table import InodeTable, Node, join, parent_of
 from .object_store import ObjectInfo, ObjectStore
@@ -43,15 +44,16 @@ BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 class AttributeFetcher:
     def __init__(self, store: ObjectStore, key: Callable[[str], str], table: InodeTable,
                  files: OpenFiles, nursery: trio.Nursery | None,
-                 took_head: Callable[[Node, str, ObjectInfo], Node],
-                 head_dir: Callable[[Node], Awaitable[Node]]):
+                 dirs: DirAttributes, took_head: Callable[[Node, str, ObjectInfo], Node],
+                 took_dir: Callable[[Node, str, ObjectInfo | None], None]):
         self.store = store
         self.key = key
         self.table = table
         self.files = files
         self._nursery = nursery
         self._took_head = took_head  # what a HEAD of a file's path (then) found
-        self._head_dir = head_dir  # HEAD a directory's marker and take what it says
+        self.dirs = dirs
+        self._took_dir = took_dir  # what holds a directory's attributes (its path then)
         # directory path -> listed nodes whose metadata nobody has asked for yet
         self._backlog: dict[str, collections.deque[Node]] = {}
         self._draining: set[str] = set()
@@ -103,11 +105,16 @@ class AttributeFetcher:
             await event.wait()
 
     async def _batch(self, nodes: list[Node]) -> None:
-        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
+        """HEAD these nodes' objects and directory markers in one go (pipelined), then
+        where the server drops markers' metadata, the directories' attributes objects."""
         files = [node for node in nodes if not node.is_dir]
-        paths = [node.path for node in files]  # may change across the await: checked after
-        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
-        for node, path, result in zip(files, paths, found, strict=True):
+        dirs = [node for node in nodes if node.is_dir]
+        # may change across the awaits: checked after
+        paths, dir_paths = [node.path for node in files], [node.path for node in dirs]
+        keys = [self.key(path) for path in paths] + \
+            [self.dirs.marker_key(path) for path in dir_paths]
+        found = await self.store.head_many(keys) if keys else []
+        for node, path, result in zip(files, paths, found[:len(files)], strict=True):
             if isinstance(result, ObjectInfo):
                 self._took_head(node, path, result)
             elif not isinstance(result, NotFound):
@@ -115,12 +122,14 @@ class AttributeFetcher:
             elif not node.has_metadata and node.path == path and \
                     self.files.writer(node.inode) is None:
                 self.table.remove_path(path)  # listed, deleted since: readdir skips it
-        for node in nodes:
-            if node.is_dir:
-                try:
-                    await self._head_dir(node)
-                except FsError as exc:
-                    log.debug("HEAD for %s failed: %s", node.path, exc)
+        if not dirs:
+            return
+        markers = await self.dirs.holders(dir_paths, found[len(files):])
+        for node, path, marker in zip(dirs, dir_paths, markers, strict=True):
+            if isinstance(marker, FsError):
+                log.debug("HEAD for %s failed: %s", path, marker)
+            else:
+                self._took_dir(node, path, marker)
 
     def demand(self, node: Node) -> None:
         """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD

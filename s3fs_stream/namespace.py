@@ -102,8 +102,8 @@ class Namespace:
         # names known missing, directories known whole (with negative_timeout)
         self.known = KnownNames(config, self._list_dir)
         # HEADs of listed and walked entries, ahead and in parallel
-        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self._took_head,
-                                        functools.partial(self._take_head, raising=False))
+        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self.dirs,
+                                        self._took_head, self._took_dir)
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -282,9 +282,7 @@ class Namespace:
     async def _take_head(self, node: Node, raising: bool) -> Node:
         path = node.path  # may change while the HEAD is out: checked after it
         if node.is_dir:
-            marker = await self.dirs.head_marker(path)
-            if node.path == path:
-                self.table.upsert(path, True, **dir_attrs(self.config, marker))
+            self._took_dir(node, path, await self.dirs.head_marker(path))
             return node
         try:
             info = await self.store.head(self.key(path))
@@ -293,6 +291,12 @@ class Namespace:
                 raise FsError("", errno.ENOENT) from None
             return node
         return self._took_head(node, path, info)
+
+    def _took_dir(self, node: Node, path: str, marker: ObjectInfo | None) -> None:
+        """What holds the attributes of the directory at `path` (the node's when its HEADs
+        were sent): `DirAttributes.head_marker`."""
+        if node.path == path:
+            self.table.upsert(path, True, **dir_attrs(self.config, marker))
 
     def _took_head(self, node: Node, path: str, info: ObjectInfo) -> Node:
         """What a HEAD of `path` (the node's path when it was sent) found."""

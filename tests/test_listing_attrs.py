@@ -234,3 +234,27 @@ def test_an_object_changed_by_another_client_shows_its_new_attributes(any_server
     assert shown["f002"][0] == "-rwxr-x--x", shown["f002"]
     assert {n: v for n, v in shown.items() if n != "f002"} == \
         {n: v for n, v in first.items() if n != "f002"}
+
+
+def test_directories_of_a_listing_are_headed_pipelined(any_server, mount_factory):
+    """A fresh mount's `ls -l` of directories shows each one's stored mode, and their
+    markers' HEADs (and on SeaweedFS, which drops a marker's metadata, the HEADs of their
+    attributes objects) go pipelined like files', not one request at a time."""
+    m = mount_factory(any_server)
+    top = m.path / "top"
+    top.mkdir()
+    modes = {f"s{i:02d}": 0o700 + (i % 8) * 0o10 for i in range(24)}
+    for name, mode in modes.items():
+        (top / name).mkdir()
+        (top / name).chmod(mode)
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    shown = ls_l(fresh.path / "top")
+    assert {name: value[0] for name, value in shown.items()} == \
+        {name: stat.filemode(stat.S_IFDIR | mode) for name, mode in modes.items()}
+    heads = [line for line in fresh.log().splitlines()
+             if re.search(r"S3 HeadObject s3://\S+/(top/s\d\d/|\.s3stream/dirs/top/s\d\d) ", line)]
+    assert len(heads) >= len(modes)
+    if any_server.name == "seaweedfs":  # moto answers one request per connection: the
+        alone = [line for line in heads if "pipelined" not in line]  # rest go one by one
+        assert not alone, alone[:3]
