@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import trio
 
+from .deferred_meta import same_etag
 from .dir_attributes import DirAttributes
 from .errors import FsError, NotFound
 from .inode_table import InodeTable, Node, join, parent_of
@@ -41,11 +42,22 @@ WALK_DIRS = 256  # directories whose walks are followed at once
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 
 
+def listed_unchanged(node: Node, info: ObjectInfo) -> bool:
+    """A listing's entry `info` is the object whose metadata a HEAD of this mount told the
+    node (`Node.head_modified`): the same ETag, size and LastModified. S3 changes metadata
+    only by a rewrite (a copy onto itself too), which gives the object a later
+    LastModified: the node's metadata is as fresh as a new HEAD would make it."""
+    return not node.is_dir and node.has_metadata and node.head_modified != 0 and \
+        node.head_modified == int(info.last_modified) and node.size == info.size and \
+        same_etag(node.etag, info.etag)
+
+
 class AttributeFetcher:
     def __init__(self, store: ObjectStore, key: Callable[[str], str], table: InodeTable,
                  files: OpenFiles, nursery: trio.Nursery | None,
                  dirs: DirAttributes, took_head: Callable[[Node, str, ObjectInfo], Node],
-                 took_dir: Callable[[Node, str, ObjectInfo | None], None]):
+                 took_dir: Callable[[Node, str, ObjectInfo | None], None],
+                 attr_timeout: float = 1.0):
         self.store = store
         self.key = key
         self.table = table
@@ -53,6 +65,9 @@ class AttributeFetcher:
         self._nursery = nursery
         self._took_head = took_head  # what a HEAD of a file's path (then) found
         self.dirs = dirs
+        self._attr_timeout = attr_timeout
+        # directory path -> set once the LIST page of a `revalidate` there is in and taken
+        self._revalidating: dict[str, trio.Event] = {}
         self._took_dir = took_dir  # what holds a directory's attributes (its path then)
         # directory path -> listed nodes whose metadata nobody has asked for yet
         self._backlog: dict[str, collections.deque[Node]] = {}
@@ -130,6 +145,41 @@ class AttributeFetcher:
                 log.debug("HEAD for %s failed: %s", path, marker)
             else:
                 self._took_dir(node, path, marker)
+
+    async def revalidate(self, node: Node) -> None:
+        """A stale file whose metadata a HEAD of this mount told (`Node.head_modified`): one
+        LIST page from its name on tells whether it and the names after it (up to 1,000)
+        are still those objects (`listed_unchanged`); those are fresh again. `ls -l` of a
+        large directory stats the entries after readdir handed them over, often after the
+        attribute timeout: a LIST per 1,000 of them instead of a HEAD each. Whoever finds
+        the node still stale HEADs it."""
+        parent = parent_of(node.path)
+        out = self._revalidating.get(parent)
+        if out is not None:  # a page of this directory is out: it may cover this node
+            await out.wait()
+            if node.fresh:
+                return
+        path = node.path  # may change across the await: nodes are taken by path after it
+        prefix = self.key(parent) + "/" if parent else self.key("")
+        done = self._revalidating[parent] = trio.Event()
+        try:
+            # every key from this one on: a prefix of a key sorts before it
+            page = await self.store.list_page(prefix, "/", None, 1000, self.key(path)[:-1])
+            hidden = {p[len(prefix):-1] for p in page.prefixes}  # directories hide objects
+            now = time.monotonic()
+            for info in page.objects:
+                name = info.key[len(prefix):]
+                sibling = self.table.by_path(join(parent, name))
+                if sibling is not None and name not in hidden and \
+                        listed_unchanged(sibling, info) and \
+                        self.files.writer(sibling.inode) is None:
+                    sibling.expires = max(sibling.expires, now + self._attr_timeout)
+        except FsError as exc:
+            log.debug("LIST from %s failed: %s", path, exc)
+        finally:
+            if self._revalidating.get(parent) is done:
+                del self._revalidating[parent]
+            done.set()
 
     def demand(self, node: Node) -> None:
         """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD

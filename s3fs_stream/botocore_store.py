@@ -775,13 +775,16 @@ class BotocoreStore:
         return await self._retrying(what, fetch)
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
-                        token: str | None = None, max_keys: int = 1000) -> ListPage:
-        page = await self._list_direct(prefix, delimiter, token, max_keys)
+                        token: str | None = None, max_keys: int = 1000,
+                        start_after: str | None = None) -> ListPage:
+        page = await self._list_direct(prefix, delimiter, token, max_keys, start_after)
         if page is not None:
             return page
         args = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             args["Delimiter"] = delimiter
+        if start_after:
+            args["StartAfter"] = start_after
         if token:
             args["ContinuationToken"] = token
         r = await self._call(self._where("ListObjectsV2", prefix), self._client.list_objects_v2,
@@ -794,7 +797,7 @@ class BotocoreStore:
         return ListPage(objects, prefixes, next_token)
 
     async def _list_direct(self, prefix: str, delimiter: str | None, token: str | None,
-                           max_keys: int) -> ListPage | None:
+                           max_keys: int, start_after: str | None = None) -> ListPage | None:
         """ListObjectsV2 parsed here (ElementTree): botocore's parser costs ~40 ms of CPU
         per 1,000 keys. Keys come URL-encoded (any byte survives XML), as botocore asks."""
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys),
@@ -803,6 +806,8 @@ class BotocoreStore:
             query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
+        if start_after:
+            query["start-after"] = start_after
         response = await self._send_direct("ListObjectsV2", "GET", "", (200,), query=query)
         if response is None:
             return None

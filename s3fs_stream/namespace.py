@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from .attribute_fetcher import AttributeFetcher
+from .attribute_fetcher import AttributeFetcher, listed_unchanged
 from .config import FsConfig
 from .deferred_meta import (
     DeferredMeta,
@@ -103,7 +103,7 @@ class Namespace:
         self.known = KnownNames(config, self._list_dir)
         # HEADs of listed and walked entries, ahead and in parallel
         self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self.dirs,
-                                        self._took_head, self._took_dir)
+                                        self._took_head, self._took_dir, config.attr_timeout)
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -187,6 +187,13 @@ class Namespace:
                 await node.fetching.wait()
                 if node.fresh and self.table.by_path(path) is node:
                     return node
+            if node.has_metadata and node.head_modified:
+                # a LIST page may tell it unchanged, and the names after it with it (a walk:
+                # `ls -l`, `rsync` again); across the await it may be replaced or written
+                await self.fetcher.revalidate(node)
+                if node.fresh and self.table.by_path(path) is node and node.has_metadata or \
+                        self.files.writer(node.inode) is not None:
+                    return node
             self.fetcher.read_ahead(path)
             # a file seen before: one HEAD answers unless it is gone
             try:
@@ -255,6 +262,14 @@ class Namespace:
         if node.fresh and node.has_metadata or node.path.startswith("\0") or \
                 inode == ROOT_INODE:
             return node
+        if not node.is_dir and node.has_metadata and node.head_modified:
+            # a LIST page may tell it unchanged, and its neighbours with it; a writer may
+            # have opened it meanwhile (then its view answers)
+            await self.fetcher.revalidate(node)
+            if self.files.writer(inode) is not None:
+                return self.files.view(node)
+            if node.fresh:
+                return node
         self.fetcher.demand(node)
         return await self._with_meta(node, raising=True)
 
@@ -553,9 +568,9 @@ class Namespace:
             return node  # a file being written, not listed: its writer knows
         if node is not None and not node.is_dir and node.has_metadata and \
                 same_etag(node.etag, entry.info.etag) and node.size == entry.info.size:
-            if node.head_modified and node.head_modified == int(entry.info.last_modified):
-                # the object a HEAD of this mount saw (Node.head_modified): its metadata is
-                # as fresh as a new HEAD would make it, and `_collect` sends none
+            if listed_unchanged(node, entry.info):
+                # the object a HEAD of this mount saw: its metadata is as fresh as a new
+                # HEAD would make it, and `_collect` sends none
                 node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
                 return node
             # the same content: its metadata stays until the HEAD (`_collect`) says more

@@ -98,7 +98,8 @@ class ObjectStore(Protocol):
         returned."""
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
-                        token: str | None = None, max_keys: int = 1000) -> ListPage: ...
+                        token: str | None = None, max_keys: int = 1000,
+                        start_after: str | None = None) -> ListPage: ...
 
     async def put(self, key: str, data: bytes | bytearray | memoryview,
                   options: PutOptions) -> str: ...

@@ -258,3 +258,27 @@ def test_directories_of_a_listing_are_headed_pipelined(any_server, mount_factory
     if any_server.name == "seaweedfs":  # moto answers one request per connection: the
         alone = [line for line in heads if "pipelined" not in line]  # rest go one by one
         assert not alone, alone[:3]
+
+
+def test_stale_stats_after_a_listing_are_answered_by_a_list_page(any_server, mount_factory):
+    """`ls -l` of a large directory stats entries after readdir handed them over, often
+    after the attribute timeout: stale files whose metadata the mount HEADed are checked by
+    one LIST page from the name on (ETag, size, LastModified), not a HEAD each; one that
+    another client rewrote meanwhile is HEADed and shows its new mode."""
+    m = mount_factory(any_server)
+    directory = make_listed_dir(m)
+    first = ls_l(directory)
+    heads, lists = file_heads(m, "d"), m.log().count("S3 ListObjectsV2")
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    key = "d/f031"
+    m.client.copy_object(Bucket=m.bucket, Key=key, CopySource={"Bucket": m.bucket, "Key": key},
+                         Metadata=dict(m.head(key)["Metadata"],
+                                       mode=str(stat.S_IFREG | 0o751)),
+                         MetadataDirective="REPLACE")
+    stats = {name: stat_of(directory / name) for name in sorted(first)}
+    assert stats["f031"][0] == "-rwxr-x--x"
+    del stats["f031"], first["f031"]
+    assert stats == {name: (mode, uid, gid, size, mtime)
+                     for name, (mode, uid, gid, size, mtime) in first.items()}
+    assert file_heads(m, "d") - heads == 1  # f031's
+    assert 1 <= m.log().count("S3 ListObjectsV2") - lists <= 4
