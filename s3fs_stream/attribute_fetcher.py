@@ -4,13 +4,16 @@ A listing carries no mode, owner or times (they live in x-amz-meta-*): each entr
 tells them. This room sends those HEADs -- pipelined in batches on a few connections
 (`head_nodes`), started ahead in the mount's nursery (`head_soon`), for the rest of a
 directory once someone stats its listed entries (`demand`), and for the next names of a
-directory that is being walked by lookups (`read_ahead`). What a HEAD found is handed back
+directory that is being walked by lookups (`read_ahead`). A stale file the mount HEADed
+before is revalidated by a LIST page instead, with the names after it (`revalidate`,
+`listed_unchanged`: same ETag, size and LastModified). What a HEAD found is handed back
 to the namespace (`took_head` for a file's object, `took_dir` for a directory's marker),
 which owns the nodes' paths and decides what the answer means.
 
 State owned here: the HEAD limiter shared by every caller (`_heads`), per directory the
 listed nodes nobody asked about yet (`_backlog`) and whether a task drains them
-(`_draining`), and the walks seen (`_walks`). A node's `fetching` event says a HEAD of it
+(`_draining`), the walks seen (`_walks`), and per directory the revalidating LIST page
+that is out (`_revalidating`). A node's `fetching` event says a HEAD of it
 is out: whoever needs the node waits for that one instead of sending another.
 """
 

@@ -112,11 +112,20 @@ _ARG_HEADERS = {arg: name for name, arg in _HEADER_ARGS.items()} | {
 
 
 def _answered(headers: dict[str, str]) -> float:
-    """The server's Date header (seconds since the epoch), 0.0 when missing or no date."""
-    try:
-        return parse_timestamp(headers["date"]).timestamp()
-    except (KeyError, ValueError, TypeError):
+    """The server's Date header (seconds since the epoch), 0.0 when missing or no date.
+    The last one is kept: a listing's pipelined HEADs are answered within a second or so."""
+    text = headers.get("date")
+    if text is None:
         return 0.0
+    if text != _last_date[0]:
+        try:
+            _last_date[:] = [text, parse_timestamp(text).timestamp()]
+        except (ValueError, TypeError):
+            return 0.0
+    return _last_date[1]
+
+
+_last_date: list = ["", 0.0]  # the Date header `_answered` parsed last, and its time
 
 
 def kept_headers(headers: dict[str, str]) -> tuple[dict[str, str], int]:
