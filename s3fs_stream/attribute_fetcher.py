@@ -13,7 +13,7 @@ which owns the nodes' paths and decides what the answer means.
 State owned here: the HEAD limiter shared by every caller (`_heads`), per directory the
 listed nodes nobody asked about yet (`_backlog`) and whether a task drains them
 (`_draining`), the walks seen (`_walks`), and per directory the revalidating LIST page
-that is out (`_revalidating`). A node's `fetching` event says a HEAD of it
+that is out (`_revalidating`) or until when none is sent (`_unconfirmed`). A node's `fetching` event says a HEAD of it
 is out: whoever needs the node waits for that one instead of sending another.
 """
 
@@ -71,6 +71,8 @@ class AttributeFetcher:
         self._attr_timeout = attr_timeout
         # directory path -> set once the LIST page of a `revalidate` there is in and taken
         self._revalidating: dict[str, trio.Event] = {}
+        # directory path -> until when `revalidate` sends no page there (one did not help)
+        self._unconfirmed: dict[str, float] = {}
         self._took_dir = took_dir  # what holds a directory's attributes (its path then)
         # directory path -> listed nodes whose metadata nobody has asked for yet
         self._backlog: dict[str, collections.deque[Node]] = {}
@@ -157,6 +159,8 @@ class AttributeFetcher:
         attribute timeout: a LIST per 1,000 of them instead of a HEAD each. Whoever finds
         the node still stale HEADs it."""
         parent = parent_of(node.path)
+        if self._unconfirmed.get(parent, 0.0) > time.monotonic():
+            return  # a page here just now confirmed nothing: HEADs
         out = self._revalidating.get(parent)
         if out is not None:  # a page of this directory is out: it may cover this node
             await out.wait()
@@ -170,6 +174,7 @@ class AttributeFetcher:
             page = await self.store.list_page(prefix, "/", None, 1000, self.key(path)[:-1])
             hidden = {p[len(prefix):-1] for p in page.prefixes}  # directories hide objects
             now = time.monotonic()
+            confirmed = 0
             for info in page.objects:
                 name = info.key[len(prefix):]
                 sibling = self.table.by_path(join(parent, name))
@@ -177,6 +182,11 @@ class AttributeFetcher:
                         listed_unchanged(sibling, info) and \
                         self.files.writer(sibling.inode) is None:
                     sibling.expires = max(sibling.expires, now + self._attr_timeout)
+                    confirmed += 1
+            if not confirmed:  # all changed (another client rewrote the directory?): a walk
+                if len(self._unconfirmed) > WALK_DIRS:  # of it HEADs, a LIST at most
+                    self._unconfirmed.clear()  # every WALK_WINDOW
+                self._unconfirmed[parent] = now + WALK_WINDOW
         except FsError as exc:
             log.debug("LIST from %s failed: %s", path, exc)
         finally:
