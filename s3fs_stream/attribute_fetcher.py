@@ -4,13 +4,16 @@ A listing carries no mode, owner or times (they live in x-amz-meta-*): each entr
 tells them. This room sends those HEADs -- pipelined in batches on a few connections
 (`head_nodes`), started ahead in the mount's nursery (`head_soon`), for the rest of a
 directory once someone stats its listed entries (`demand`), and for the next names of a
-directory that is being walked by lookups (`read_ahead`). What a HEAD found is handed back
-to the namespace (`took_head` for a file's object, `head_dir` for a directory's marker),
+directory that is being walked by lookups (`read_ahead`). A stale file the mount HEADed
+before is revalidated by a LIST page instead, with the names after it (`revalidate`,
+`listed_unchanged`: same ETag, size and LastModified). What a HEAD found is handed back
+to the namespace (`took_head` for a file's object, `took_dir` for a directory's marker),
 which owns the nodes' paths and decides what the answer means.
 
 State owned here: the HEAD limiter shared by every caller (`_heads`), per directory the
 listed nodes nobody asked about yet (`_backlog`) and whether a task drains them
-(`_draining`), and the walks seen (`_walks`). A node's `fetching` event says a HEAD of it
+(`_draining`), the walks seen (`_walks`), and per directory the revalidating LIST page
+that is out (`_revalidating`) or until when none is sent (`_unconfirmed`). A node's `fetching` event says a HEAD of it
 is out: whoever needs the node waits for that one instead of sending another.
 """
 
@@ -21,10 +24,12 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import trio
 
+from .deferred_meta import same_etag
+from .dir_attributes import DirAttributes
 from .errors import FsError, NotFound
 from .inode_table import InodeTable, Node, join, parent_of
 from .object_store import ObjectInfo, ObjectStore
@@ -40,18 +45,35 @@ WALK_DIRS = 256  # directories whose walks are followed at once
 BACKLOG_MAX = 20_000  # listed nodes waiting for their metadata, per directory
 
 
+def listed_unchanged(node: Node, info: ObjectInfo) -> bool:
+    """A listing's entry `info` is the object whose metadata a HEAD of this mount told the
+    node (`Node.head_modified`): the same ETag, size and LastModified. S3 changes metadata
+    only by a rewrite (a copy onto itself too), which gives the object a later
+    LastModified: the node's metadata is as fresh as a new HEAD would make it."""
+    return not node.is_dir and node.has_metadata and node.head_modified != 0 and \
+        node.head_modified == int(info.last_modified) and node.size == info.size and \
+        same_etag(node.etag, info.etag)
+
+
 class AttributeFetcher:
     def __init__(self, store: ObjectStore, key: Callable[[str], str], table: InodeTable,
                  files: OpenFiles, nursery: trio.Nursery | None,
-                 took_head: Callable[[Node, str, ObjectInfo], Node],
-                 head_dir: Callable[[Node], Awaitable[Node]]):
+                 dirs: DirAttributes, took_head: Callable[[Node, str, ObjectInfo], Node],
+                 took_dir: Callable[[Node, str, ObjectInfo | None], None],
+                 attr_timeout: float = 1.0):
         self.store = store
         self.key = key
         self.table = table
         self.files = files
         self._nursery = nursery
         self._took_head = took_head  # what a HEAD of a file's path (then) found
-        self._head_dir = head_dir  # HEAD a directory's marker and take what it says
+        self.dirs = dirs
+        self._attr_timeout = attr_timeout
+        # directory path -> set once the LIST page of a `revalidate` there is in and taken
+        self._revalidating: dict[str, trio.Event] = {}
+        # directory path -> until when `revalidate` sends no page there (one did not help)
+        self._unconfirmed: dict[str, float] = {}
+        self._took_dir = took_dir  # what holds a directory's attributes (its path then)
         # directory path -> listed nodes whose metadata nobody has asked for yet
         self._backlog: dict[str, collections.deque[Node]] = {}
         self._draining: set[str] = set()
@@ -103,11 +125,16 @@ class AttributeFetcher:
             await event.wait()
 
     async def _batch(self, nodes: list[Node]) -> None:
-        """HEAD these nodes' objects in one go (pipelined), directory markers one by one."""
+        """HEAD these nodes' objects and directory markers in one go (pipelined), then
+        where the server drops markers' metadata, the directories' attributes objects."""
         files = [node for node in nodes if not node.is_dir]
-        paths = [node.path for node in files]  # may change across the await: checked after
-        found = await self.store.head_many([self.key(path) for path in paths]) if files else []
-        for node, path, result in zip(files, paths, found, strict=True):
+        dirs = [node for node in nodes if node.is_dir]
+        # may change across the awaits: checked after
+        paths, dir_paths = [node.path for node in files], [node.path for node in dirs]
+        keys = [self.key(path) for path in paths] + \
+            [self.dirs.marker_key(path) for path in dir_paths]
+        found = await self.store.head_many(keys) if keys else []
+        for node, path, result in zip(files, paths, found[:len(files)], strict=True):
             if isinstance(result, ObjectInfo):
                 self._took_head(node, path, result)
             elif not isinstance(result, NotFound):
@@ -115,12 +142,57 @@ class AttributeFetcher:
             elif not node.has_metadata and node.path == path and \
                     self.files.writer(node.inode) is None:
                 self.table.remove_path(path)  # listed, deleted since: readdir skips it
-        for node in nodes:
-            if node.is_dir:
-                try:
-                    await self._head_dir(node)
-                except FsError as exc:
-                    log.debug("HEAD for %s failed: %s", node.path, exc)
+        if not dirs:
+            return
+        markers = await self.dirs.holders(dir_paths, found[len(files):])
+        for node, path, marker in zip(dirs, dir_paths, markers, strict=True):
+            if isinstance(marker, FsError):
+                log.debug("HEAD for %s failed: %s", path, marker)
+            else:
+                self._took_dir(node, path, marker)
+
+    async def revalidate(self, node: Node) -> None:
+        """A stale file whose metadata a HEAD of this mount told (`Node.head_modified`): one
+        LIST page from its name on tells whether it and the names after it (up to 1,000)
+        are still those objects (`listed_unchanged`); those are fresh again. `ls -l` of a
+        large directory stats the entries after readdir handed them over, often after the
+        attribute timeout: a LIST per 1,000 of them instead of a HEAD each. Whoever finds
+        the node still stale HEADs it."""
+        parent = parent_of(node.path)
+        if self._unconfirmed.get(parent, 0.0) > time.monotonic():
+            return  # a page here just now confirmed nothing: HEADs
+        out = self._revalidating.get(parent)
+        if out is not None:  # a page of this directory is out: it may cover this node
+            await out.wait()
+            if node.fresh:
+                return
+        path = node.path  # may change across the await: nodes are taken by path after it
+        prefix = self.key(parent) + "/" if parent else self.key("")
+        done = self._revalidating[parent] = trio.Event()
+        try:
+            # every key from this one on: a prefix of a key sorts before it
+            page = await self.store.list_page(prefix, "/", None, 1000, self.key(path)[:-1])
+            hidden = {p[len(prefix):-1] for p in page.prefixes}  # directories hide objects
+            now = time.monotonic()
+            confirmed = 0
+            for info in page.objects:
+                name = info.key[len(prefix):]
+                sibling = self.table.by_path(join(parent, name))
+                if sibling is not None and name not in hidden and \
+                        listed_unchanged(sibling, info) and \
+                        self.files.writer(sibling.inode) is None:
+                    sibling.expires = max(sibling.expires, now + self._attr_timeout)
+                    confirmed += 1
+            if not confirmed:  # all changed (another client rewrote the directory?): a walk
+                if len(self._unconfirmed) > WALK_DIRS:  # of it HEADs, a LIST at most
+                    self._unconfirmed.clear()  # every WALK_WINDOW
+                self._unconfirmed[parent] = now + WALK_WINDOW
+        except FsError as exc:
+            log.debug("LIST from %s failed: %s", path, exc)
+        finally:
+            if self._revalidating.get(parent) is done:
+                del self._revalidating[parent]
+            done.set()
 
     def demand(self, node: Node) -> None:
         """Someone stats listed entries of this directory (ls -l, find -printf, rsync): HEAD

@@ -117,6 +117,23 @@ _ARG_HEADERS = {arg: name for name, arg in _HEADER_ARGS.items()} | {
     "ContentType": "content-type", "ACL": "x-amz-acl", "Tagging": "x-amz-tagging"}
 
 
+def _answered(headers: dict[str, str]) -> float:
+    """The server's Date header (seconds since the epoch), 0.0 when missing or no date.
+    The last one is kept: a listing's pipelined HEADs are answered within a second or so."""
+    text = headers.get("date")
+    if text is None:
+        return 0.0
+    if text != _last_date[0]:
+        try:
+            _last_date[:] = [text, parse_timestamp(text).timestamp()]
+        except (ValueError, TypeError):
+            return 0.0
+    return _last_date[1]
+
+
+_last_date: list = ["", 0.0]  # the Date header `_answered` parsed last, and its time
+
+
 def kept_headers(headers: dict[str, str]) -> tuple[dict[str, str], int]:
     """KEPT_HEADERS and the tag count of a HEAD's answer (header names lower case)."""
     kept = {name: headers[name] for name in KEPT_HEADERS if headers.get(name)}
@@ -819,12 +836,13 @@ class BotocoreStore:
             return found
         r = await self._call(self._where("HeadObject", key), self._client.head_object,
                              Bucket=self.bucket, Key=key)
-        kept, tag_count = kept_headers(r.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
+        headers = r.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        kept, tag_count = kept_headers(headers)
         return ObjectInfo(key=key, size=r["ContentLength"], etag=r.get("ETag", ""),
                           last_modified=r["LastModified"].timestamp(),
                           metadata={k.lower(): v for k, v in r.get("Metadata", {}).items()},
                           content_type=r.get("ContentType"), headers=kept,
-                          tag_count=tag_count)
+                          tag_count=tag_count, answered=_answered(headers))
 
     async def head_many(self, keys: list[str]) -> list[ObjectInfo | FsError]:
         """HEADs of many keys, pipelined on one connection (`DirectClient.head_many`); each
@@ -890,7 +908,8 @@ class BotocoreStore:
                 last_modified=parse_timestamp(headers["last-modified"]).timestamp(),
                 metadata={name[11:]: value for name, value in headers.items()
                           if name.startswith("x-amz-meta-")},
-                content_type=headers.get("content-type"), headers=kept, tag_count=tag_count)
+                content_type=headers.get("content-type"), headers=kept, tag_count=tag_count,
+                answered=_answered(headers))
         except (KeyError, ValueError, TypeError):
             return None  # an answer botocore may understand better
 
@@ -943,13 +962,16 @@ class BotocoreStore:
         return await self._retrying(what, fetch)
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
-                        token: str | None = None, max_keys: int = 1000) -> ListPage:
-        page = await self._list_direct(prefix, delimiter, token, max_keys)
+                        token: str | None = None, max_keys: int = 1000,
+                        start_after: str | None = None) -> ListPage:
+        page = await self._list_direct(prefix, delimiter, token, max_keys, start_after)
         if page is not None:
             return page
         args = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": max_keys}
         if delimiter:
             args["Delimiter"] = delimiter
+        if start_after:
+            args["StartAfter"] = start_after
         if token:
             args["ContinuationToken"] = token
         r = await self._call(self._where("ListObjectsV2", prefix), self._client.list_objects_v2,
@@ -962,7 +984,7 @@ class BotocoreStore:
         return ListPage(objects, prefixes, next_token)
 
     async def _list_direct(self, prefix: str, delimiter: str | None, token: str | None,
-                           max_keys: int) -> ListPage | None:
+                           max_keys: int, start_after: str | None = None) -> ListPage | None:
         """ListObjectsV2 parsed here (ElementTree): botocore's parser costs ~40 ms of CPU
         per 1,000 keys. Keys come URL-encoded (any byte survives XML), as botocore asks."""
         query = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys),
@@ -971,6 +993,8 @@ class BotocoreStore:
             query["delimiter"] = delimiter
         if token:
             query["continuation-token"] = token
+        if start_after:
+            query["start-after"] = start_after
         response = await self._send_direct("ListObjectsV2", "GET", "", (200,), query=query)
         if response is None:
             return None

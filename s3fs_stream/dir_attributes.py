@@ -41,18 +41,41 @@ class DirAttributes:
         marker's metadata, the object `attrs_key` (one more HEAD, only on such servers
         and for markers without metadata)."""
         try:
-            marker = await self.store.head(self.key(path) + "/")
+            marker = await self.store.head(self.marker_key(path))
         except NotFound:
             marker = None
-        if marker is not None and "mode" in marker.metadata:
-            self._markers_keep_meta = True  # a server that drops them shows none
-            return marker
-        if self._markers_keep_meta or not path:
-            return marker
-        try:
-            return await self.store.head(self.attrs_key(path))
-        except NotFound:
-            return marker
+        (found,) = await self.holders([path], [marker])
+        if isinstance(found, FsError):
+            raise found
+        return found
+
+    def marker_key(self, path: str) -> str:
+        return self.key(path) + "/"
+
+    async def holders(self, paths: list[str], markers: list[ObjectInfo | FsError | None]
+                      ) -> list[ObjectInfo | FsError | None]:
+        """Given what the HEADs of these directories' markers found (`marker_key`, sent by
+        the caller, pipelined with others), what holds each one's attributes, as
+        `head_marker` says; the `attrs_key` HEADs this needs go pipelined too. A HEAD that
+        failed (not NotFound) leaves its error in the answer."""
+        found: list[ObjectInfo | FsError | None] = []
+        for marker in markers:
+            if isinstance(marker, NotFound):
+                marker = None
+            if isinstance(marker, ObjectInfo) and "mode" in marker.metadata:
+                self._markers_keep_meta = True  # a server that drops them shows none
+            found.append(marker)
+        if self._markers_keep_meta:
+            return found
+        fallback = [index for index, (path, marker) in enumerate(zip(paths, found, strict=True))
+                    if path and not isinstance(marker, FsError)
+                    and (marker is None or "mode" not in marker.metadata)]
+        if fallback:
+            kept = await self.store.head_many([self.attrs_key(paths[i]) for i in fallback])
+            for index, attrs in zip(fallback, kept, strict=True):
+                if not isinstance(attrs, NotFound):
+                    found[index] = attrs
+        return found
 
     def attrs_key(self, path: str) -> str:
         """Where a directory's attributes are kept on a server that drops them from its

@@ -25,12 +25,12 @@ class FileSystem:
     def __init__(self, store: ObjectStore, prefix: str, config: FsConfig,
                  nursery: trio.Nursery, pool: UploadPool, budget: MemoryBudget,
                  drop_pages: Callable[[int, int, int], None] | None = None,
-                 notify: Callable[..., None] | None = None):
+                 notify: Callable[..., None] | None = None, mount_id: str | None = None):
         self.store = store
         self.config = config
         self.budget = budget
         self.table = InodeTable(config.uid, config.gid, config.dir_mode)
-        self.spill = SpillArea(store, prefix)
+        self.spill = SpillArea(store, prefix, mount_id=mount_id)
         self.files = OpenFiles(store, prefix, config, self.table, nursery, pool, budget,
                                self.spill, drop_pages)
         self.namespace = Namespace(store, prefix, config, self.table, self.files, nursery,

@@ -51,6 +51,11 @@ class Node:
     # the writeback cache it keeps that mtime for as long as it holds the inode, so the
     # metadata, once known, must make it drop the inode (Namespace._upsert_file)
     listing_shown: bool = False
+    # the object's LastModified (whole seconds) when a HEAD answered at least a second after
+    # it, else 0: a listing that shows this LastModified, the ETag and the size shows the
+    # object that HEAD saw -- any rewrite since (a copy onto itself with new metadata too)
+    # has a later LastModified -- so its metadata needs no new HEAD (`Namespace._entry_node`)
+    head_modified: int = 0
 
     @property
     def name(self) -> str:

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,7 +26,7 @@ from .memory_budget import MemoryBudget
 from .object_store import PutOptions
 from .page_cache import PageCacheDropper, find_fuse_fd
 from .recover import warn_of_old_uploads
-from .spill_area import RESERVED_NAME
+from .spill_area import RESERVED_NAME, new_mount_id, probe_key
 from .status import StatusServer, snapshot
 from .upload_pool import UploadPool
 
@@ -57,42 +56,60 @@ async def check_access(store: BotocoreStore, prefix: str) -> None:
         raise QuietError(f"cannot use {where}: {exc}", MOUNT_FAILURE) from None
 
 
-async def check_writes(store: BotocoreStore, config: MountConfig) -> MountConfig:
+async def check_writes(store: BotocoreStore, config: MountConfig, mount_id: str
+                       ) -> tuple[MountConfig, bool | StoreError | None]:
     """Before the mount answers anything: may it write under its prefix? A PUT and a DELETE
-    of a probe object `PREFIX.s3stream/probe/ID` (hidden, STANDARD, no public ACL). A
-    refused PUT mounts read-only (one WARNING) or, with on_read_only=refuse, fails the mount;
-    the config returned is the one to mount with. A refused DELETE only warns: writes work,
-    removals and renames will answer EACCES."""
+    of one probe object where spills go, `spill_area.probe_key` (hidden, STANDARD, no public
+    ACL, as spills are), which answers for spilling too: returned beside the config to mount
+    with (True: spills can be stored, the error that refused them, None: not known). Where
+    that PUT is refused, a second probe `PREFIX.s3stream/probe/ID` tells whether a policy
+    refuses only the spill prefix. A refused PUT mounts read-only (one WARNING) or, with
+    on_read_only=refuse, fails the mount. A refused DELETE only warns: writes work, removals
+    and renames will answer EACCES."""
     if config.fs.read_only:
-        return config
+        return config, None
     where = f"s3://{store.bucket}/{config.store.prefix}"
-    probe = f"{config.store.prefix}{RESERVED_NAME}/probe/{uuid.uuid4().hex[:12]}-{os.getpid()}"
+    probe = probe_key(config.store.prefix, mount_id)
+    spills: bool | StoreError | None = True
     try:
         await store.put(probe, b"", PutOptions(temporary=True))
     except AccessDenied as exc:
-        if config.on_read_only == "refuse":
-            raise QuietError(f"writes to {where} are refused ({exc}): the credentials or "
-                             "the bucket policy allow no PutObject there; not mounted "
-                             "(on_read_only=refuse)", MOUNT_FAILURE) from None
-        log.warning("mounting %s read-only: the credentials or the bucket policy refuse "
-                    "writes there (%s); use -o ro to mount read-only without this warning, "
-                    "on_read_only=refuse to fail instead, or allow PutObject to write",
-                    where, exc)
-        return replace(config, fs=replace(config.fs, read_only=True))
+        spills = exc
+        probe = f"{config.store.prefix}{RESERVED_NAME}/probe/{mount_id}"
+        try:
+            await store.put(probe, b"", PutOptions(temporary=True))
+        except AccessDenied as exc:
+            if config.on_read_only == "refuse":
+                raise QuietError(f"writes to {where} are refused ({exc}): the credentials or "
+                                 "the bucket policy allow no PutObject there; not mounted "
+                                 "(on_read_only=refuse)", MOUNT_FAILURE) from None
+            log.warning("mounting %s read-only: the credentials or the bucket policy refuse "
+                        "writes there (%s); use -o ro to mount read-only without this "
+                        "warning, on_read_only=refuse to fail instead, or allow PutObject to "
+                        "write", where, exc)
+            return replace(config, fs=replace(config.fs, read_only=True)), None
+        except StoreError as exc:
+            log.warning("could not check whether %s accepts writes (%s); mounted read-write",
+                        where, exc)
+            return config, spills
     except StoreError as exc:  # not a refusal: writes are tried, and fail on their own
         log.warning("could not check whether %s accepts writes (%s); mounted read-write",
                     where, exc)
-        return config
+        return config, None
     try:
         await store.delete(probe)
     except AccessDenied as exc:
         log.warning("deletes in %s are refused (%s): writing works, but rm, mv and "
                     "overwriting fail with EACCES; the probe object %s is left", where, exc,
                     probe)
+        if spills is True:
+            spills = exc  # spills could not be deleted either
     except StoreError as exc:
         log.warning("could not delete the probe object s3://%s/%s: %s", store.bucket, probe,
                     exc)
-    return config
+        if spills is True:
+            spills = None  # the spill area checks on its own
+    return config, spills
 
 
 def check_mountpoint(path: str) -> None:
@@ -239,7 +256,9 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
     the kernel's INIT is answered and the kernel settings of `tune_kernel` are in force."""
     store = BotocoreStore(config.store)
     await check_access(store, config.store.prefix)
-    config = await check_writes(store, config)  # before anything is answered: ro or rw
+    mount_id = new_mount_id()
+    # before anything is answered: ro or rw, and whether spills can be stored
+    config, spills = await check_writes(store, config, mount_id)
     await warn_of_old_uploads(store, config.store.prefix)
     check_mountpoint(config.mountpoint)
     if config.fake:
@@ -247,7 +266,7 @@ async def run_mount(config: MountConfig, ready: Callable[[], None] = lambda: Non
         return
     limit_malloc_caching()
     try:
-        await _serve(config, store, ready)
+        await _serve(config, store, ready, mount_id, spills)
     except* QuietError as group:  # one line and its exit code, not a group's traceback
         raise _first(group) from None
 
@@ -258,7 +277,8 @@ def _first(error: BaseException) -> BaseException:
     return error
 
 
-async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], None]) -> None:
+async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], None],
+                 mount_id: str, spills: bool | StoreError | None) -> None:
     """One nursery owns every task of the mount and the FUSE session."""
     budget = MemoryBudget(config.fs.max_memory)
     left: list[str] = []
@@ -267,7 +287,8 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         pages = PageCacheDropper()
         notifier = KernelNotifier()
         fs = FileSystem(store, config.store.prefix, config.fs, nursery, pool, budget,
-                        pages.drop, notifier.notify)
+                        pages.drop, notifier.notify, mount_id)
+        fs.spill.probed = spills  # the write probe was the spill area's
         nursery.start_soon(budget.reclaim_forever)
         if not config.fs.read_only:  # check the spill area, clean up after crashed mounts
             nursery.start_soon(fs.spill.maintain)

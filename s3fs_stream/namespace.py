@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from .attribute_fetcher import AttributeFetcher
+from .attribute_fetcher import AttributeFetcher, listed_unchanged
 from .config import FsConfig
 from .deferred_meta import (
     DeferredMeta,
@@ -102,8 +102,8 @@ class Namespace:
         # names known missing, directories known whole (with negative_timeout)
         self.known = KnownNames(config, self._list_dir)
         # HEADs of listed and walked entries, ahead and in parallel
-        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self._took_head,
-                                        functools.partial(self._take_head, raising=False))
+        self.fetcher = AttributeFetcher(store, self.key, table, files, nursery, self.dirs,
+                                        self._took_head, self._took_dir, config.attr_timeout)
 
     # -- keys and nodes --------------------------------------------------------------------
 
@@ -187,6 +187,13 @@ class Namespace:
                 await node.fetching.wait()
                 if node.fresh and self.table.by_path(path) is node:
                     return node
+            if node.has_metadata and node.head_modified:
+                # a LIST page may tell it unchanged, and the names after it with it (a walk:
+                # `ls -l`, `rsync` again); across the await it may be replaced or written
+                await self.fetcher.revalidate(node)
+                if node.fresh and self.table.by_path(path) is node and node.has_metadata or \
+                        self.files.writer(node.inode) is not None:
+                    return node
             self.fetcher.read_ahead(path)
             # a file seen before: one HEAD answers unless it is gone
             try:
@@ -255,6 +262,14 @@ class Namespace:
         if node.fresh and node.has_metadata or node.path.startswith("\0") or \
                 inode == ROOT_INODE:
             return node
+        if not node.is_dir and node.has_metadata and node.head_modified:
+            # a LIST page may tell it unchanged, and its neighbours with it; a writer may
+            # have opened it meanwhile (then its view answers)
+            await self.fetcher.revalidate(node)
+            if self.files.writer(inode) is not None:
+                return self.files.view(node)
+            if node.fresh:
+                return node
         self.fetcher.demand(node)
         return await self._with_meta(node, raising=True)
 
@@ -282,9 +297,7 @@ class Namespace:
     async def _take_head(self, node: Node, raising: bool) -> Node:
         path = node.path  # may change while the HEAD is out: checked after it
         if node.is_dir:
-            marker = await self.dirs.head_marker(path)
-            if node.path == path:
-                self.table.upsert(path, True, **dir_attrs(self.config, marker))
+            self._took_dir(node, path, await self.dirs.head_marker(path))
             return node
         try:
             info = await self.store.head(self.key(path))
@@ -293,6 +306,12 @@ class Namespace:
                 raise FsError("", errno.ENOENT) from None
             return node
         return self._took_head(node, path, info)
+
+    def _took_dir(self, node: Node, path: str, marker: ObjectInfo | None) -> None:
+        """What holds the attributes of the directory at `path` (the node's when its HEADs
+        were sent): `DirAttributes.head_marker`."""
+        if node.path == path:
+            self.table.upsert(path, True, **dir_attrs(self.config, marker))
 
     def _took_head(self, node: Node, path: str, info: ObjectInfo) -> Node:
         """What a HEAD of `path` (the node's path when it was sent) found."""
@@ -549,7 +568,12 @@ class Namespace:
             return node  # a file being written, not listed: its writer knows
         if node is not None and not node.is_dir and node.has_metadata and \
                 same_etag(node.etag, entry.info.etag) and node.size == entry.info.size:
-            # the same object: its metadata stays until the HEAD (`_collect`) says more
+            if listed_unchanged(node, entry.info):
+                # the object a HEAD of this mount saw: its metadata is as fresh as a new
+                # HEAD would make it, and `_collect` sends none
+                node.expires = max(node.expires, time.monotonic() + self.config.attr_timeout)
+                return node
+            # the same content: its metadata stays until the HEAD (`_collect`) says more
             # (another client may have copied it onto itself with new metadata, same ETag)
             return node
         return self._upsert_file(path, entry.info)

@@ -180,7 +180,17 @@ def file_attrs(info: ObjectInfo, config: FsConfig) -> dict:
                 ctime_ns=_time(meta, "ctime", key) or mtime_ns,
                 size=info.size, etag=info.etag, has_metadata=info.has_metadata,
                 kept=Kept.of(info) if info.has_metadata else None,
+                head_modified=unchanged_since(info),
                 expires=time.monotonic() + config.attr_timeout)
+
+
+def unchanged_since(info: ObjectInfo) -> int:
+    """The object's LastModified in whole seconds (S3 lists it so) if the HEAD that told
+    `info` answered in a later second than that, else 0. A rewrite after the HEAD gets a
+    LastModified of its own time, later than this; one in the same second as the object's
+    write could keep the second (and a copy onto itself keeps the ETag and size)."""
+    modified = int(info.last_modified)
+    return modified if info.has_metadata and int(info.answered) > modified else 0
 
 
 def dir_attrs(config: FsConfig, marker: ObjectInfo | None = None) -> dict:

@@ -36,6 +36,7 @@ class ObjectInfo:
     content_type: str | None = None  # from HEAD only
     headers: dict[str, str] = field(default_factory=dict)  # KEPT_HEADERS it has (HEAD only)
     tag_count: int = 0  # x-amz-tagging-count (HEAD only): GetObjectTagging has them
+    answered: float = 0.0  # the server's Date of the HEAD's answer (0: unknown, a listing)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ class ObjectStore(Protocol):
         returned."""
 
     async def list_page(self, prefix: str, delimiter: str | None = "/",
-                        token: str | None = None, max_keys: int = 1000) -> ListPage: ...
+                        token: str | None = None, max_keys: int = 1000,
+                        start_after: str | None = None) -> ListPage: ...
 
     async def put(self, key: str, data: bytes | bytearray | memoryview,
                   options: PutOptions) -> str: ...

@@ -52,13 +52,26 @@ WARN_EVERY = 60.0  # at most one WARNING about refused spills per this many seco
 TEMPORARY = PutOptions(temporary=True)
 
 
+def new_mount_id() -> str:
+    return f"{uuid.uuid4().hex[:12]}-{os.getpid()}"
+
+
+def probe_key(prefix: str, mount_id: str) -> str:
+    """The object whose PUT and DELETE tell at start-up whether the mount may write, and
+    spill. Not in the mount's own area `spill/MOUNT-ID/`: where the server keeps folders
+    (SeaweedFS), that would stay behind as an empty folder per mount. Left behind (a
+    refused DELETE), it is deleted with the areas of dead mounts (`delete_stale`)."""
+    return f"{prefix}{RESERVED_NAME}/spill/probe-{mount_id}"
+
+
 class SpillArea:
-    def __init__(self, store: ObjectStore, prefix: str, stale_after: float = STALE_AFTER):
+    def __init__(self, store: ObjectStore, prefix: str, stale_after: float = STALE_AFTER,
+                 mount_id: str | None = None):
         self._store = store
         self.root = f"{prefix}{RESERVED_NAME}/spill/"
         self.unlinked_root = f"{prefix}{RESERVED_NAME}/unlinked/"
         self.zeros = ZeroObjects(store, f"{prefix}{RESERVED_NAME}/zeros/")
-        self.mount_id = f"{uuid.uuid4().hex[:12]}-{os.getpid()}"
+        self.mount_id = mount_id or new_mount_id()
         self._prefix = f"{self.root}{self.mount_id}/"
         self._numbers = itertools.count(1)
         self.stale_after = stale_after
@@ -71,6 +84,9 @@ class SpillArea:
         self._unwarned = 0  # refusals since the last WARNING
         self._spilled = trio.Event()  # set by the first spill: the lease is needed from then
         self._lease = False  # the lease object exists
+        # the mount's start-up write probe was `probe_key(prefix, mount_id)` (mount.py):
+        # True: put and deleted, an FsError: refused, None: not known (`check` probes)
+        self.probed: bool | FsError | None = None
 
     @property
     def where(self) -> str:
@@ -160,19 +176,23 @@ class SpillArea:
             await trio.sleep(self.stale_after / 24)
 
     async def check(self) -> None:
-        """A PUT and a DELETE of a probe object where spills go; if either fails, spilling is
-        off for the mount's life (one line)."""
-        probe = f"{self._prefix}probe"
-        try:
-            await self._store.put(probe, b"", TEMPORARY)
-            await self._store.delete(probe)
-        except FsError as exc:
+        """Whether spills can be stored: what the mount's write probe found (`probed`, the
+        same storage options and prefix), else a PUT and a DELETE of a probe object of its
+        own. If refused, spilling is off for the mount's life (one line)."""
+        if self.probed is None:
+            probe = f"{self._prefix}probe"
+            try:
+                await self._store.put(probe, b"", TEMPORARY)
+                await self._store.delete(probe)
+            except FsError as exc:
+                self.probed = exc
+        if isinstance(self.probed, FsError):
             self.enabled = False
-            self._error = f"the start-up check was refused: {exc}"
+            self._error = f"the start-up check was refused: {self.probed}"
             log.warning("spilling is off: temporary objects cannot be stored in %s (%s). When "
                         "max_memory is all held by partly filled parts, a writer waits for a "
                         "few seconds, then fails with ENOSPC; allow PutObject and DeleteObject "
-                        "on that prefix, or raise max_memory", self.where, exc)
+                        "on that prefix, or raise max_memory", self.where, self.probed)
 
     async def close(self) -> None:
         """At unmount, once every spill is deleted: the lease goes too."""

@@ -110,7 +110,8 @@ class MemoryStore:
         into[:end - start] = data[start:end]
         return memoryview(into)[:end - start]
 
-    async def list_page(self, prefix, delimiter="/", token=None, max_keys=1000):
+    async def list_page(self, prefix, delimiter="/", token=None, max_keys=1000,
+                        start_after=None):
         """Paginated like S3: at most `max_keys` objects and prefixes per page, in key order;
         the token is the last key or prefix returned."""
         await self._step("list_page", prefix)
@@ -127,7 +128,8 @@ class MemoryStore:
                 entries[key] = ObjectInfo(key, len(data), etag,
                                           self.modified.get(key, 0.0),
                                           has_metadata=False)
-        names = sorted(name for name in entries if token is None or name > token)
+        names = sorted(name for name in entries if (token is None or name > token)
+                       and (start_after is None or name > start_after))
         page = names[:max_keys]
         more = len(names) > max_keys
         return ListPage([entries[n] for n in page if entries[n] is not None],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -170,3 +171,114 @@ def test_no_op_backup_after_a_remount_sends_nothing(any_server, mount_factory, t
     assert sent == [], f"{len(sent)} of {files} files sent again: {sent[:5]}"
     assert "Number of regular files transferred: 0" in again
     run(["diff", "-r", str(source), str(fresh.path / "backup")], timeout=120)
+
+
+def file_heads(mount, directory: str) -> int:
+    """HEADs of objects in `directory` the mount has sent so far (its debug log)."""
+    keys = re.findall(rf"S3 HeadObject s3://{mount.bucket}/(\S+) ->", mount.log())
+    return sum(key.startswith(f"{directory}/") and key != f"{directory}/" for key in keys)
+
+
+def make_listed_dir(m, count: int = 40) -> Path:
+    """A directory of `count` files with their own modes, written and then left alone for
+    over a second (a HEAD in the object's own LastModified second proves nothing)."""
+    directory = m.path / "d"
+    directory.mkdir()
+    for i in range(count):
+        path = directory / f"f{i:03d}"
+        path.write_bytes(b"x" * i)
+        path.chmod(0o600 + i % 8)
+    time.sleep(2.1)
+    return directory
+
+
+def test_a_second_listing_of_an_unchanged_directory_sends_no_heads(any_server,
+                                                                   mount_factory):
+    """The first `ls -l` of a fresh mount HEADs each file; once the attributes expired, the
+    next `ls -l` and `find` find the same ETag, size and LastModified in the listing and
+    send no HEAD (only LIST requests) -- and still show the stored modes."""
+    m = mount_factory(any_server)
+    make_listed_dir(m)
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    first = ls_l(fresh.path / "d")
+    assert file_heads(fresh, "d") >= 40
+    assert first["f005"][0] == "-rw----r-x"
+    for _ in range(2):
+        before = file_heads(fresh, "d")
+        time.sleep(ATTR_TIMEOUT + 0.5)  # the attributes are stale: the old code HEADs again
+        assert ls_l(fresh.path / "d") == first
+        run(["find", str(fresh.path / "d"), "-type", "f"])
+        assert file_heads(fresh, "d") == before
+
+
+def test_an_object_changed_by_another_client_shows_its_new_attributes(any_server,
+                                                                      mount_factory):
+    """Another client copies an object onto itself with a new mode (same body, ETag and
+    size, a new LastModified): the next `ls -l` shows the new mode."""
+    m = mount_factory(any_server)
+    directory = make_listed_dir(m, count=5)
+    first = ls_l(directory)
+    assert first["f002"][0] == "-rw-----w-"
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    assert ls_l(directory) == first  # the mount knows it: no HEAD needed
+    key = "d/f002"
+    old = m.head(key)
+    metadata = dict(old["Metadata"], mode=str(stat.S_IFREG | 0o751))
+    m.client.copy_object(Bucket=m.bucket, Key=key, CopySource={"Bucket": m.bucket, "Key": key},
+                         Metadata=metadata, MetadataDirective="REPLACE")
+    new = m.head(key)
+    assert new["LastModified"] > old["LastModified"] and new["ContentLength"] == 2
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    shown = ls_l(directory)
+    assert shown["f002"][0] == "-rwxr-x--x", shown["f002"]
+    assert {n: v for n, v in shown.items() if n != "f002"} == \
+        {n: v for n, v in first.items() if n != "f002"}
+
+
+def test_directories_of_a_listing_are_headed_pipelined(any_server, mount_factory):
+    """A fresh mount's `ls -l` of directories shows each one's stored mode, and their
+    markers' HEADs (and on SeaweedFS, which drops a marker's metadata, the HEADs of their
+    attributes objects) go pipelined like files', not one request at a time."""
+    m = mount_factory(any_server)
+    top = m.path / "top"
+    top.mkdir()
+    modes = {f"s{i:02d}": 0o700 + (i % 8) * 0o10 for i in range(24)}
+    for name, mode in modes.items():
+        (top / name).mkdir()
+        (top / name).chmod(mode)
+    assert m.unmount() == 0
+    fresh = mount_factory(any_server, bucket=m.bucket)
+    shown = ls_l(fresh.path / "top")
+    assert {name: value[0] for name, value in shown.items()} == \
+        {name: stat.filemode(stat.S_IFDIR | mode) for name, mode in modes.items()}
+    heads = [line for line in fresh.log().splitlines()
+             if re.search(r"S3 HeadObject s3://\S+/(top/s\d\d/|\.s3stream/dirs/top/s\d\d) ", line)]
+    assert len(heads) >= len(modes)
+    if any_server.name == "seaweedfs":  # moto answers one request per connection: the
+        alone = [line for line in heads if "pipelined" not in line]  # rest go one by one
+        assert not alone, alone[:3]
+
+
+def test_stale_stats_after_a_listing_are_answered_by_a_list_page(any_server, mount_factory):
+    """`ls -l` of a large directory stats entries after readdir handed them over, often
+    after the attribute timeout: stale files whose metadata the mount HEADed are checked by
+    one LIST page from the name on (ETag, size, LastModified), not a HEAD each; one that
+    another client rewrote meanwhile is HEADed and shows its new mode."""
+    m = mount_factory(any_server)
+    directory = make_listed_dir(m)
+    first = ls_l(directory)
+    heads, lists = file_heads(m, "d"), m.log().count("S3 ListObjectsV2")
+    time.sleep(ATTR_TIMEOUT + 0.5)
+    key = "d/f031"
+    m.client.copy_object(Bucket=m.bucket, Key=key, CopySource={"Bucket": m.bucket, "Key": key},
+                         Metadata=dict(m.head(key)["Metadata"],
+                                       mode=str(stat.S_IFREG | 0o751)),
+                         MetadataDirective="REPLACE")
+    stats = {name: stat_of(directory / name) for name in sorted(first)}
+    assert stats["f031"][0] == "-rwxr-x--x"
+    del stats["f031"], first["f031"]
+    assert stats == {name: (mode, uid, gid, size, mtime)
+                     for name, (mode, uid, gid, size, mtime) in first.items()}
+    assert file_heads(m, "d") - heads == 1  # f031's
+    assert 1 <= m.log().count("S3 ListObjectsV2") - lists <= 4

@@ -1,5 +1,6 @@
 """Credentials or a bucket policy that allow reading but not writing are found at mount
-(a probe PUT and DELETE under PREFIX.s3stream/probe/) before the mount answers anything:
+(a probe PUT and DELETE where spills go, PREFIX.s3stream/spill/probe-ID, and where that is
+refused, under PREFIX.s3stream/probe/) before the mount answers anything:
 the mount comes up read-only with one WARNING line, writes answer EROFS at open instead of
 EIO at close, or with on_read_only=refuse it is not mounted (one line, non-zero exit)."""
 
@@ -9,6 +10,7 @@ import dataclasses
 import errno
 import os
 import subprocess
+import time
 
 import pytest
 from conftest import VENV_BIN, new_bucket
@@ -48,8 +50,9 @@ def test_read_only_credentials_mount_read_only_with_one_warning(seaweed, read_on
     assert len(warnings) == 1, log[-3000:]
     assert "refuse writes" in warnings[0] and "-o ro" in warnings[0]
     assert "spilling is off" not in log  # a read-only mount spills nothing, says nothing
-    # only the probe was refused: nothing else was tried
-    assert all(".s3stream/probe/" in target for _, target in proxy.refused), proxy.refused
+    # only the probes were refused (the spill area's, then the prefix's): nothing else
+    assert {target.split("/.s3stream/")[1].split("/")[0].split("-")[0]
+            for _, target in proxy.refused} == {"spill", "probe"}, proxy.refused
 
 
 def test_writes_ro_given_by_the_user_needs_no_probe(seaweed, read_only_server, mount_factory):
@@ -90,3 +93,29 @@ def test_a_put_refused_later_answers_eacces_not_eio(seaweed, mount_factory):
         assert caught.value.errno == errno.EACCES, caught.value
         proxy.refuse(None)
         m.unmount()
+
+
+def test_a_mount_sends_one_probe_and_leaves_no_folder_of_its_own(seaweed, mount_factory):
+    """The start-up write probe is put where spills go and answers for spilling too: one PUT
+    and one DELETE under .s3stream/ (no second probe of the spill area); SeaweedFS, which
+    keeps empty folders, is left no per-mount folder, and the mount's root lists nothing."""
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    seen: list[tuple[str, str]] = []
+    with FaultProxy(port, rate=0.0) as proxy:
+        proxy.refuse(lambda method, target, headers: seen.append((method, target)) and False)
+        through = dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url)
+        m = mount_factory(through)
+        assert os.listdir(m.path) == []
+        time.sleep(1.0)  # the spill area's start-up work is done meanwhile
+        ours = [(method, target.split("?")[0]) for method, target in seen
+                if "/.s3stream/" in target and method in ("PUT", "DELETE")]
+        assert [method for method, _ in ours] == ["PUT", "DELETE"], ours
+        assert "spilling is off" not in m.log()
+        assert m.unmount() == 0
+    client = seaweed.client()
+    folders = client.list_objects_v2(Bucket=m.bucket, Prefix=".s3stream/", Delimiter="/")
+    assert [p["Prefix"] for p in folders.get("CommonPrefixes", [])] in \
+        ([], [".s3stream/spill/"]), folders
+    spill = client.list_objects_v2(Bucket=m.bucket, Prefix=".s3stream/spill/", Delimiter="/")
+    assert not spill.get("CommonPrefixes"), spill  # SeaweedFS lists the folder itself
+    assert [o["Key"] for o in spill.get("Contents", [])] in ([], [".s3stream/spill/"]), spill

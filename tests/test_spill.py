@@ -188,8 +188,8 @@ def test_spills_refused_while_mounted_back_off(seaweed, proxy, mount_factory):
     seen: list[tuple[str, str]] = []
     proxy.refuse(lambda method, target, headers: seen.append((method, target)) and False)
     m = mount_factory(through(seaweed, proxy), "max_memory=16M", bucket=bucket)
-    # the start-up check passed: its probe was put and deleted
-    assert wait_until(lambda: any(method == "DELETE" and target.endswith("/probe")
+    # the start-up check passed: its probe (the write probe, where spills go) was deleted
+    assert wait_until(lambda: any(method == "DELETE" and "/.s3stream/spill/probe-" in target
                                   for method, target in seen), 10), seen
     proxy.refuse(refuse_method("PUT", ".s3stream/"))
     size = 12 * MiB
@@ -236,7 +236,7 @@ def test_spills_are_standard_whatever_the_storage_class(seaweed, proxy, mount_fa
     for k, name in enumerate(names):
         assert m.get(name) == whole(k, size)
     spills = [headers for target, headers in puts if "/.s3stream/spill/" in target
-              and not target.endswith("/probe") and "?" not in target]
+              and "/probe" not in target and "?" not in target]
     files = [headers for target, headers in puts if target.split("?")[0].rsplit("/", 1)[-1]
              in names and ("uploads" in target or "?" not in target)]
     assert spills and files, (len(spills), len(files))
