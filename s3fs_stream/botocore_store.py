@@ -15,7 +15,6 @@ is sent again from here, after 0.5, 1, 2, 4, 5, 5 ... s (trio sleeps: cancellabl
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
 import datetime
@@ -28,7 +27,6 @@ import logging
 import ssl
 import time
 import urllib.parse
-import zlib
 from xml.etree import ElementTree
 
 import botocore.config
@@ -39,6 +37,7 @@ import botocore.session
 import trio
 
 from . import direct_requests
+from .checksums import crc32_base64, md5_base64
 from .config import StoreConfig
 from .errors import (
     AccessDenied,
@@ -150,14 +149,6 @@ def _header_value(value) -> str:
     if isinstance(value, datetime.datetime):
         return email.utils.format_datetime(value.astimezone(datetime.UTC), usegmt=True)
     return str(value)
-
-
-def crc32_base64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
-
-
-def md5_base64(data: bytes | bytearray | memoryview) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def payload_signing(config: StoreConfig) -> bool:
