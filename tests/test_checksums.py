@@ -115,3 +115,45 @@ async def test_the_server_refuses_a_part_whose_crc32_does_not_match(seaweed, mon
         await store.upload_part("k", upload, 2, data)
     await store.abort("k", upload)
     await store.aclose()
+
+
+async def test_a_multipart_upload_over_plain_http_goes_direct(any_server, monkeypatch):
+    """Create, parts and completion over the mount's own connections (no botocore call,
+    none sent again through it), and the object is exactly the parts in order."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", any_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", any_server.secret_key)
+    bucket = new_bucket(any_server)
+    store = BotocoreStore(StoreConfig(bucket=bucket, region="us-east-1",
+                                      endpoint_url=any_server.endpoint_url,
+                                      force_path_style=True))
+    botocore_calls = []
+    monkeypatch.setattr(store, "_call", lambda what, fn, **kw: botocore_calls.append(what))
+    first, last = bytearray(os.urandom(5 * MiB)), bytearray(os.urandom(MiB + 3))
+    options = PutOptions(metadata={"mtime": "1700000000.5"}, content_type="video/mp4")
+    upload = await store.create_upload("dir/a b+c", options)
+    parts = [await store.upload_part("dir/a b+c", upload, 1, first),
+             await store.upload_part("dir/a b+c", upload, 2, last)]
+    etag = await store.complete("dir/a b+c", upload, parts)
+    await store.aclose()
+    assert botocore_calls == [] and not store.stats.fallbacks
+    got = any_server.client().get_object(Bucket=bucket, Key="dir/a b+c")
+    assert got["Body"].read() == first + last
+    assert got["ETag"] == etag and etag.endswith('-2"')
+    assert got["Metadata"] == {"mtime": "1700000000.5"}
+    assert got["ContentType"] == "video/mp4"
+
+
+async def test_an_error_in_a_200_completion_goes_again_through_botocore():
+    class Response:
+        status, headers = 200, {}
+        body = (b'<?xml version="1.0"?><Error><Code>InternalError</Code>'
+                b"<Message>try again</Message></Error>")
+
+    assert botocore_store._xml_field(Response, "CompleteMultipartUploadResult", "ETag") is None
+    Response.body = (b'<CompleteMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/'
+                     b'2006-03-01/"><ETag>&quot;abc-2&quot;</ETag>'
+                     b"</CompleteMultipartUploadResult>")
+    assert botocore_store._xml_field(Response, "CompleteMultipartUploadResult", "ETag") == \
+        '"abc-2"'
+    Response.body = b"<CompleteMultipartUploadResult"  # cut short
+    assert botocore_store._xml_field(Response, "CompleteMultipartUploadResult", "ETag") is None
