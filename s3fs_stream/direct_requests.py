@@ -1,4 +1,5 @@
-"""Small S3 requests sent straight over trio streams: HEAD, small PUT and DELETE.
+"""S3 requests sent straight over trio streams: HEAD, small PUT, DELETE, LIST and, over plain
+http, a multipart upload's create, parts and completion (botocore_store.py `_direct_parts`).
 
 botocore spends about 1.6 ms of CPU on every call (parameter validation, event hooks,
 endpoint rules, a worker thread) however small the request. For `ls -l` of a directory
