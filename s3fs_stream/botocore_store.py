@@ -517,6 +517,8 @@ class BotocoreStore:
             return None
         started = time.monotonic()
         shown = key or (query or {}).get("prefix", "")  # what the log line names
+        if query and "partNumber" in query:  # as botocore's line names a part
+            shown += f" PartNumber={query['partNumber']}"
         try:
             response = await self._direct.request(
                 method, key, await self._direct_credentials(), headers, body, payload_hash,

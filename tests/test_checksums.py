@@ -117,15 +117,18 @@ async def test_the_server_refuses_a_part_whose_crc32_does_not_match(seaweed, mon
     await store.aclose()
 
 
-async def test_a_multipart_upload_over_plain_http_goes_direct(any_server, monkeypatch):
+@pytest.mark.parametrize("sign_payload", ["auto", "on"])
+async def test_a_multipart_upload_over_plain_http_goes_direct(any_server, monkeypatch,
+                                                              sign_payload):
     """Create, parts and completion over the mount's own connections (no botocore call,
-    none sent again through it), and the object is exactly the parts in order."""
+    none sent again through it), and the object is exactly the parts in order; with the
+    parts' SHA-256 signed too (`sign_payload=on`)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", any_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", any_server.secret_key)
     bucket = new_bucket(any_server)
     store = BotocoreStore(StoreConfig(bucket=bucket, region="us-east-1",
                                       endpoint_url=any_server.endpoint_url,
-                                      force_path_style=True))
+                                      force_path_style=True, sign_payload=sign_payload))
     botocore_calls = []
     monkeypatch.setattr(store, "_call", lambda what, fn, **kw: botocore_calls.append(what))
     first, last = bytearray(os.urandom(5 * MiB)), bytearray(os.urandom(MiB + 3))
