@@ -1,4 +1,5 @@
-"""Small S3 requests sent straight over trio streams: HEAD, small PUT and DELETE.
+"""S3 requests sent straight over trio streams: HEAD, small PUT, DELETE, LIST and, over plain
+http, a multipart upload's create, parts and completion (botocore_store.py `_direct_parts`).
 
 botocore spends about 1.6 ms of CPU on every call (parameter validation, event hooks,
 endpoint rules, a worker thread) however small the request. For `ls -l` of a directory
@@ -34,6 +35,7 @@ import trio
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 UNSIGNED = "UNSIGNED-PAYLOAD"
 MAX_HEADER_BYTES = 64 * 1024
+SEND_SLICE = 1024 * 1024  # a large body is sent in slices of this, each within read_timeout
 MAX_BODY = 64 * 1024 * 1024  # a larger Content-Length is not ours to read (LIST pages: ~1 MiB)
 IDLE_MAX = 64  # kept-alive connections
 # seconds a kept-alive connection is reused for: servers close idle ones (S3 after a few
@@ -341,8 +343,10 @@ class DirectClient:
     async def _send(self, connection: _Connection, request: bytes, body: bytes) -> None:
         try:
             await connection.send(request + body if len(body) < 65536 else request)
-            if len(body) >= 65536:
-                await connection.send(body)
+            if len(body) >= 65536:  # a part: each slice within read_timeout, as botocore's
+                view = memoryview(body)  # socket timeouts, not the whole part at once
+                for start in range(0, len(view), SEND_SLICE):
+                    await connection.send(view[start:start + SEND_SLICE])
         except trio.BrokenResourceError:
             raise EOFError from None  # closed by the server while idle: no answer to wait for
 
