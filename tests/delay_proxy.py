@@ -12,9 +12,10 @@ Each direction buffers at most `window` bytes (64 MiB) before it stops reading, 
 memory and gives the sender TCP backpressure. A half-close (EOF) travels after the last chunk,
 delayed like the data; a reset or error on either side closes both.
 
-Run it as a process of its own (the bench does, so that it shares no GIL with the raw client):
+It runs as a process of its own (`spawn`: the bench and the tests use it so; it then shares no
+GIL with a raw client or a test's threads):
 
-    python scripts/delay_proxy.py --upstream 127.0.0.1:8333 --rtt-ms 20
+    python tests/delay_proxy.py --upstream 127.0.0.1:8333 --rtt-ms 20
 
 prints `port=N` once it listens, and runs until SIGTERM/SIGINT.
 """
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -137,6 +140,21 @@ class DelayProxy:
         finally:
             receiver.cancel()
             await asyncio.gather(receiver, return_exceptions=True)
+
+
+def spawn(upstream_url: str, rtt_ms: float) -> tuple[subprocess.Popen, str]:
+    """Start a delay proxy process in front of `upstream_url` (http://HOST:PORT): the
+    process (the caller stops it) and the endpoint URL clients use instead."""
+    upstream = upstream_url.split("//", 1)[1].rstrip("/")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--upstream", upstream,
+                             "--rtt-ms", str(rtt_ms)], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith("port="):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the delay proxy did not start (exit {proc.returncode})")
+    return proc, f"http://127.0.0.1:{int(line.split('=', 1)[1])}"
 
 
 def main(argv: list[str] | None = None) -> int:
