@@ -17,7 +17,7 @@ GIL with a raw client or a test's threads):
 
     python tests/delay_proxy.py --upstream 127.0.0.1:8333 --rtt-ms 20
 
-prints `port=N` once it listens, and runs until SIGTERM/SIGINT.
+prints `port=N` once it listens, and runs until SIGTERM/SIGINT or its parent's exit.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: free)")
     a = ap.parse_args(argv)
     host, _, port = a.upstream.rpartition(":")
+    parent = os.getppid()  # before `port=` is printed: the parent may exit right after
 
     async def run() -> None:
         proxy = DelayProxy((host, int(port)), a.rtt_ms / 2000)
@@ -174,7 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
+
+        async def orphaned() -> None:  # a parent killed with SIGKILL stops no one
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            stop.set()
+
+        watch = asyncio.ensure_future(orphaned())
         await stop.wait()
+        watch.cancel()
         await proxy.stop()
 
     asyncio.run(run())
