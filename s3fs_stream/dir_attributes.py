@@ -14,10 +14,11 @@ asks through `head_marker`, `put`, `delete` and `copy`; the nodes stay its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
-from .errors import FsError, NotFound, error_reason
+from .errors import FsError, NotFound, error_reason, run_parallel
 from .object_meta import FileMeta
 from .object_store import ObjectInfo, ObjectStore, PutOptions
 from .spill_area import RESERVED_NAME
@@ -39,7 +40,24 @@ class DirAttributes:
     async def head_marker(self, path: str) -> ObjectInfo | None:
         """What holds the directory's attributes: its marker, or where the server drops a
         marker's metadata, the object `attrs_key` (one more HEAD, only on such servers
-        and for markers without metadata)."""
+        and for markers without metadata). Once the server is known to drop them, both
+        HEADs go at once: one round trip, not two."""
+        if self._markers_keep_meta is False and path:
+            found: dict[str, ObjectInfo | None] = {}
+
+            async def head(name: str, key: str) -> None:
+                try:
+                    found[name] = await self.store.head(key)
+                except NotFound:
+                    found[name] = None
+
+            await run_parallel([functools.partial(head, "marker", self.key(path) + "/"),
+                                functools.partial(head, "attrs", self.attrs_key(path))])
+            marker = found["marker"]
+            if marker is not None and "mode" in marker.metadata:
+                self._markers_keep_meta = True  # as below: this server keeps them after all
+                return marker
+            return found["attrs"] or marker
         try:
             marker = await self.store.head(self.marker_key(path))
         except NotFound:
