@@ -30,7 +30,7 @@ import trio
 
 from .deferred_meta import same_etag
 from .dir_attributes import DirAttributes
-from .errors import FsError, NotFound
+from .errors import FsError, NotFound, transient
 from .inode_table import InodeTable, Node, join, parent_of
 from .object_store import ObjectInfo, ObjectStore
 from .open_files import OpenFiles
@@ -189,6 +189,8 @@ class AttributeFetcher:
                 self._unconfirmed[parent] = now + WALK_WINDOW
         except FsError as exc:
             log.debug("LIST from %s failed: %s", path, exc)
+            if transient(exc):  # S3 unreachable for the whole retry budget: the stat fails
+                raise  # now, not after a HEAD's budget as well
         finally:
             if self._revalidating.get(parent) is done:
                 del self._revalidating[parent]

@@ -52,6 +52,7 @@ from .errors import (
     StoreError,
     Unreachable,
     run_parallel,
+    transient,
 )
 from .object_store import (
     KEPT_HEADERS,
@@ -462,11 +463,6 @@ def moved_to(region: str, response: direct_requests.Response) -> str | None:
     if response.status in REGION_REDIRECTS and told and told != region:
         return told
     return None
-
-
-def transient(exc: FsError) -> bool:
-    """Whether a failure may go away by itself: the endpoint unreachable, a timeout, a 5xx."""
-    return isinstance(exc, Unreachable) or getattr(exc, "transient", False)
 
 
 def retry_delay(retry: int) -> float:

@@ -66,6 +66,12 @@ class Unreachable(StoreError):
     errno = _errno.EIO
 
 
+def transient(exc: FsError) -> bool:
+    """Whether a failure may go away by itself: the endpoint unreachable, a timeout, a 5xx
+    (the store marks those `transient` and has already retried them for its budget)."""
+    return isinstance(exc, Unreachable) or getattr(exc, "transient", False)
+
+
 class IntegrityError(StoreError):
     """The server's checksum or length disagrees with what we sent or expected."""
 

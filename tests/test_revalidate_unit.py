@@ -5,6 +5,11 @@ there for a while, so a walk of it HEADs instead of paying a LIST and a HEAD per
 
 from __future__ import annotations
 
+import errno
+
+import pytest
+
+from s3fs_stream.errors import FsError, Unreachable
 from s3fs_stream.object_store import PutOptions
 from tests.test_filesystem_unit import unit_filesystem
 
@@ -46,3 +51,20 @@ async def test_a_page_that_confirms_nothing_stops_pages_there_for_a_while(nurser
     await fs.namespace.fetcher.revalidate(b)
     await fs.namespace.fetcher.revalidate(c)
     assert lists(fs) == 1  # their HEADs answer
+
+
+async def test_an_unreachable_endpoint_fails_the_stat_once_not_list_then_head(nursery):
+    """S3 unreachable for the LIST's whole retry budget: the stat fails with that error; a
+    HEAD after it would wait a second budget (a read of an open file during an outage got
+    EIO only after 120 s, the kernel's GETATTR before its READ)."""
+    fs = unit_filesystem(nursery)
+    _, b, _ = await stored_nodes(fs, 1_700_000_000.0)
+    fs.store.calls.clear()
+
+    def down(call):
+        raise Unreachable(f"{call[0]}: endpoint unreachable after retries (the test)")
+    fs.store.on_call = down
+    with pytest.raises(FsError) as info:
+        await fs.namespace.getattr(b.inode)
+    assert info.value.errno == errno.EIO
+    assert [call[0] for call in fs.store.calls] == ["list_page"]
