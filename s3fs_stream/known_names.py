@@ -80,6 +80,10 @@ class KnownNames:
                     self._asked.clear()
             self._asked[path] = time.monotonic() + self.config.entry_timeout
 
+    def found(self, path: str) -> None:
+        """S3 showed `path` (a lookup found it): no earlier "missing" of it is taken."""
+        self._asked.pop(path, None)
+
     def take_asked_missing(self, path: str) -> bool:
         """True once if S3 answered `path` missing within `entry_timeout` (see the module
         docstring): the caller, creating the name, need not ask again."""

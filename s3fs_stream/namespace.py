@@ -233,6 +233,8 @@ class Namespace:
         # the three answers are of one moment; nothing here is taken from the table, which
         # may change meanwhile (the caller adopts what comes back)
         await run_parallel([head, list_prefix, *([head_marker] if was_dir else [])])
+        if found.get("dir") or "info" in found:
+            self.known.found(path)  # an earlier answer "missing" no longer holds
         if found.get("dir"):
             if "info" in found:
                 self.warnings.once(key, "object %r is hidden by the directory of the same "
