@@ -10,6 +10,15 @@ State owned here: the names known missing with their expiry (`_negative`, at mos
 NEGATIVE_MAX), the directories known whole (`_known`, the KNOWN_DIRS most recent) and the
 refreshes in flight (`_refreshing`). The namespace tells it what it changed
 (`forget_missing`, `gone`, `know_dir`, `dir_moved`) and asks `known_missing`.
+
+Whatever `negative_timeout` is, a name S3 just answered missing (HEAD and LIST, for the
+kernel's LOOKUP) is remembered for `entry_timeout` in `_asked`, for one use only: the
+request the kernel sends right after such a LOOKUP -- MKDIR, SYMLINK, or a RENAME onto the
+name -- takes that answer instead of asking S3 again a few milliseconds later
+(`take_asked_missing`). The kernel holds the directory locked from its LOOKUP to that
+request; another client's object made in between is overwritten (a rename, like a copy made
+just after its check) or reported by S3 later, as it would be had it come a moment after the
+check. Any change here to the name (`forget_missing`, `dir_moved`) drops it.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ class KnownNames:
         self._known: collections.OrderedDict[str, tuple[float, set[str]]] = \
             collections.OrderedDict()
         self._refreshing: dict[str, trio.Event] = {}
+        # path -> monotonic expiry: missing as S3 answered just now (`take_asked_missing`)
+        self._asked: dict[str, float] = {}
 
     def forget_missing(self, path: str) -> None:
         """`path` exists now (created here): no cache may call it missing."""
         self._negative.pop(path, None)
+        self._asked.pop(path, None)
         known = self._known.get(parent_of(path))
         if known is not None:
             known[1].add(path.rpartition("/")[2])
@@ -60,6 +72,23 @@ class KnownNames:
             if len(self._negative) >= NEGATIVE_MAX:
                 self._negative.clear()
         self._negative[path] = time.monotonic() + self.config.negative_timeout
+        if self.config.entry_timeout > 0:
+            if len(self._asked) >= NEGATIVE_MAX:
+                now = time.monotonic()
+                self._asked = {p: t for p, t in self._asked.items() if t > now}
+                if len(self._asked) >= NEGATIVE_MAX:
+                    self._asked.clear()
+            self._asked[path] = time.monotonic() + self.config.entry_timeout
+
+    def found(self, path: str) -> None:
+        """S3 showed `path` (a lookup found it): no earlier "missing" of it is taken."""
+        self._asked.pop(path, None)
+
+    def take_asked_missing(self, path: str) -> bool:
+        """True once if S3 answered `path` missing within `entry_timeout` (see the module
+        docstring): the caller, creating the name, need not ask again."""
+        expiry = self._asked.pop(path, None)
+        return expiry is not None and expiry > time.monotonic()
 
     def know_dir(self, path: str, names: set[str]) -> None:
         self._known[path] = (time.monotonic() + self.config.negative_timeout, names)
@@ -118,3 +147,5 @@ class KnownNames:
             del self._known[path]
         for path in [p for p in self._negative if p.startswith(new + "/")]:
             del self._negative[path]
+        for path in [p for p in self._asked if p == new or p.startswith(new + "/")]:
+            del self._asked[path]

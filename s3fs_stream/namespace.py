@@ -233,6 +233,8 @@ class Namespace:
         # the three answers are of one moment; nothing here is taken from the table, which
         # may change meanwhile (the caller adopts what comes back)
         await run_parallel([head, list_prefix, *([head_marker] if was_dir else [])])
+        if found.get("dir") or "info" in found:
+            self.known.found(path)  # an earlier answer "missing" no longer holds
         if found.get("dir"):
             if "info" in found:
                 self.warnings.once(key, "object %r is hidden by the directory of the same "
@@ -614,7 +616,7 @@ class Namespace:
     async def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int) -> Node:
         self._check_writable()
         path = self._child_path(parent, name, creating=True)
-        if await self._exists(path):
+        if await self._exists(path, creating=True):
             raise FsError("", errno.EEXIST)
         now = time.time_ns()
         meta = FileMeta(stat.S_IFDIR | stat.S_IMODE(mode), uid, gid, now)
@@ -632,7 +634,11 @@ class Namespace:
         node.lookups += 1
         return node
 
-    async def _exists(self, path: str) -> bool:
+    async def _exists(self, path: str, creating: bool = False) -> bool:
+        """`creating`: the kernel's LOOKUP of the name, just before, may have found it
+        missing in S3 (`KnownNames.take_asked_missing`): that answer is taken."""
+        if creating and self._asked_missing(path):
+            return False
         try:
             await self._lookup_quiet(path)
         except FsError as exc:
@@ -640,6 +646,10 @@ class Namespace:
                 return False
             raise
         return True
+
+    def _asked_missing(self, path: str) -> bool:
+        """S3 answered `path` missing just now (a LOOKUP) and nothing here made it since."""
+        return self.known.take_asked_missing(path) and self.table.by_path(path) is None
 
     async def rmdir(self, parent: int, name: str) -> None:
         self._check_writable()
@@ -850,10 +860,13 @@ class Namespace:
         source = await self._settled(old)
         writer = self.files.writer(source.inode)
         replaced = None  # the target's writer: detached once the copy replaced its object
-        try:
-            target = await self._settled(new)  # a release still storing it finishes first
-        except FsError:
-            target = None
+        target = None
+        # the kernel's LOOKUP of the target, just before, may have found it missing: taken
+        if not self._asked_missing(new):
+            try:
+                target = await self._settled(new)  # a release still storing it finishes first
+            except FsError:
+                pass
         if target is not None:
             if flags & RENAME_NOREPLACE:
                 raise FsError("", errno.EEXIST)
@@ -1041,7 +1054,7 @@ class Namespace:
         """Stored as s3fs-fuse stores links: the target is the body, the mode has S_IFLNK."""
         self._check_writable()
         path = self._child_path(parent, name, creating=True)
-        if await self._exists(path):
+        if await self._exists(path, creating=True):
             raise FsError("", errno.EEXIST)
         now = time.time_ns()
         meta = FileMeta(stat.S_IFLNK | 0o777, uid, gid, now)

@@ -36,8 +36,8 @@ from .config import FsConfig
 from .errors import FsError, error_reason
 from .inode_table import InodeTable, Node
 from .memory_budget import MemoryBudget
-from .object_meta import FileMeta, content_type, kept_type
-from .object_store import ObjectStore
+from .object_meta import FileMeta, content_type, file_attrs, kept_type
+from .object_store import ObjectInfo, ObjectStore
 from .part_schedule import PartSchedule
 from .ranged_reader import RangedReader
 from .spill_area import SpillArea
@@ -432,7 +432,16 @@ class OpenFiles:
             try:
                 await writer.release()
             finally:
+                # across the awaits above: no open, rename or unlink of the inode ran (they
+                # wait for `_closing`); the writer's own completion set the node's ETag/size
                 node.expires = 0.0
+                stored = _stored_attrs(node, writer, self.config)
+                if stored is not None:
+                    # what this mount just stored is what a HEAD would answer: fresh for
+                    # attr_timeout like any HEAD's answer (rsync's utimes and chmod of its
+                    # closed temporary file need no HEAD first)
+                    for name, value in stored.items():
+                        setattr(node, name, value)
                 if self._closing.get(node.inode) is done:
                     del self._closing[node.inode]
                 done.set()
@@ -480,6 +489,23 @@ class OpenFiles:
                         "uploaded and left for 's3stream recover'", len(left),
                         ", ".join(left[:5]) + (" ..." if len(left) > 5 else ""))
         return left
+
+def _stored_attrs(node: Node, writer: StreamingWriter, config: FsConfig) -> dict | None:
+    """The node's attributes as the writer's last store left the object (its ETag, size
+    and the metadata it sent), or None when not known for sure: nothing stored, a failure,
+    attributes changed since and not stored, a copy by a rename, or the node showing
+    another object (unlinked, replaced)."""
+    if writer.state is not State.COMPLETE or writer.error is not None or writer.meta_dirty \
+            or writer.stored_meta is None or writer.base is None or node.is_dir \
+            or node.path.startswith("\0") or node.etag != writer.base.etag \
+            or node.size != writer.size:
+        return None
+    info = ObjectInfo(writer.key, writer.size, writer.base.etag, time.time(),
+                      writer.stored_meta)
+    attrs = file_attrs(info, config)
+    return {name: attrs[name] for name in ("mode", "uid", "gid", "mtime_ns", "atime_ns",
+                                           "ctime_ns", "expires")} | {"has_metadata": True}
+
 
 def _for_writing(flags: int) -> bool:
     return flags & os.O_ACCMODE != os.O_RDONLY

@@ -151,6 +151,11 @@ class StreamingWriter:
         # times this writer wrote the object at its key (a completion, an attribute rewrite):
         # an unlink or a rename over the file compares it across its own request
         self.stores = 0
+        # our x-amz-meta-* as the object at the key holds them after this writer's last
+        # store (a completion, an attribute rewrite); None while not known (nothing stored,
+        # or moved by a copy the namespace made). With the ETag and size this is what a HEAD
+        # would answer: the node stays fresh after the last close (`OpenFiles._last_close`)
+        self.stored_meta: dict[str, str] | None = None
         # queued uploads (`-o queued_uploads`, set by OpenFiles): a flush of a file of one
         # part queues its PutObject (`_queue_put`); `_queued` is set while it runs
         self.queue: UploadQueue | None = None
@@ -319,6 +324,7 @@ class StreamingWriter:
         (set_meta, no lock): `_done` keeps them dirty as a completion does."""
         try:
             etag = await self._store.put(self.key, part.payload() if part else b"", options)
+            self.stored_meta = dict(options.metadata)
         except FsError as exc:
             self.queue_failed = True
             self._fail(FsError(f"its queued upload failed ({error_reason(exc)}); close() had "
@@ -363,6 +369,7 @@ class StreamingWriter:
             if self.state is not State.DETACHED:
                 etag = await copy(self.size)
                 self.base = Base(etag, self.size)
+                self.stored_meta = None  # what the copy stored is the namespace's choice
             self.key, self.name = key, name
             if content_type is not None:
                 self._content_type = content_type
@@ -945,21 +952,28 @@ class StreamingWriter:
         stored = session.options.metadata
         if not self.meta.mtime_explicit:  # a "now" from the kernel: the start time stays
             wanted.metadata["mtime"] = stored.get("mtime", "")
+        self.stored_meta = dict(stored)
         if _without_ctime(wanted.metadata) != _without_ctime(stored):
             # chmod/chown/utimes while writing: rewrite the metadata server-side
+            self.stored_meta = None  # unknown until that copy answers
             etag = await self._store.copy(self.key, self.key, wanted, self.size, etag)
+            self.stored_meta = dict(wanted.metadata)
         return etag
 
     async def _put_small(self) -> str:
         """A file of at most one part is one PutObject (its metadata with it)."""
         options = await self._new_object_options()
         if self.size == 0:
-            return await self._store.put(self.key, b"", options)
+            etag = await self._store.put(self.key, b"", options)
+            self.stored_meta = dict(options.metadata)
+            return etag
         part = await self._hold(1, 0)
         assert part.whole
         part.idle = trio.Event()
         try:
-            return await self._store.put(self.key, part.payload(), options)
+            etag = await self._store.put(self.key, part.payload(), options)
+            self.stored_meta = dict(options.metadata)
+            return etag
         finally:
             part.idle.set()
             self._unpin(part)
@@ -1014,9 +1028,10 @@ class StreamingWriter:
     async def _rewrite_meta(self) -> None:
         """The object is complete but its attributes changed: a server-side copy onto itself."""
         version = self._meta_version  # set_meta takes no lock: it may come during the copy
+        options = self._options(with_mtime=True)
         try:
             # onto the object this writer stored, never another client's replacement
-            etag = await self._store.copy(self.key, self.key, self._options(with_mtime=True),
+            etag = await self._store.copy(self.key, self.key, options,
                                           self.size, self.base.etag if self.base else None)
         except (NotFound, PreconditionFailed):
             # removed (an unlink racing this last close: it detaches the writer once its
@@ -1025,12 +1040,14 @@ class StreamingWriter:
             log.info("%s: removed or replaced before its new attributes were stored",
                      self.name)
             self._meta_dirty = False
+            self.stored_meta = None  # the object at the key is not ours
             return
         except FsError as exc:  # S3's AccessDenied stays EACCES, anything else is EIO
             raise FsError(f"{self.name}: could not store new attributes: {exc}",
                           exc.errno if exc.errno == errno.EACCES else errno.EIO) from None
         self.base = Base(etag, self.size)
         self.stores += 1
+        self.stored_meta = dict(options.metadata)
         self._meta_dirty = version != self._meta_version
         if self._on_complete:
             self._on_complete(etag, self.size)

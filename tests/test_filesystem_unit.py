@@ -472,3 +472,80 @@ async def test_renamed_directory_keeps_its_attributes(fs):
     e = await fs.lookup(ROOT_INODE, "e")
     e.expires = 0.0
     assert stat.S_IMODE((await fs.getattr(e.inode)).mode) == 0o700
+
+
+async def test_a_lookups_missing_answer_serves_the_mkdir_or_rename_right_after(nursery):
+    """The kernel sends MKDIR (or RENAME onto a name) right after its LOOKUP found the name
+    missing in S3: that answer, a few ms old, is taken once instead of asking again. A
+    second use, one after `entry_timeout`, or one after a lookup that found the name asks
+    S3 (and sees another client's object)."""
+    fs = Fs(unit_filesystem(nursery, entry_timeout=0.5))
+
+    async def missing(name: str) -> None:
+        with pytest.raises(FsError) as info:
+            await fs.lookup(ROOT_INODE, name)
+        assert info.value.errno == errno.ENOENT
+
+    await missing("d")
+    fs.store.calls.clear()
+    await fs.mkdir(ROOT_INODE, "d", 0o755, 0, 0)
+    # (the first marker's HEAD tells whether the server keeps a marker's metadata)
+    assert [c[:2] for c in fs.store.calls if c[0] in ("head", "list")] == [("head", "pre/d/")]
+
+    fh, _ = await fs.create(ROOT_INODE, ".t.XyZ", 0o600, os.O_WRONLY | os.O_CREAT, 0, 0)
+    await fs.write(fh, 0, b"new")
+    await fs.flush(fh)
+    await fs.release(fh)
+    await missing("t")
+    fs.store.calls.clear()
+    await fs.rename(ROOT_INODE, ".t.XyZ", ROOT_INODE, "t", 0)
+    assert [c[:2] for c in fs.store.calls if c[0] in ("head", "list")] == []
+
+    # another client's object made after the answer: seen by a mkdir once the answer is
+    # older than entry_timeout, or when the answer was used already
+    await missing("e")
+    await fs.store.put("pre/e", b"theirs", PutOptions())
+    await trio.sleep(0.6)
+    with pytest.raises(FsError) as info:
+        await fs.mkdir(ROOT_INODE, "e", 0o755, 0, 0)
+    assert info.value.errno == errno.EEXIST
+    await missing("f")
+    known = fs.inner.namespace.known
+    assert known.take_asked_missing("f") and not known.take_asked_missing("f")
+    await missing("g")
+    await fs.store.put("pre/g", b"theirs", PutOptions())
+    assert (await fs.lookup(ROOT_INODE, "g")).size == 6  # found: the old answer goes
+    assert not known.take_asked_missing("g")
+
+
+@pytest.mark.parametrize("queued", [False, True])
+async def test_a_closed_file_keeps_the_attributes_it_was_stored_with(nursery, queued):
+    """rsync sets its temporary file's times and mode right after closing it: the object's
+    ETag, size and metadata are what this mount just stored, so no HEAD is needed (with
+    `queued_uploads`, once the queued PutObject stored it). A failed store leaves the node
+    to be asked again."""
+    fs = Fs(unit_filesystem(nursery, queued_uploads=queued))
+    fh, node = await fs.create(ROOT_INODE, ".f.AbC", 0o600, os.O_WRONLY | os.O_CREAT, 5, 6)
+    await fs.write(fh, 0, b"x" * 100)
+    await fs.flush(fh)
+    await fs.release(fh)
+    while fs.writer(node.inode) is not None or fs.closing(node.inode):
+        await trio.sleep(0.01)
+    fs.store.calls.clear()
+    await fs.setattr(node.inode, SetAttr(mtime_ns=10**18, atime_ns=10**18))
+    await fs.setattr(node.inode, SetAttr(mode=0o644))
+    assert [c for c in fs.store.calls if c[0] == "head"] == []
+    assert (node.size, node.uid, node.gid, stat.S_IMODE(node.mode), node.mtime_ns) == \
+        (100, 5, 6, 0o644, 10**18)
+
+    fs.store.refuse("put")
+    fh, node = await fs.create(ROOT_INODE, "g", 0o600, os.O_WRONLY | os.O_CREAT, 5, 6)
+    await fs.write(fh, 0, b"x" * 100)
+    try:
+        await fs.flush(fh)  # (queued: the failure is reported by a later fsync or close)
+    except FsError:
+        assert not queued
+    await fs.release(fh)
+    while fs.writer(node.inode) is not None or fs.closing(node.inode):
+        await trio.sleep(0.01)
+    assert not node.fresh

@@ -95,3 +95,61 @@ def test_small_file_and_directory_revalidation_round_trips(far_seaweed, mount_fa
     assert keys == [".s3stream/dirs/d", "d", "d/", "d/"], asked  # HEADs of d, d/, the
     assert len(rounds(asked)) == 1, rounds(asked)                 # copy; LIST of d/
     assert m.client.head_object(Bucket=m.bucket, Key="d/f1")["ContentLength"] == 4096
+
+
+def test_rsync_temporary_file_round_trips(far_seaweed, mount_factory):
+    """rsync's sequence for a new file: stat of the name (missing), a temporary `.x.XXXX`
+    created, written and closed, its times and mode set, then renamed over the name. The
+    closed file's attributes are known from this mount's own PutObject (its ETag, its size,
+    the metadata sent), so utimes and chmod ask nothing (a HEAD each before); the rename's
+    target was just looked up missing by the kernel's LOOKUP, so the rename does not ask
+    again (HEAD+LIST before). Six rounds: the stat, the temporary name's LOOKUP, the PUT,
+    the target's LOOKUP, the CopyObject (carrying the deferred times and mode), the
+    DeleteObject. Timeouts long enough that no entry expires between the steps."""
+    m = mount_factory(far_seaweed, "attr_timeout=10", "entry_timeout=10",
+                      bucket=new_bucket(far_seaweed))
+    target, temporary = m.path / "x", m.path / ".x.AbCdEf"
+
+    def rsync_one() -> None:
+        assert not target.exists()  # the generator's check of the name
+        with open(temporary, "wb") as f:
+            f.write(b"y" * 4096)
+        os.utime(temporary, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+        os.chmod(temporary, 0o640)
+        os.rename(temporary, target)
+
+    run_with_timeout(lambda: (m.path / "warm").write_bytes(b""), 60, m.log)  # startup's
+    before = len(m.log())                                                  # listings done
+    run_with_timeout(rsync_one, 60, m.log)
+    made = [r for r in requests(m.log()[before:]) if r[3].lstrip(".").startswith("x")]
+    groups = rounds(made)
+    assert [sorted(op.split()[0] for op in g) for g in groups] == [
+        ["HeadObject", "ListObjectsV2"],   # stat x: missing
+        ["HeadObject", "ListObjectsV2"],   # LOOKUP .x.AbCdEf before CREATE
+        ["PutObject"],                     # close()
+        ["HeadObject", "ListObjectsV2"],   # the rename's LOOKUP of x
+        ["CopyObject"],                    # the rename, with the times and mode
+        ["DeleteObject"]], groups
+    head = m.client.head_object(Bucket=m.bucket, Key="x")
+    assert head["ContentLength"] == 4096
+    assert int(head["Metadata"]["mode"]) & 0o7777 == 0o640
+    assert head["Metadata"]["mtime"] == "1600000000"
+    st = os.stat(target)
+    assert (st.st_size, st.st_mode & 0o7777, st.st_mtime_ns) == \
+        (4096, 0o640, 1_600_000_000_000_000_000)
+
+
+def test_mkdir_round_trips(far_seaweed, mount_factory):
+    """mkdir of a new name: the kernel's LOOKUP just asked S3 (HEAD and LIST at once) and
+    found nothing, so mkdir stores the marker without asking again (one more HEAD+LIST
+    round before)."""
+    m = mount_factory(far_seaweed, "attr_timeout=10", "entry_timeout=10",
+                      bucket=new_bucket(far_seaweed))
+    run_with_timeout(lambda: (m.path / "first").mkdir(), 60, m.log)  # how the server keeps
+    before = len(m.log())                                             # markers is known
+    run_with_timeout(lambda: (m.path / "d").mkdir(), 60, m.log)
+    groups = rounds(requests(m.log()[before:]))
+    assert len(groups) >= 2 and sorted(op.split()[0] for op in groups[0]) == \
+        ["HeadObject", "ListObjectsV2"], groups
+    assert all(op.split()[0] == "PutObject" for g in groups[1:] for op in g), groups
+    assert m.client.head_object(Bucket=m.bucket, Key="d/")
