@@ -30,7 +30,7 @@ import trio
 
 from .deferred_meta import same_etag
 from .dir_attributes import DirAttributes
-from .errors import FsError, NotFound, transient
+from .errors import FsError, NotFound, Unreachable
 from .inode_table import InodeTable, Node, join, parent_of
 from .object_store import ObjectInfo, ObjectStore
 from .open_files import OpenFiles
@@ -161,6 +161,8 @@ class AttributeFetcher:
         parent = parent_of(node.path)
         if self._unconfirmed.get(parent, 0.0) > time.monotonic():
             return  # a page here just now confirmed nothing: HEADs
+        if any(ord(char) < 32 for char in node.path):
+            return  # a control character in StartAfter: moto fails the LIST (a HEAD asks)
         out = self._revalidating.get(parent)
         if out is not None:  # a page of this directory is out: it may cover this node
             await out.wait()
@@ -189,8 +191,8 @@ class AttributeFetcher:
                 self._unconfirmed[parent] = now + WALK_WINDOW
         except FsError as exc:
             log.debug("LIST from %s failed: %s", path, exc)
-            if transient(exc):  # S3 unreachable for the whole retry budget: the stat fails
-                raise  # now, not after a HEAD's budget as well
+            if isinstance(exc, Unreachable):  # no answer for the whole retry budget: the
+                raise  # stat fails now, not after a HEAD's budget as well
         finally:
             if self._revalidating.get(parent) is done:
                 del self._revalidating[parent]
