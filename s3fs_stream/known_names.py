@@ -66,19 +66,9 @@ class KnownNames:
         self._known.pop(path, None)
 
     def remember_missing(self, path: str) -> None:
-        if len(self._negative) >= NEGATIVE_MAX:
-            now = time.monotonic()
-            self._negative = {p: t for p, t in self._negative.items() if t > now}
-            if len(self._negative) >= NEGATIVE_MAX:
-                self._negative.clear()
-        self._negative[path] = time.monotonic() + self.config.negative_timeout
+        self._negative = _with_expiry(self._negative, path, self.config.negative_timeout)
         if self.config.entry_timeout > 0:
-            if len(self._asked) >= NEGATIVE_MAX:
-                now = time.monotonic()
-                self._asked = {p: t for p, t in self._asked.items() if t > now}
-                if len(self._asked) >= NEGATIVE_MAX:
-                    self._asked.clear()
-            self._asked[path] = time.monotonic() + self.config.entry_timeout
+            self._asked = _with_expiry(self._asked, path, self.config.entry_timeout)
 
     def found(self, path: str) -> None:
         """S3 showed `path` (a lookup found it): no earlier "missing" of it is taken."""
@@ -149,3 +139,15 @@ class KnownNames:
             del self._negative[path]
         for path in [p for p in self._asked if p == new or p.startswith(new + "/")]:
             del self._asked[path]
+
+
+def _with_expiry(expiries: dict[str, float], path: str, seconds: float) -> dict[str, float]:
+    """`expiries` with `path` expiring in `seconds`; at NEGATIVE_MAX entries the expired
+    ones go first, and all of them if none has expired."""
+    if len(expiries) >= NEGATIVE_MAX:
+        now = time.monotonic()
+        expiries = {p: t for p, t in expiries.items() if t > now}
+        if len(expiries) >= NEGATIVE_MAX:
+            expiries.clear()
+    expiries[path] = time.monotonic() + seconds
+    return expiries
