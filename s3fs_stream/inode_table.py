@@ -83,7 +83,11 @@ def parent_of(path: str) -> str:
 class InodeTable:
     def __init__(self, uid: int, gid: int, dir_mode: int):
         self._next = ROOT_INODE + 1
-        root = Node(ROOT_INODE, "", True, stat.S_IFDIR | dir_mode, uid, gid, time.time_ns())
+        # the mount point's attributes live here only (nothing in S3 changes them): known, so
+        # the kernel keeps them for attr_timeout -- with 0 it asked a GETATTR of the root
+        # for each path it walked (two per entry of an `ls -l`)
+        root = Node(ROOT_INODE, "", True, stat.S_IFDIR | dir_mode, uid, gid, time.time_ns(),
+                    has_metadata=True)
         root.lookups = 1
         self._by_inode: dict[int, Node] = {ROOT_INODE: root}
         self._by_path: dict[str, Node] = {"": root}
