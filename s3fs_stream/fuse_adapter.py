@@ -8,6 +8,7 @@ the whole mount down on any exception that is not a FUSEError.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -115,6 +116,7 @@ def _converted(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         self.in_flight += 1
+        self.kernel_requests[method.__name__] += 1
         try:
             return await method(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -156,6 +158,8 @@ class FuseOperations(pyfuse3.Operations):
         self.reads: dict[int, list[int]] = {}  # fh -> [READs, bytes, largest] (debug log)
         self._names = BadNames()
         self.in_flight = 0  # requests being handled
+        # the kernel's requests by kind (`s3stream status`): what a program's syscalls cost
+        self.kernel_requests: collections.Counter[str] = collections.Counter()
         self.last_request = time.monotonic()  # when the last one ended
 
     async def quiet(self, pause: float, limit: float) -> None:
@@ -204,6 +208,7 @@ class FuseOperations(pyfuse3.Operations):
         return self._attributes(node)
 
     async def forget(self, inode_list):
+        self.kernel_requests["forget"] += 1
         for inode, count in inode_list:
             try:  # forget has no reply: nothing may escape to pyfuse3
                 self.fs.forget(inode, count)

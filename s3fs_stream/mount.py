@@ -298,7 +298,8 @@ async def _serve(config: MountConfig, store: BotocoreStore, ready: Callable[[], 
         operations = FuseOperations(fs, config.fs.writeback_cache)
         source = f"s3://{config.store.bucket}/{config.store.prefix}"
         status = StatusServer(config.mountpoint, lambda: snapshot(
-            config.mountpoint, source, fs.files, budget, getattr(store, "stats", None)))
+            config.mountpoint, source, fs.files, budget, getattr(store, "stats", None),
+            operations.kernel_requests))
         status.open()  # before mounting: its path resolves the mount point
         try:
             pyfuse3.init(operations, config.mountpoint, fuse_options(config))

@@ -184,8 +184,10 @@ def _peer_uid(connection) -> int:
 # -- what the daemon reports ------------------------------------------------------------------
 
 
-def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
-    """The document `s3stream status` shows: open writers, memory and requests."""
+def snapshot(mountpoint: str, source: str, files, budget, stats,
+             kernel_requests: dict[str, int] | None = None) -> dict:
+    """The document `s3stream status` shows: open writers, memory, the kernel's requests
+    and the requests sent to S3."""
     now = time.time_ns()
     entries = []
     # a file closed while its completion runs (copying a sparse file's zeros) is shown too
@@ -209,6 +211,7 @@ def snapshot(mountpoint: str, source: str, files, budget, stats) -> dict:
         "uploads_in_flight": sum(entry["parts_in_flight"] for entry in entries),
         **({"queued_uploads": files.queue.snapshot()}
            if getattr(files, "queue", None) is not None else {}),
+        "kernel_requests": dict(kernel_requests or {}),
         **requests}
 
 
@@ -341,6 +344,9 @@ def render(document: dict, rates: dict[str, float] | None = None) -> str:
                      f"{queue['failed']} failed")
         lines += [f"  FAILED {failure['name']}: {failure['reason']}"
                   for failure in queue["recent_failures"]]
+    kernel = ", ".join(f"{k} {v}" for k, v in sorted(document.get("kernel_requests",
+                                                                 {}).items()))
+    lines.append(f"kernel requests: {kernel or 'none'}")
     requests = ", ".join(f"{k} {v}" for k, v in sorted(document["requests"].items()))
     lines.append(f"requests: {requests or 'none'}; retries {document['retries']}")
     errors = ", ".join(f"{k} {v}" for k, v in sorted(document["errors"].items()))

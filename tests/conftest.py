@@ -138,6 +138,16 @@ def bucket_with(server: Server, objects: dict[str, bytes]) -> str:
     return bucket
 
 
+def status_document(path) -> dict:
+    """The `s3stream status --json` document of the mount at `path`."""
+    import json
+
+    result = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(path), "--json"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)[0]
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

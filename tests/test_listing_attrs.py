@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import require, wait_until
+from tests.conftest import bucket_with, require, status_document, wait_until
 from tests.fault_proxy import FaultProxy
 
 KiB, MiB = 1024, 1024 * 1024
@@ -282,3 +282,19 @@ def test_stale_stats_after_a_listing_are_answered_by_a_list_page(any_server, mou
                      for name, (mode, uid, gid, size, mtime) in first.items()}
     assert file_heads(m, "d") - heads == 1  # f031's
     assert 1 <= m.log().count("S3 ListObjectsV2") - lists <= 4
+
+
+def test_ls_l_sends_the_kernel_no_request_per_entry_besides_the_listing(seaweed,
+                                                                        mount_factory):
+    """`ls -l` of 300 objects: the kernel asks readdirplus for the names with their
+    attributes and answers every statx, getxattr and path walk from them -- no GETATTR per
+    entry. The mount point's own attributes used to come with attr_timeout 0, so every path
+    walked through it cost a GETATTR of the root: 2 per entry of an `ls -l`, and one for
+    every path any program used."""
+    bucket = bucket_with(seaweed, {f"d/o{i:03d}": b"x" * i for i in range(300)})
+    m = mount_factory(seaweed, "attr_timeout=60", "entry_timeout=60", bucket=bucket)
+    assert sorted(ls_l(m.path / "d")) == [f"o{i:03d}" for i in range(300)]
+    kernel = status_document(m.path)["kernel_requests"]
+    assert kernel.get("getattr", 0) <= 5, kernel  # the root's and d's, once each
+    assert kernel.get("lookup", 0) <= 5, kernel
+    assert 1 <= kernel["readdir"] <= 10, kernel

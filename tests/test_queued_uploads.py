@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ import time
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import VENV_BIN, run_with_timeout, wait_until
+from conftest import run_with_timeout, status_document, wait_until
 from fault_proxy import FaultProxy, refuse_method
 
 KiB, MiB = 1024, 1024 * 1024
@@ -72,13 +71,6 @@ def in_thread(fn) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
-def status_document(m) -> dict:
-    result = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)[0]
-
-
 def test_close_returns_before_the_upload_and_the_name_behaves(queued, proxy):
     m = queued
     data = os.urandom(4 * KiB + 5)
@@ -90,7 +82,7 @@ def test_close_returns_before_the_upload_and_the_name_behaves(queued, proxy):
     assert os.stat(m.path / "held.bin").st_size == len(data)
     assert "held.bin" in os.listdir(m.path)
     assert run_with_timeout(lambda: (m.path / "held.bin").read_bytes(), 10, m.log) == data
-    assert [e["state"] for e in status_document(m)["files"]] == ["queued"]
+    assert [e["state"] for e in status_document(m.path)["files"]] == ["queued"]
     # fsync waits for the upload
     fd = os.open(m.path / "held.bin", os.O_RDONLY)
     try:
@@ -182,9 +174,9 @@ def test_a_failed_upload_is_logged_shown_and_reported(queued, proxy):
     assert wait_until(lambda: "its queued upload failed" in m.log(), 20), m.log()[-2000:]
     errors = [line for line in m.log().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "fails" in errors[0] and "write the file again" in errors[0]
-    queue = status_document(m)["queued_uploads"]
+    queue = status_document(m.path)["queued_uploads"]
     assert queue["failed"] == 1 and queue["recent_failures"][0]["name"] == "fails"
-    assert wait_until(lambda: status_document(m)["queued_uploads"]["unreported"] == ["fails"],
+    assert wait_until(lambda: status_document(m.path)["queued_uploads"]["unreported"] == ["fails"],
                       10)
     proxy.refuse(None)
     with pytest.raises(OSError) as info:
@@ -231,10 +223,10 @@ def test_queued_files_stay_inside_the_memory_budget(seaweed, proxy, mount_factor
     assert wait_until(lambda: len(proxy.held) >= 5, 20)
     time.sleep(1.0)
     assert len(written) < len(files), "every file was queued: memory beyond the budget"
-    memory = status_document(m)["memory"]
+    memory = status_document(m.path)["memory"]
     assert memory["used"] <= memory["limit"] and memory["peak"] <= memory["limit"]
     proxy.let_go()
     thread.join(60)
     assert outcome == [None], outcome
     assert wait_until(lambda: all(stored(m, n) == d for n, d in files.items()), 30)
-    assert status_document(m)["memory"]["peak"] <= 10 * MiB
+    assert status_document(m.path)["memory"]["peak"] <= 10 * MiB

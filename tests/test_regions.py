@@ -9,13 +9,12 @@ direct and botocore alike, for it: no request of its own sent again through boto
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 
 import pytest
 import trio
-from conftest import VENV_BIN, bucket_with
+from conftest import VENV_BIN, bucket_with, status_document
 from fault_proxy import FaultProxy
 
 from s3fs_stream.botocore_store import BotocoreStore, moved_to
@@ -23,12 +22,6 @@ from s3fs_stream.config import StoreConfig
 from s3fs_stream.direct_requests import Response
 
 BUCKET_REGION = "eu-central-1"
-
-
-def status_document(path) -> dict:
-    status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(path), "--json"],
-                            capture_output=True, text=True, timeout=30, check=True)
-    return json.loads(status.stdout)[0]
 
 
 def use_the_mount(m) -> None:
