@@ -364,10 +364,12 @@ class RequestStats:
         self.errors: collections.Counter[str] = collections.Counter()
         self.retries = 0
         self.retries_by_key: dict[str, int] = {}
-        # direct requests (direct_requests.py) sent again through botocore, by operation;
-        # and kept-alive connections found closed and replaced (no fallback, no failure)
+        # direct requests (direct_requests.py) sent again through botocore, by operation
         self.fallbacks: collections.Counter[str] = collections.Counter()
-        self.direct_client = None  # the store's DirectClient, for its counters
+        # the direct clients' own counters ("stale_replaced": kept-alive connections found
+        # closed and replaced, no fallback, no failure): one Counter for the mount, which
+        # the client of each region followed counts on in turn
+        self.direct: collections.Counter[str] = collections.Counter()
 
     def done(self, operation: str, key: str, status: int, code: str, retries: int) -> None:
         self.requests[operation] += 1
@@ -384,10 +386,9 @@ class RequestStats:
         self.errors[f"{operation} {type(exception).__name__}"] += 1
 
     def snapshot(self) -> dict:
-        replaced = getattr(self.direct_client, "stale_replaced", 0)
         return {"requests": dict(self.requests), "errors": dict(self.errors),
                 "retries": self.retries, "direct_fallbacks": dict(self.fallbacks),
-                "stale_connections_replaced": replaced}
+                "stale_connections_replaced": self.direct["stale_replaced"]}
 
 
 def log_requests(events, stats: RequestStats | None = None) -> None:
@@ -425,6 +426,10 @@ def _request_started(params, model, context, **_) -> None:
 
 def _request_done(stats: RequestStats | None, http_response, parsed, context, **_) -> None:
     retries = parsed.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    if retries and context.get("s3_redirect", {}).get("redirected"):
+        retries -= 1  # botocore's one region redirect (the answer named the bucket's
+        # region, `_region_answer`): the request sent where the bucket is, not a failure
+        # sent again
     if stats is not None and "s3stream_operation" in context:
         operation, key = context["s3stream_operation"]
         stats.done(operation, key, http_response.status_code,
@@ -507,7 +512,6 @@ class BotocoreStore:
         self.limiter = trio.CapacityLimiter(config.max_connections)
         self._credentials = self._session.get_credentials()
         self._direct = self._direct_client() if config.direct_requests else None
-        self.stats.direct_client = self._direct
         self._direct_frozen: tuple[float, direct_requests.Credentials] | None = None
         # per kind of request (HeadObject, PutObject, ListObjectsV2 ...): a server that
         # answers one kind oddly (a chunked LIST) keeps the direct way for the others
@@ -562,15 +566,18 @@ class BotocoreStore:
         self._client = self._make_client(region)
         old = self._direct
         if old is not None:
-            self._direct = self._direct_client()
-            self.stats.direct_client = self._direct
+            self._direct = self._direct_client(old)
             await old.aclose()
 
     # -- requests sent directly (direct_requests.py), botocore when they get no answer ----
 
-    def _direct_client(self) -> direct_requests.DirectClient | None:
+    def _direct_client(self, before: direct_requests.DirectClient | None = None
+                       ) -> direct_requests.DirectClient | None:
         """A client for the bucket's URL as botocore addresses it, or None where botocore's
-        handling is needed for every request: no credentials, or a proxy in between."""
+        handling is needed for every request: no credentials, or a proxy in between.
+        Its counters are the mount's (`stats.direct`), whichever region it is for; from
+        the client `before` it (a region followed) it keeps what it learned of the server
+        (no pipelining) when both go to the same host (a custom endpoint)."""
         if self._credentials is None:
             return None
         probe = "s3stream-probe"
@@ -586,13 +593,16 @@ class BotocoreStore:
         if context is False:
             return None
         try:
-            return direct_requests.DirectClient(
+            client = direct_requests.DirectClient(
                 url, probe, self._client.meta.region_name, self.config.connect_timeout,
                 self.config.read_timeout, context, max_connections=64,
                 headers={"x-amz-request-payer": "requester"} if self.config.requester_pays
-                else None)
+                else None, counters=self.stats.direct)
         except ValueError:
             return None
+        if before is not None and (before.host, before.port) == (client.host, client.port):
+            client.pipelining = before.pipelining
+        return client
 
     def _bucket_url(self, probe: str) -> str | None:
         """The URL of object `probe` as the client's own requests address it: botocore's

@@ -21,6 +21,7 @@ built, so addressing follows the client's own rules; requests are signed with Si
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import select
@@ -179,12 +180,15 @@ class DirectClient:
     The pool: an idle connection is reused only within IDLE_EXPIRY seconds and only if
     nothing arrived on it while idle; one that still turns out closed (EOF before any
     answer: the server closed it as the request left) is replaced by a new connection, once.
-    Such a replacement is no failure of the endpoint: `stale_replaced` counts them."""
+    Such a replacement is no failure of the endpoint: `stale_replaced` counts them, in
+    `counters`, which a store passes to the client of each region it follows in turn (the
+    count of the mount, not of one client)."""
 
     def __init__(self, base_url: str, probe_key: str, region: str,
                  connect_timeout: float, read_timeout: float,
                  ssl_context: ssl.SSLContext | None = None, max_connections: int = 64,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None,
+                 counters: collections.Counter[str] | None = None):
         url = urllib.parse.urlsplit(base_url)
         quoted = quote_key(probe_key)
         if url.scheme not in ("http", "https") or not url.path.endswith(quoted):
@@ -198,7 +202,9 @@ class DirectClient:
         self.headers = dict(headers or {})  # sent (and signed) with every request
         self.connect_timeout = connect_timeout  # TCP connect and TLS handshake
         self.read_timeout = read_timeout  # each send and each read of the socket
-        self.stale_replaced = 0  # kept-alive connections found closed and replaced
+        # "stale_replaced": kept-alive connections found closed and replaced
+        self.counters: collections.Counter[str] = \
+            collections.Counter() if counters is None else counters
         self._ssl = ssl_context if self.https else None
         if self.https and self._ssl is None:
             self._ssl = ssl.create_default_context()
@@ -206,6 +212,10 @@ class DirectClient:
         self._idle_run: object = None  # the trio run the idle connections belong to
         self.pipelining = True  # until a new connection is closed after one answer
         self._limit = trio.CapacityLimiter(max_connections)
+
+    @property
+    def stale_replaced(self) -> int:
+        return self.counters["stale_replaced"]
 
     async def _connect(self) -> _Connection:
         with trio.fail_after(self.connect_timeout):
@@ -289,7 +299,7 @@ class DirectClient:
                 except EOFError:
                     await self._discard(connection)
                     if attempt == 0 and connection is not None and connection.used:
-                        self.stale_replaced += 1
+                        self.counters["stale_replaced"] += 1
                         connection = None  # a new one: the others may be as stale
                         continue
                     raise Unanswered("connection closed before the answer") from None

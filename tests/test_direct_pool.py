@@ -21,6 +21,8 @@ from conftest import VENV_BIN, new_bucket
 from fault_proxy import FaultProxy
 
 from s3fs_stream import direct_requests
+from s3fs_stream.botocore_store import BotocoreStore
+from s3fs_stream.config import StoreConfig
 from s3fs_stream.direct_requests import Credentials, DirectClient, Unanswered
 
 CREDENTIALS = Credentials("AKID", "secret")
@@ -158,6 +160,38 @@ async def test_a_server_of_one_request_per_connection_ends_pipelining(endpoint):
     assert found[0].status == 200 and found[1] is None
     assert not client.pipelining
     await client.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_a_region_followed_keeps_the_counts_and_what_was_learned(endpoint, monkeypatch):
+    """The bucket's region followed (a new direct client, signed for it): "stale connections
+    replaced" in `s3stream status` keeps the count of the client before and goes on
+    counting, and what the mount learned of the same server (one request per connection:
+    no pipelining) still holds."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    store = BotocoreStore(StoreConfig(bucket="bucket", force_path_style=True,
+                                      endpoint_url=f"http://127.0.0.1:{endpoint.port}"))
+
+    def replaced() -> int:
+        return store.stats.snapshot()["stale_connections_replaced"]
+
+    endpoint.close_every = 1
+    await store._direct.head_many([f"k{i}" for i in range(5)], CREDENTIALS)
+    assert not store._direct.pipelining
+    endpoint.close_every, endpoint.drop_request = 0, 2
+    await heads(store._direct, 4)
+    before = replaced()
+    assert before >= 1
+    old = store._direct
+    await store._follow_region("eu-central-1")
+    assert store._direct is not old and store._direct.signer.region == "eu-central-1"
+    assert replaced() == before
+    assert not store._direct.pipelining
+    await heads(store._direct, 4)
+    assert replaced() > before
+    await store.aclose()
 
 
 @pytest.mark.timeout(30)

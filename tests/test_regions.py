@@ -174,3 +174,25 @@ def test_a_direct_answer_names_the_region_in_its_header_or_its_body():
                                                    b"</Error>")) is None
     assert moved_to("us-east-1", Response(403, {"x-amz-bucket-region": "eu-west-1"}, b"")) \
         is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("answer", ["301", "400"])
+def test_the_region_redirect_at_mount_is_no_retry(seaweed, mount_factory, answer):
+    """The redirected HeadBucket at mount (the answer that names the bucket's region) is no
+    failure sent again: `s3stream status` counts no retry and the log has no retry line,
+    only the one line about the region."""
+    port = int(seaweed.endpoint_url.rsplit(":", 1)[1])
+    bucket = bucket_with(seaweed, {"f": b"one"})
+    with FaultProxy(port, rate=0.0, region=BUCKET_REGION, region_answer=answer) as proxy:
+        m = mount_factory(dataclasses.replace(seaweed, endpoint_url=proxy.endpoint_url),
+                          bucket=bucket)
+        assert (m.path / "f").read_bytes() == b"one"
+        assert proxy.misdirected, "the mount's HeadBucket was not redirected"
+        document = status_document(m.path)
+        log = m.log()
+        assert document["retries"] == 0, document
+        assert "retr" not in log.lower(), [line for line in log.splitlines()
+                                           if "retr" in line.lower()]
+        assert log.count(f"is in region {BUCKET_REGION}") == 1
