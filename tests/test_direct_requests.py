@@ -232,6 +232,50 @@ async def test_a_copy_pinned_to_an_etag_refuses_a_replaced_source(seaweed, direc
     assert (await store.head("k")).metadata == {"mode": "33152"} and etag
 
 
+async def test_small_copies_go_direct_and_land_as_botocores(any_server, direct_store,
+                                                            monkeypatch):
+    """A rename's CopyObject (up to DIRECT_COPY_MAX bytes) goes over the mount's own
+    connections: keeping the source's metadata and content type, or replacing them, pinned
+    to the source's ETag, for odd keys; S3's refusal is final (sent once); a larger copy
+    goes through botocore."""
+    bucket = new_bucket(any_server)
+    store = direct_store(bucket)
+    through_botocore = []
+    call = store._call
+
+    async def counted(what, fn, /, **kwargs):
+        through_botocore.append(what)
+        return await call(what, fn, **kwargs)
+
+    monkeypatch.setattr(store, "_call", counted)
+    client = any_server.client()
+    for key in ODD_KEYS:
+        etag = await store.put(key, b"x" * 100, PutOptions({"mode": "33188"}, "text/plain"))
+        kept = await store.copy(key, key + ".kept", None, 100, etag.strip('"'))
+        got = client.head_object(Bucket=bucket, Key=key + ".kept")
+        assert (got["Metadata"], got["ContentType"]) == ({"mode": "33188"}, "text/plain")
+        assert got["ETag"].strip('"') == kept.strip('"')
+        await store.copy(key, key + ".new", PutOptions({"mode": "33152"}, "video/mp4"), 100,
+                         etag)
+        got = client.get_object(Bucket=bucket, Key=key + ".new")
+        assert (got["Metadata"], got["ContentType"]) == ({"mode": "33152"}, "video/mp4")
+        assert got["Body"].read() == b"x" * 100
+    assert through_botocore == [] and not store.stats.fallbacks
+    assert store.stats.requests["CopyObject"] == 2 * len(ODD_KEYS)
+    if any_server.name == "seaweedfs":  # moto ignores x-amz-copy-source-if-match
+        old = client.head_object(Bucket=bucket, Key="plain")["ETag"]
+        client.put_object(Bucket=bucket, Key="plain", Body=b"theirs")
+        with pytest.raises(PreconditionFailed):
+            await store.copy("plain", "elsewhere", None, 100, old)
+        assert through_botocore == []
+    size = botocore_store.DIRECT_COPY_MAX + 1
+    client.put_object(Bucket=bucket, Key="big", Body=bytes(size))
+    await store.copy("big", "big copy", None, size)
+    assert [what.split()[0] for what in through_botocore] == ["CopyObject"]
+    assert client.head_object(Bucket=bucket, Key="big copy")["ContentLength"] == size
+    await store.aclose()
+
+
 async def test_pipelined_heads_answer_each_key(any_server, direct_store, caplog):
     caplog.set_level(logging.DEBUG, logger="s3fs_stream.botocore_store")
     bucket = new_bucket(any_server)
