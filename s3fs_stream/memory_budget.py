@@ -239,6 +239,20 @@ class MemoryBudget:
 
     # -- recycled buffers --------------------------------------------------------------
 
+    def try_acquire_buffer(self, size: int, lazy: bool = False) -> bytearray | mmap.mmap | None:
+        """`try_acquire(size)` and a buffer for it (see `buffer`), or None when not free now.
+
+        The idle buffer is taken out before the reservation: reserving first would trim it
+        (idle + reserved no longer fit the limit) and the caller would fault in a fresh one.
+        At max_memory=32M a reader's two 16 MiB segments fill the budget, so every segment
+        was a fresh mapping: 4 KiB page faults for every byte read and ~0.5 s more CPU per
+        GiB (docs/internals.md "Where read time goes")."""
+        if self._waiters or size > self.free:
+            return None
+        buf = self._pop_idle(size, lazy)
+        self._take(size)
+        return buf if buf is not None else self._fresh(size, lazy)
+
     def buffer(self, size: int, lazy: bool = False) -> bytearray | mmap.mmap:
         """A buffer of `size` bytes for memory already reserved; recycled when one is idle.
 
@@ -250,11 +264,19 @@ class MemoryBudget:
         mount: docs/internals.md "Where read time goes"). Its pages go back at once when
         it is let go.
         """
+        buf = self._pop_idle(size, lazy)
+        return buf if buf is not None else self._fresh(size, lazy)
+
+    def _pop_idle(self, size: int, lazy: bool) -> bytearray | mmap.mmap | None:
         idle = self._idle.get((size, lazy))
-        if idle:
-            self._idle_bytes -= size
-            self._idle_lazy_bytes -= size if lazy else 0
-            return idle.pop()
+        if not idle:
+            return None
+        self._idle_bytes -= size
+        self._idle_lazy_bytes -= size if lazy else 0
+        return idle.pop()
+
+    @staticmethod
+    def _fresh(size: int, lazy: bool) -> bytearray | mmap.mmap:
         return mmap.mmap(-1, size) if lazy else bytearray(size)
 
     def recycle(self, buf: bytearray | mmap.mmap) -> None:

@@ -146,21 +146,18 @@ class RangedReader:
 
     def _add(self, start: int, end: int, demand: bool) -> bool:
         size = end - start
-        reserved = 0
-        if demand:
-            # never waits: from the budget when it is free, else beside it (one READ's bytes
-            # and the KEEP_BEHIND after them, per reader)
-            if self._budget.try_acquire(size):
-                reserved = size
-                self._held += size
-        else:
-            # an equal share of the budget per open reader, and only what is free now
-            if self._held + size > self._budget.reader_share or \
-                    not self._budget.try_acquire(size):
-                return False
-            reserved = size
-            self._held += size
-        segment = Segment(start, end, reserved)
+        # demand reads never wait: from the budget when it is free, else beside it (one
+        # READ's bytes and the KEEP_BEHIND after them, per reader). Read-ahead: an equal
+        # share of the budget per open reader, and only what is free now. The buffer comes
+        # with the reservation, a recycled one when idle (`try_acquire_buffer`).
+        buffer = None
+        if demand or self._held + size <= self._budget.reader_share:
+            buffer = self._budget.try_acquire_buffer(size, lazy=True)
+        if buffer is None and not demand:
+            return False
+        reserved = size if buffer is not None else 0
+        self._held += reserved
+        segment = Segment(start, end, reserved, buffer)
         self._segments.append(segment)
         self.requests += 1
         self._nursery.start_soon(self._fetch, segment)
@@ -168,8 +165,6 @@ class RangedReader:
 
     async def _fetch(self, segment: Segment) -> None:
         try:
-            if segment.reserved:
-                segment.buffer = self._budget.buffer(segment.reserved, lazy=True)
             segment.data = await self._get(segment.start, segment.end, segment.buffer)
         except FsError as exc:
             segment.error = exc
