@@ -238,6 +238,11 @@ def test_spills_are_standard_whatever_the_storage_class(seaweed, proxy, mount_fa
     assert all(h.get("x-amz-storage-class") == "STANDARD_IA" for h in files), files
     assert all(h.get("x-amz-acl") == "public-read" for h in files), files
     assert not [h for h in spills if "x-amz-storage-class" in h or "x-amz-acl" in h], spills
+    # spills, lease and their folders (SeaweedFS keeps emptied ones) are gone at unmount
+    assert m.unmount() == 0
+    listing = m.client.list_objects_v2(Bucket=m.bucket, Delimiter="/")
+    assert not listing.get("CommonPrefixes"), listing
+    assert sorted(o["Key"] for o in listing.get("Contents", [])) == names, listing
 
 
 async def test_a_live_mounts_old_spills_are_not_deleted_by_another_mount(seaweed,
