@@ -186,6 +186,8 @@ class SpillArea:
                 await self._store.delete(probe)
             except FsError as exc:
                 self.probed = exc
+            else:
+                self.probed = True
         if isinstance(self.probed, FsError):
             self.enabled = False
             self._error = f"the start-up check was refused: {self.probed}"
@@ -195,13 +197,34 @@ class SpillArea:
                         "on that prefix, or raise max_memory", self.where, self.probed)
 
     async def close(self) -> None:
-        """At unmount, once every spill is deleted: the lease goes too."""
+        """At unmount, once every spill is deleted: the lease goes too, then the folders
+        (`folders_left`)."""
         if self._lease:
             try:
                 await self._store.delete(f"{self._prefix}{LEASE_NAME}")
             except FsError as exc:
                 log.warning("could not delete this mount's lease %s%s: %s", self._prefix,
                             LEASE_NAME, exc)
+        # another mount of the prefix may spill into these meanwhile: a folder marker's
+        # DELETE removes the folder only while it is empty
+        for folder in self.folders_left():
+            try:
+                await self._store.delete(folder)
+            except FsError as exc:  # a policy allowing only the spill prefix: harmless
+                log.debug("could not delete the folder %s: %s", folder, exc)
+
+    def folders_left(self) -> list[str]:
+        """The folder markers this mount's objects may have left, deepest first. A server
+        that keeps folders (SeaweedFS) keeps an emptied one, shown to other clients (the
+        mount hides `.s3stream`): the start-up probe left `spill/` and `.s3stream/`, spills
+        and files set aside their mount's folders. Deleting a folder marker removes it only
+        when empty (SeaweedFS keeps a non-empty one and what is in it, other mounts' spills
+        and directory attributes); elsewhere it is a DELETE of a key that does not exist.
+        None for a mount that wrote nothing there (read-only, or refused)."""
+        if not self._spilled.is_set():
+            return [self.root, self.root[:-len("spill/")]] if self.probed is True else []
+        return [self._prefix, f"{self.unlinked_root}{self.mount_id}/", self.unlinked_root,
+                self.root, self.root[:-len("spill/")]]
 
     async def delete_stale(self) -> None:
         """Delete the spill areas of dead mounts of this prefix: those whose newest object

@@ -703,8 +703,12 @@ class StreamingWriter:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
         start = self._schedule.start(number)
         length = min(start + self._schedule.size(number), self.size, self.base.size) - start
-        if self._credit < length:
-            await self._reserve(length - self._credit)
+        # its own memory, not the request's credit: that is what a write reserved to grow
+        # the part past the base. Taken for the load, the write would wait for it again,
+        # unpinned, and the reclaimer would drop the loaded part (stored in the base) to
+        # grant it -- or spill a gathered one again: a GET and a drop (or a spill) in a loop
+        # for as long as memory stays short
+        await self._reserve(length)
         part = self._parts[number] = Part(number, self._schedule.size(number),
                                           bytearray(length), reserved=length)
         self._credit -= length
@@ -722,8 +726,7 @@ class StreamingWriter:
 
     async def _gather(self, part: Part) -> None:
         """Bring a part's spilled segments back into one buffer with its held tail."""
-        if self._credit < part.length:
-            await self._reserve(part.length - self._credit)
+        await self._reserve(part.length)  # its own memory, not the write's: see `_load`
         if self._parts.get(part.number) is not part or part.busy or not part.segments:
             return  # changed while we waited for memory: the caller looks again
         whole = (self._budget.buffer(part.capacity) if part.length == part.capacity
