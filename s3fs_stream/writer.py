@@ -706,8 +706,7 @@ class StreamingWriter:
         # its own memory, not the request's credit: that is what a write reserved to grow
         # the part past the base. Taken for the load, the write would wait for it again,
         # unpinned, and the reclaimer would drop the loaded part (stored in the base) to
-        # grant it -- or spill a gathered one again: a GET and a drop (or a spill) in a loop
-        # for as long as memory stays short
+        # grant it: a GET and a drop in a loop for as long as memory stays short
         await self._reserve(length)
         part = self._parts[number] = Part(number, self._schedule.size(number),
                                           bytearray(length), reserved=length)
@@ -726,7 +725,8 @@ class StreamingWriter:
 
     async def _gather(self, part: Part) -> None:
         """Bring a part's spilled segments back into one buffer with its held tail."""
-        await self._reserve(part.length)  # its own memory, not the write's: see `_load`
+        if self._credit < part.length:
+            await self._reserve(part.length - self._credit)
         if self._parts.get(part.number) is not part or part.busy or not part.segments:
             return  # changed while we waited for memory: the caller looks again
         whole = (self._budget.buffer(part.capacity) if part.length == part.capacity

@@ -444,41 +444,6 @@ async def test_appending_to_a_completed_file_when_memory_is_short_loads_its_part
     assert env.budget.used == 0 and not env.spilled_left()
 
 
-async def test_a_write_across_the_end_of_a_spilled_part_gathers_it_once(nursery,
-                                                                        autojump_clock):
-    """A partly filled part was spilled; a write starting before the spilled end and
-    growing the part, while memory is short, gathers it back once. The gather used to take
-    the memory the write had reserved to grow it, so the write waited again and the
-    reclaimer spilled the gathered part to grant it: a spill and a GET in a loop."""
-    env = Env(nursery, limit=16 * MiB)
-    chunk = 64 * 1024
-    spilled = env.make("spilled")
-    for i in range(40):  # 2.5 MiB of a 5 MiB part
-        await spilled.write(i * chunk, bytes([1]) * chunk)
-    others = [env.make(f"f{k}") for k in range(4)]
-    for i in range(52):  # 4 x 3.25 MiB: the oldest part, the first file's, is spilled
-        for writer in others:
-            await writer.write(i * chunk, bytes([2]) * chunk)
-    assert env.budget.spills == 1 and not spilled.holds
-    gets = 0
-    get_range = env.store.get_range
-
-    async def counted(*args, **kwargs):
-        nonlocal gets
-        gets += 1
-        assert gets < 20, "the spilled part is gathered and spilled again and again"
-        return await get_range(*args, **kwargs)
-
-    env.store.get_range = counted
-    with trio.fail_after(30):
-        await spilled.write(39 * chunk, bytes([3]) * 2 * chunk)
-        await close(spilled)
-    assert env.data("spilled") == bytes([1]) * 39 * chunk + bytes([3]) * 2 * chunk
-    for writer in others:
-        await close(writer)
-    assert env.budget.used == 0 and not env.spilled_left()
-
-
 async def test_many_concurrent_writers_share_a_small_budget(nursery):
     env = Env(nursery, limit=12 * MiB, workers=2)
     outcomes = {}
