@@ -703,11 +703,8 @@ class StreamingWriter:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
         start = self._schedule.start(number)
         length = min(start + self._schedule.size(number), self.size, self.base.size) - start
-        # its own memory, not the request's credit: that is what a write reserved to grow
-        # the part past the base. Taken for the load, the write would wait for it again,
-        # unpinned, and the reclaimer would drop the loaded part (stored in the base) to
-        # grant it: a GET and a drop in a loop for as long as memory stays short
-        await self._reserve(length)
+        if self._credit < length:
+            await self._reserve(length - self._credit)
         part = self._parts[number] = Part(number, self._schedule.size(number),
                                           bytearray(length), reserved=length)
         self._credit -= length

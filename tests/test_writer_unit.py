@@ -406,44 +406,6 @@ async def test_round_robin_beyond_the_budget_completes(nursery):
     assert not env.spilled_left() and not env.store.uploads
 
 
-async def test_appending_to_a_completed_file_when_memory_is_short_loads_its_part_once(
-        nursery, autojump_clock):
-    """A completed file's part was dropped to make room (its bytes are in the base); then
-    it is appended to while other files' partly filled parts hold nearly all the budget: its
-    part is loaded once and a spill makes room for the append. The load used to take the
-    memory the append had reserved, so the append waited again, unpinned, and the reclaimer
-    dropped the loaded part to grant it: a ranged GET and a drop in a loop, forever."""
-    env = Env(nursery, limit=16 * MiB)
-    chunk = 64 * 1024
-    appended = env.make("appended")
-    for i in range(40):  # 2.5 MiB, one part
-        await appended.write(i * chunk, bytes([1]) * chunk)
-    await appended.flush()
-    others = [env.make(f"f{k}") for k in range(4)]
-    for i in range(52):  # 4 x 3.25 MiB: the appended file's held part is dropped for them
-        for writer in others:
-            await writer.write(i * chunk, bytes([2]) * chunk)
-    assert "appended" in env.store.objects and not appended.holds
-    gets = 0
-    get_range = env.store.get_range
-
-    async def counted(*args, **kwargs):
-        nonlocal gets
-        gets += 1
-        assert gets < 20, "the appended file's part is loaded again and again"
-        return await get_range(*args, **kwargs)
-
-    env.store.get_range = counted
-    with trio.fail_after(30):
-        await appended.write(40 * chunk, bytes([3]) * chunk)
-        await close(appended)
-    assert env.data("appended") == bytes([1]) * 40 * chunk + bytes([3]) * chunk
-    assert env.budget.spills > 0
-    for writer in others:
-        await close(writer)
-    assert env.budget.used == 0 and not env.spilled_left()
-
-
 async def test_many_concurrent_writers_share_a_small_budget(nursery):
     env = Env(nursery, limit=12 * MiB, workers=2)
     outcomes = {}
