@@ -418,6 +418,7 @@ class Namespace:
                               f"({error_reason(exc)}); they are left as they were",
                               exc.errno) from None
             node.stored_etag = node.etag
+            node.mtime_stored = True
         apply_meta(node, meta, self.config)
         return node
 
@@ -920,8 +921,10 @@ class Namespace:
                     carried = None  # for an object no longer there
                 # the attributes the node shows and until when: still true of the copy if
                 # it has the source's ETag (the same bytes; the metadata copied with them
-                # or ours, `_move_object`)
-                known = source.expires if source.fresh and source.has_metadata else 0.0
+                # or ours, `_move_object`) and the mtime is in that metadata (else it is
+                # the LastModified, the copy's own)
+                known = source.expires if source.fresh and source.has_metadata and \
+                    source.mtime_stored else 0.0
                 try:
                     etag = await self._move_object(old, new, source.size,
                                                    carried.meta if carried else None,
@@ -1079,7 +1082,7 @@ class Namespace:
         self.known.forget_missing(path)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
-                                 has_metadata=True, kept=None,
+                                 has_metadata=True, kept=None, mtime_stored=True,
                                  expires=time.monotonic() + self.config.attr_timeout)
         node.target = bytes(target)
         node.lookups += 1
