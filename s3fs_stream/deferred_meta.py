@@ -225,6 +225,7 @@ class DeferredMeta:
             log.info("%s: its new attributes are stored, after %d refused attempt(s)",
                      node.path, pending.failures)
         node.stored_etag = etag
+        node.mtime_stored = True  # (the copy's metadata holds every attribute)
         if node.cached_etag is not None and same_etag(node.cached_etag, node.etag):
             node.cached_etag = etag  # the same bytes: the kernel's cached pages stay valid
         node.etag = etag

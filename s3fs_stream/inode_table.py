@@ -56,6 +56,9 @@ class Node:
     # object that HEAD saw -- any rewrite since (a copy onto itself with new metadata too)
     # has a later LastModified -- so its metadata needs no new HEAD (`Namespace._entry_node`)
     head_modified: int = 0
+    # the object's metadata holds its mtime (x-amz-meta-mtime), so a copy keeps it; the
+    # mtime of one without is its LastModified, which a copy changes (`Namespace.rename`)
+    mtime_stored: bool = False
 
     @property
     def name(self) -> str:

@@ -272,14 +272,16 @@ class Namespace:
                 self._notify("entry", parent.inode, node.name, 0)
         return node
 
-    async def getattr(self, inode: int) -> Node:
+    async def getattr(self, inode: int, by_list: bool = True) -> Node:
+        """`by_list`: a stale file may be revalidated by a LIST page with its neighbours
+        (a walk: `ls -l` stats after readdir); an open asks for its one file by a HEAD."""
         node = self._node(inode)
         if self.files.writer(inode) is not None:
             return self.files.view(node)
         if node.fresh and node.has_metadata or node.path.startswith("\0") or \
                 inode == ROOT_INODE:
             return node
-        if not node.is_dir and node.has_metadata and node.head_modified:
+        if by_list and not node.is_dir and node.has_metadata and node.head_modified:
             # a LIST page may tell it unchanged, and its neighbours with it; a writer may
             # have opened it meanwhile (then its view answers)
             await self.fetcher.revalidate(node)
@@ -416,6 +418,7 @@ class Namespace:
                               f"({error_reason(exc)}); they are left as they were",
                               exc.errno) from None
             node.stored_etag = node.etag
+            node.mtime_stored = True
         apply_meta(node, meta, self.config)
         return node
 
@@ -438,7 +441,12 @@ class Namespace:
             await self._fetch_meta(node)
             if node.path != path:  # renamed or removed across the HEAD
                 raise FsError("", errno.ENOENT)
-        meta = changed_meta(meta_of(node), change, time.time_ns())
+        current = meta_of(node)
+        meta = changed_meta(current, change, time.time_ns())
+        if meta == current:
+            # what it has already (tar and cp -a as root chown each directory to the owner
+            # it was made with): nothing to store, as for a file (`_rewrite_meta`)
+            return node
         await self.dirs.put(node.path, meta)
         apply_meta(node, meta, self.config)
         return node
@@ -723,7 +731,9 @@ class Namespace:
             node.expires = 0.0  # close-to-open consistency: see the object as it is now
             path = node.path
             try:
-                await self.getattr(inode)
+                # a HEAD: the names after it gain nothing from a LIST page (each open
+                # asks again), and a page of up to 1,000 keys costs far more than a HEAD
+                await self.getattr(inode, by_list=False)
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
@@ -909,6 +919,12 @@ class Namespace:
                 carried = self.deferred.take(source.inode)
                 if carried is not None and not same_etag(carried.etag, source.etag):
                     carried = None  # for an object no longer there
+                # the attributes the node shows and until when: still true of the copy if
+                # it has the source's ETag (the same bytes; the metadata copied with them
+                # or ours, `_move_object`) and the mtime is in that metadata (else it is
+                # the LastModified, the copy's own)
+                known = source.expires if source.fresh and source.has_metadata and \
+                    source.mtime_stored else 0.0
                 try:
                     etag = await self._move_object(old, new, source.size,
                                                    carried.meta if carried else None,
@@ -926,6 +942,10 @@ class Namespace:
                 if carried is not None:  # what the copy stored is known: no HEAD needed
                     source.etag = etag
                     source.expires = time.monotonic() + self.config.attr_timeout
+                elif same_etag(etag, source.etag):
+                    # as fresh as before the move: the kernel's SETATTR of its own times
+                    # right after (writeback cache), or a stat, sends no HEAD of it
+                    source.expires = known
                 if source.meta_pending and self.deferred.pending(source.inode) is None:
                     self.table.meta_stored(source)
         if writer is not None or source.is_dir:
@@ -1062,7 +1082,7 @@ class Namespace:
         self.known.forget_missing(path)
         node = self.table.upsert(path, False, mode=meta.mode, uid=uid, gid=gid, mtime_ns=now,
                                  atime_ns=now, ctime_ns=now, size=len(target), etag=etag,
-                                 has_metadata=True, kept=None,
+                                 has_metadata=True, kept=None, mtime_stored=True,
                                  expires=time.monotonic() + self.config.attr_timeout)
         node.target = bytes(target)
         node.lookups += 1

@@ -181,6 +181,7 @@ def file_attrs(info: ObjectInfo, config: FsConfig) -> dict:
                 size=info.size, etag=info.etag, has_metadata=info.has_metadata,
                 kept=Kept.of(info) if info.has_metadata else None,
                 head_modified=unchanged_since(info),
+                mtime_stored=info.has_metadata and "mtime" in meta,
                 expires=time.monotonic() + config.attr_timeout)
 
 

@@ -203,6 +203,7 @@ class OpenFiles:
             node.etag, node.size = etag, size
             node.stored_etag = etag  # this mount may rewrite it (`DeferredMeta.may_defer`)
             node.has_metadata = True
+            node.mtime_stored = True  # a writer stores every attribute
 
         drop_pages = (functools.partial(self._drop_pages, node.inode) if self._drop_pages
                       else None)
@@ -504,7 +505,8 @@ def _stored_attrs(node: Node, writer: StreamingWriter, config: FsConfig) -> dict
                       writer.stored_meta)
     attrs = file_attrs(info, config)
     return {name: attrs[name] for name in ("mode", "uid", "gid", "mtime_ns", "atime_ns",
-                                           "ctime_ns", "expires")} | {"has_metadata": True}
+                                           "ctime_ns", "expires", "mtime_stored")} | \
+        {"has_metadata": True}
 
 
 def _for_writing(flags: int) -> bool:
