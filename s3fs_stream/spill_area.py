@@ -49,6 +49,9 @@ LEASE_NAME = "alive"
 PAUSE_FIRST = 1.0  # seconds without spills after a refused one, doubling ...
 PAUSE_MAX = 60.0  # ... up to this
 WARN_EVERY = 60.0  # at most one WARNING about refused spills per this many seconds
+# the unmount's tidying of emptied folders (`folders_left`) is a courtesy: it gives up after
+# this long rather than hold the unmount for the store's retries when S3 is unreachable
+FOLDERS_CLEANUP_TIME = 5.0
 TEMPORARY = PutOptions(temporary=True)
 
 
@@ -207,11 +210,15 @@ class SpillArea:
                             LEASE_NAME, exc)
         # another mount of the prefix may spill into these meanwhile: a folder marker's
         # DELETE removes the folder only while it is empty
-        for folder in self.folders_left():
-            try:
-                await self._store.delete(folder)
-            except FsError as exc:  # a policy allowing only the spill prefix: harmless
-                log.debug("could not delete the folder %s: %s", folder, exc)
+        with trio.move_on_after(FOLDERS_CLEANUP_TIME) as cleanup:
+            for folder in self.folders_left():
+                try:
+                    await self._store.delete(folder)
+                except FsError as exc:  # a policy allowing only the spill prefix: harmless
+                    log.debug("could not delete the folder %s: %s", folder, exc)
+        if cleanup.cancelled_caught:
+            log.debug("left the emptied folders under %s: S3 did not answer within %.0f s",
+                      self.root, FOLDERS_CLEANUP_TIME)
 
     def folders_left(self) -> list[str]:
         """The folder markers this mount's objects may have left, deepest first. A server
