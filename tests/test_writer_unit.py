@@ -479,6 +479,33 @@ async def test_a_write_across_the_end_of_a_spilled_part_gathers_it_once(nursery,
     assert env.budget.used == 0 and not env.spilled_left()
 
 
+async def test_requests_needing_more_memory_never_wait_holding_what_they_reserved(
+        nursery, autojump_clock):
+    """Two requests have reserved half the budget each and need a little more: each waits
+    with its reservation given back, for the total in one piece, so one gets it and then
+    the other. Waiting while holding it (memory the reclaimer cannot take: it is in no part)
+    they held the budget between them for good -- as six writers in 12 MiB did, each
+    holding a part's memory and waiting for another part's to gather a spilled part
+    (test_many_concurrent_writers_share_a_small_budget hung about one run in five)."""
+    env = Env(nursery, limit=12 * MiB)
+    granted = []
+
+    async def request(writer):
+        async with writer._request():
+            await writer._reserve(6 * MiB)
+            await trio.sleep(1)  # both hold their half
+            await writer._reserve(MiB)
+            granted.append((writer.key, writer._credit))
+            await trio.sleep(1)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            for key in ("a", "b"):
+                inner.start_soon(request, env.make(key))
+    assert sorted(granted) == [("a", 7 * MiB), ("b", 7 * MiB)]
+    assert env.budget.used == 0
+
+
 async def test_many_concurrent_writers_share_a_small_budget(nursery):
     env = Env(nursery, limit=12 * MiB, workers=2)
     outcomes = {}
