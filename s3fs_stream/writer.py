@@ -527,6 +527,11 @@ class StreamingWriter:
                 part.reserved = part.capacity
                 break
             part.pins -= 1  # no pins while waiting for memory (the reclaimer may take it)
+            # Across the wait the reclaimer may drop or spill the part; `_hold` then loads
+            # or gathers it with memory of its own, never this credit, and the part comes
+            # back as buffer [0, length) reserving `length`, however often that happens. The
+            # credit only grows meanwhile, so once it was reserved against the part in that
+            # state it covers the write: at most a second wait, no GET-and-drop loop
             deficit = needed - part.reserved - self._credit
             room = part.capacity - part.mem_start - part.reserved - self._credit
             await self._reserve(min(max(deficit, -(-deficit // GRAIN) * GRAIN), room))
