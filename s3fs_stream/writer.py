@@ -35,8 +35,9 @@ idle (no upload, spill or load running) and not pinned: across any await below, 
 may be dropped (if stored) or spilled (its buffer moves into a segment). So code re-looks
 parts up after an await (`_hold`) instead of trusting a reference, pins a part or marks it
 busy while its buffer is used across an await, and never waits for memory while it pins
-anything (the pinned part could be the memory the wait needs). Upload jobs run in the pool
-and only record their result.
+anything (the pinned part could be the memory the wait needs) or holds reserved memory not
+yet in a part (`_reserve` gives the request's credit back and waits for the total). Upload
+jobs run in the pool and only record their result.
 """
 
 from __future__ import annotations
@@ -526,6 +527,11 @@ class StreamingWriter:
                 part.reserved = part.capacity
                 break
             part.pins -= 1  # no pins while waiting for memory (the reclaimer may take it)
+            # Across the wait the reclaimer may drop or spill the part; `_hold` then loads
+            # or gathers it with memory of its own, never this credit, and the part comes
+            # back as buffer [0, length) reserving `length`, however often that happens. The
+            # credit only grows meanwhile, so once it was reserved against the part in that
+            # state it covers the write: at most a second wait, no GET-and-drop loop
             deficit = needed - part.reserved - self._credit
             room = part.capacity - part.mem_start - part.reserved - self._credit
             await self._reserve(min(max(deficit, -(-deficit // GRAIN) * GRAIN), room))
@@ -559,17 +565,34 @@ class StreamingWriter:
             await self._seal(number)
 
     async def _reserve(self, amount: int) -> None:
-        """Wait for `amount` more bytes of budget for this request (holding no pins). Refused
+        """Raise this request's credit by `amount` (the caller holds no pins). Refused
         (ENOSPC) when nothing can make room, spilling being impossible: the file fails (its
         bytes so far are lost to the object, which is never completed without them) and
-        the reclaimer frees its memory for the others."""
+        the reclaimer frees its memory for the others.
+
+        It never waits holding credit: when the amount is not free at once, the credit goes
+        back to the budget and the new total is waited for in one piece. Credit is memory
+        the reclaimer cannot take (it is in no part), so writers each holding some while
+        waiting for more could hold the budget between them for good (6 writers in 12 MiB,
+        each with 5 MiB of credit and waiting for a part's 5 MiB to gather it). Waiting with
+        nothing of its own but idle, unpinned parts (which the reclaimer can drop, upload or
+        spill), every request in line is granted in turn: what is not free is held by
+        requests that are not waiting for memory and end on their own, or by parts the
+        reclaimer frees (ENOSPC instead when they can only be spilled and spilling is
+        impossible). The credit of a request that waits stays at most about a part's size
+        (`_load`, `_gather` and growing a part each need at most the part's capacity)."""
+        if self._budget.try_acquire(amount):  # nobody in line: holding meanwhile is harmless
+            self._credit += amount
+            return
+        total, self._credit = self._credit + amount, 0
+        self._budget.release(total - amount)  # the head of the line may take it
         try:
-            await self._budget.acquire(amount, self.name)
+            await self._budget.acquire(total, self.name)
         except FsError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
             raise self._fail(FsError(f"{exc}; {self._spill.why_not()}", errno.ENOSPC)) from None
-        self._credit += amount
+        self._credit = total
 
     async def _seal(self, number: int) -> None:
         part = self._parts.get(number)
@@ -703,8 +726,14 @@ class StreamingWriter:
         """Bring a part of the base into memory (a ranged GET pinned to the base's ETag)."""
         start = self._schedule.start(number)
         length = min(start + self._schedule.size(number), self.size, self.base.size) - start
-        if self._credit < length:
-            await self._reserve(length - self._credit)
+        # its own memory on top of the request's credit, which is what a write reserved to
+        # grow the part past the base: taken for the load, the write would wait for it
+        # again, unpinned, and the reclaimer would drop the loaded part (stored in the base)
+        # to grant it -- or spill a gathered one again: a GET and a drop (or a spill) in a
+        # loop for as long as memory stays short. `_reserve` waits for both in one piece,
+        # holding neither (no hold-and-wait). Across the wait: `_parts[number]` is created
+        # only under our lock, and the size and base change only under it too
+        await self._reserve(length)
         part = self._parts[number] = Part(number, self._schedule.size(number),
                                           bytearray(length), reserved=length)
         self._credit -= length
@@ -722,10 +751,15 @@ class StreamingWriter:
 
     async def _gather(self, part: Part) -> None:
         """Bring a part's spilled segments back into one buffer with its held tail."""
-        if self._credit < part.length:
-            await self._reserve(part.length - self._credit)
+        await self._reserve(part.length)  # its own memory, not the write's: see `_load`
+        # across the wait the reclaimer may have started spilling the held tail (busy; the
+        # tail is spilled then, so it cannot happen twice), or a failure freed the part
         if self._parts.get(part.number) is not part or part.busy or not part.segments:
-            return  # changed while we waited for memory: the caller looks again
+            # the caller looks again: this memory goes back, or a second gather would
+            # wait for the part's length again on top of it, holding it
+            self._credit -= part.length
+            self._budget.release(part.length)
+            return
         whole = (self._budget.buffer(part.capacity) if part.length == part.capacity
                  else bytearray(part.length))
         part.idle = trio.Event()

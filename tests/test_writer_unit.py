@@ -406,6 +406,106 @@ async def test_round_robin_beyond_the_budget_completes(nursery):
     assert not env.spilled_left() and not env.store.uploads
 
 
+async def test_appending_to_a_completed_file_when_memory_is_short_loads_its_part_once(
+        nursery, autojump_clock):
+    """A completed file's part was dropped to make room (its bytes are in the base); then
+    it is appended to while other files' partly filled parts hold nearly all the budget: its
+    part is loaded once and a spill makes room for the append. The load used to take the
+    memory the append had reserved, so the append waited again, unpinned, and the reclaimer
+    dropped the loaded part to grant it: a ranged GET and a drop in a loop, forever."""
+    env = Env(nursery, limit=16 * MiB)
+    chunk = 64 * 1024
+    appended = env.make("appended")
+    for i in range(40):  # 2.5 MiB, one part
+        await appended.write(i * chunk, bytes([1]) * chunk)
+    await appended.flush()
+    others = [env.make(f"f{k}") for k in range(4)]
+    for i in range(52):  # 4 x 3.25 MiB: the appended file's held part is dropped for them
+        for writer in others:
+            await writer.write(i * chunk, bytes([2]) * chunk)
+    assert "appended" in env.store.objects and not appended.holds
+    gets = 0
+    get_range = env.store.get_range
+
+    async def counted(*args, **kwargs):
+        nonlocal gets
+        gets += 1
+        assert gets < 20, "the appended file's part is loaded again and again"
+        return await get_range(*args, **kwargs)
+
+    env.store.get_range = counted
+    with trio.fail_after(30):
+        await appended.write(40 * chunk, bytes([3]) * chunk)
+        await close(appended)
+    assert env.data("appended") == bytes([1]) * 40 * chunk + bytes([3]) * chunk
+    assert env.budget.spills > 0
+    for writer in others:
+        await close(writer)
+    assert env.budget.used == 0 and not env.spilled_left()
+
+
+async def test_a_write_across_the_end_of_a_spilled_part_gathers_it_once(nursery,
+                                                                        autojump_clock):
+    """A partly filled part was spilled; a write starting before the spilled end and
+    growing the part, while memory is short, gathers it back once. The gather used to take
+    the memory the write had reserved to grow it, so the write waited again and the
+    reclaimer spilled the gathered part to grant it: a spill and a GET in a loop."""
+    env = Env(nursery, limit=16 * MiB)
+    chunk = 64 * 1024
+    spilled = env.make("spilled")
+    for i in range(40):  # 2.5 MiB of a 5 MiB part
+        await spilled.write(i * chunk, bytes([1]) * chunk)
+    others = [env.make(f"f{k}") for k in range(4)]
+    for i in range(52):  # 4 x 3.25 MiB: the oldest part, the first file's, is spilled
+        for writer in others:
+            await writer.write(i * chunk, bytes([2]) * chunk)
+    assert env.budget.spills == 1 and not spilled.holds
+    gets = 0
+    get_range = env.store.get_range
+
+    async def counted(*args, **kwargs):
+        nonlocal gets
+        gets += 1
+        assert gets < 20, "the spilled part is gathered and spilled again and again"
+        return await get_range(*args, **kwargs)
+
+    env.store.get_range = counted
+    with trio.fail_after(30):
+        await spilled.write(39 * chunk, bytes([3]) * 2 * chunk)
+        await close(spilled)
+    assert env.data("spilled") == bytes([1]) * 39 * chunk + bytes([3]) * 2 * chunk
+    for writer in others:
+        await close(writer)
+    assert env.budget.used == 0 and not env.spilled_left()
+
+
+async def test_requests_needing_more_memory_never_wait_holding_what_they_reserved(
+        nursery, autojump_clock):
+    """Two requests have reserved half the budget each and need a little more: each waits
+    with its reservation given back, for the total in one piece, so one gets it and then
+    the other. Waiting while holding it (memory the reclaimer cannot take: it is in no part)
+    they held the budget between them for good -- as six writers in 12 MiB did, each
+    holding a part's memory and waiting for another part's to gather a spilled part
+    (test_many_concurrent_writers_share_a_small_budget hung about one run in five)."""
+    env = Env(nursery, limit=12 * MiB)
+    granted = []
+
+    async def request(writer):
+        async with writer._request():
+            await writer._reserve(6 * MiB)
+            await trio.sleep(1)  # both hold their half
+            await writer._reserve(MiB)
+            granted.append((writer.key, writer._credit))
+            await trio.sleep(1)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            for key in ("a", "b"):
+                inner.start_soon(request, env.make(key))
+    assert sorted(granted) == [("a", 7 * MiB), ("b", 7 * MiB)]
+    assert env.budget.used == 0
+
+
 async def test_many_concurrent_writers_share_a_small_budget(nursery):
     env = Env(nursery, limit=12 * MiB, workers=2)
     outcomes = {}
