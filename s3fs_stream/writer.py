@@ -751,14 +751,15 @@ class StreamingWriter:
 
     async def _gather(self, part: Part) -> None:
         """Bring a part's spilled segments back into one buffer with its held tail."""
-        await self._reserve(part.length)  # its own memory, not the write's: see `_load`
+        length = part.length  # (what is reserved: given back as it was if the part changed)
+        await self._reserve(length)  # its own memory, not the write's: see `_load`
         # across the wait the reclaimer may have started spilling the held tail (busy; the
         # tail is spilled then, so it cannot happen twice), or a failure freed the part
         if self._parts.get(part.number) is not part or part.busy or not part.segments:
             # the caller looks again: this memory goes back, or a second gather would
             # wait for the part's length again on top of it, holding it
-            self._credit -= part.length
-            self._budget.release(part.length)
+            self._credit -= length
+            self._budget.release(length)
             return
         whole = (self._budget.buffer(part.capacity) if part.length == part.capacity
                  else bytearray(part.length))
