@@ -287,7 +287,10 @@ class MemoryBudget:
         if lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD:
             # sizes the windows ramped through early would fill the room for good
             self._drop_idle_lazy(IDLE_READ_AHEAD - size, but=size)
-        if (size < RECYCLE_MIN or not self.used
+        # not while anyone waits: the room is theirs (a writer that waits gives its unused
+        # reservation back meanwhile, `StreamingWriter._reserve`, and an idle buffer kept in
+        # that room would be resident beside what the budget counts)
+        if (size < RECYCLE_MIN or not self.used or self._waiters
                 or self.used + self._idle_bytes + size > self.limit
                 or lazy and self._idle_lazy_bytes + size > IDLE_READ_AHEAD):
             return

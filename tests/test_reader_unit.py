@@ -234,6 +234,22 @@ async def test_many_readers_share_a_bounded_read_ahead(nursery):
     assert budget.used == 0
 
 
+async def test_no_idle_buffer_is_kept_in_room_someone_waits_for():
+    """While a request waits for memory (a writer waiting gives back its unused reservation
+    first), a buffer let go is not kept idle in that room: it would be resident beside
+    what the budget counts."""
+    budget = MemoryBudget(32 * MiB)
+    assert budget.try_acquire(24 * MiB)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(budget.acquire, 16 * MiB)
+        await trio.testing.wait_all_tasks_blocked()
+        budget.release(4 * MiB)  # 20 used: the waiter still does not fit
+        budget.recycle(bytearray(8 * MiB))  # 20 + 8 would fit the limit
+        assert budget._idle_bytes == 0
+        budget.release(4 * MiB)
+    assert budget.used == 32 * MiB  # 16 left and the waiter's 16
+
+
 def test_a_reservation_takes_its_idle_buffer_before_trimming():
     budget = MemoryBudget(32 * MiB)
     first = budget.try_acquire_buffer(16 * MiB, lazy=True)
