@@ -3,6 +3,7 @@ for the kernel, and only what is truly unexpected is logged as such."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 
@@ -19,6 +20,7 @@ class Operations:
 
     def __init__(self, failure: BaseException):
         self.failure = failure
+        self.kernel_requests: collections.Counter[str] = collections.Counter()
 
     @_converted
     async def fsync(self):
