@@ -264,16 +264,17 @@ class OpenFiles:
             try:
                 return await handle.reader.read(offset, length)
             except FsError as exc:
-                if exc.errno != errno.ESTALE:
+                if exc.errno not in (errno.ESTALE, errno.ENOENT):
                     raise
-                # the old bytes are gone from the bucket (overwritten): ESTALE, as NFS
-                # answers, for this descriptor from now on; one line, not one per read
+                # the old bytes are gone from the bucket (overwritten, or deleted by another
+                # client: a GET of it finds no object): ESTALE, as NFS answers, for this
+                # descriptor from now on; one line, not one per read
                 handle.stale = True
-                handle.node.expires = 0.0  # the next open sees the new object
+                handle.node.expires = 0.0  # the next open sees the new object (or none)
                 handle.node.cached_etag = None
-                log.warning("%s: replaced while open here (by a rename over it or another "
-                            "client); reads of this descriptor answer ESTALE, open it again "
-                            "to read the new object", handle.node.path)
+                log.warning("%s: replaced or deleted while open here (by a rename over it or "
+                            "another client); reads of this descriptor answer ESTALE, open "
+                            "it again to read what the name holds now", handle.node.path)
                 raise FsError("", errno.ESTALE) from None
         return await handle.writer.read_held(offset, length, handle.patching)
 
