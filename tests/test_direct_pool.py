@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import subprocess
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-from conftest import VENV_BIN, new_bucket
+from conftest import new_bucket, status_document
 from fault_proxy import FaultProxy
 
 from s3fs_stream import direct_requests
@@ -284,9 +283,7 @@ def test_a_mount_through_an_endpoint_that_closes_idle_connections(seaweed, mount
                 assert m.get(f"copy{burst}/s{i}") == (source / f"s{i}").read_bytes()
             time.sleep(3)  # every kept connection is closed by the endpoint meanwhile
         assert proxy.idle_closed > 0  # the endpoint did close idle connections
-        status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
-                                capture_output=True, text=True, timeout=30, check=True)
-        document = json.loads(status.stdout)[0]
+        document = status_document(m.path)
         assert document.get("direct_fallbacks") == {}, document
         log = m.log()
         assert "again through botocore" not in log and "botocore sends them" not in log
@@ -316,9 +313,7 @@ def test_ls_of_a_large_directory_listed_chunked_needs_no_botocore(seaweed, mount
         sizes = {line.split()[8]: int(line.split()[4]) for line in listing.splitlines()[1:]}
         assert sizes == {f"o{i:04d}": i % 97 for i in range(count)}
         assert len(proxy.chunked) >= 2  # both pages of the directory came chunked
-        status = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(m.path), "--json"],
-                                capture_output=True, text=True, timeout=30, check=True)
-        document = json.loads(status.stdout)[0]
+        document = status_document(m.path)
         assert document.get("direct_fallbacks") == {}, document
         assert document["requests"]["ListObjectsV2"] >= 2, document
         assert "again through botocore" not in m.log()

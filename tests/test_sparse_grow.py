@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import VENV_BIN, MiB, bucket_with, budget_of, peak_rss, wait_until
+from conftest import VENV_BIN, MiB, bucket_with, budget_of, peak_rss, status_document, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -22,10 +22,7 @@ GiB = 1024 * MiB
 
 def requests(mount) -> dict[str, int]:
     """The mount's requests by operation so far (`s3stream status --json`)."""
-    result = subprocess.run([str(VENV_BIN / "s3stream"), "status", str(mount.path), "--json"],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)[0]["requests"]
+    return status_document(mount.path)["requests"]
 
 
 def test_truncate_to_2g_and_a_write_far_past_the_end(seaweed, mount_factory):

@@ -406,6 +406,30 @@ async def test_round_robin_beyond_the_budget_completes(nursery):
     assert not env.spilled_left() and not env.store.uploads
 
 
+async def crowd(env) -> list:
+    """Four more files of 3.25 MiB each, written in turn in 64 KiB writes: memory short."""
+    chunk = 64 * 1024
+    others = [env.make(f"f{k}") for k in range(4)]
+    for i in range(52):
+        for writer in others:
+            await writer.write(i * chunk, bytes([2]) * chunk)
+    return others
+
+
+def limit_gets(env, why: str, limit: int = 20) -> None:
+    """Fail the test (`why`) once the store has answered `limit` ranged GETs."""
+    get_range = env.store.get_range
+    gets = 0
+
+    async def counted(*args, **kwargs):
+        nonlocal gets
+        gets += 1
+        assert gets < limit, why
+        return await get_range(*args, **kwargs)
+
+    env.store.get_range = counted
+
+
 async def test_appending_to_a_completed_file_when_memory_is_short_loads_its_part_once(
         nursery, autojump_clock):
     """A completed file's part was dropped to make room (its bytes are in the base); then
@@ -419,21 +443,9 @@ async def test_appending_to_a_completed_file_when_memory_is_short_loads_its_part
     for i in range(40):  # 2.5 MiB, one part
         await appended.write(i * chunk, bytes([1]) * chunk)
     await appended.flush()
-    others = [env.make(f"f{k}") for k in range(4)]
-    for i in range(52):  # 4 x 3.25 MiB: the appended file's held part is dropped for them
-        for writer in others:
-            await writer.write(i * chunk, bytes([2]) * chunk)
+    others = await crowd(env)  # the appended file's held part is dropped for them
     assert "appended" in env.store.objects and not appended.holds
-    gets = 0
-    get_range = env.store.get_range
-
-    async def counted(*args, **kwargs):
-        nonlocal gets
-        gets += 1
-        assert gets < 20, "the appended file's part is loaded again and again"
-        return await get_range(*args, **kwargs)
-
-    env.store.get_range = counted
+    limit_gets(env, "the appended file's part is loaded again and again")
     with trio.fail_after(30):
         await appended.write(40 * chunk, bytes([3]) * chunk)
         await close(appended)
@@ -455,21 +467,9 @@ async def test_a_write_across_the_end_of_a_spilled_part_gathers_it_once(nursery,
     spilled = env.make("spilled")
     for i in range(40):  # 2.5 MiB of a 5 MiB part
         await spilled.write(i * chunk, bytes([1]) * chunk)
-    others = [env.make(f"f{k}") for k in range(4)]
-    for i in range(52):  # 4 x 3.25 MiB: the oldest part, the first file's, is spilled
-        for writer in others:
-            await writer.write(i * chunk, bytes([2]) * chunk)
+    others = await crowd(env)  # the oldest part, the first file's, is spilled
     assert env.budget.spills == 1 and not spilled.holds
-    gets = 0
-    get_range = env.store.get_range
-
-    async def counted(*args, **kwargs):
-        nonlocal gets
-        gets += 1
-        assert gets < 20, "the spilled part is gathered and spilled again and again"
-        return await get_range(*args, **kwargs)
-
-    env.store.get_range = counted
+    limit_gets(env, "the spilled part is gathered and spilled again and again")
     with trio.fail_after(30):
         await spilled.write(39 * chunk, bytes([3]) * 2 * chunk)
         await close(spilled)
